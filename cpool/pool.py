@@ -1,0 +1,431 @@
+"""cpool.Pool: multiprocessing.Pool's API over the C core (cpool._core).
+
+The C core forks the workers (through a fork server), moves pickled tasks and
+results through shared-memory rings and runs one collector thread that hands
+results to the result objects.  The result objects are multiprocessing's own
+classes (subclassed only so that a raising callback cannot leave a result
+unset), so get/wait/ready/successful/next behave exactly as there.
+"""
+import itertools
+import os
+import sys
+import threading
+import warnings
+import weakref
+from multiprocessing import TimeoutError
+from multiprocessing import pool as _mp
+
+from . import _core
+from .errors import (PoolBrokenError, PoolTerminatedError, WorkerLostError,
+                     describe_status)
+
+__all__ = ["Pool"]
+
+INIT = "INIT"
+RUN = "RUN"
+CLOSE = "CLOSE"
+TERMINATE = "TERMINATE"
+
+#: Bytes per ring (one task ring and one result ring per worker).
+RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
+#: imap/imap_unordered without buffersize: tasks in flight at most.
+DEFAULT_IN_FLIGHT = 1024
+
+
+def _default_spin_ns(processes):
+    env = os.environ.get("CPOOL_SPIN_NS")
+    if env is not None:
+        return int(env)
+    # Spinning only pays when a core is free for the spinner; on a machine
+    # with no spare core it steals time from the process it waits for.
+    cpus = len(os.sched_getaffinity(0))
+    return 50_000 if cpus > processes else 5_000
+
+
+def _task_name(func):
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if name is None:
+        return repr(func)
+    mod = getattr(func, "__module__", None)
+    return "%s.%s" % (mod, name) if mod else name
+
+
+def _make_error(kind, pid, status, job, index, func):
+    """Build the exception for a task the C core could not finish."""
+    task = "%s (job %d, chunk %d)" % (_task_name(func), job, index)
+    if kind == _core.E_LOST:
+        how, exitcode = describe_status(status)
+        return WorkerLostError(
+            "worker process %d %s while running task %s" % (pid, how, task),
+            pid=pid, exitcode=exitcode, task=task)
+    if kind == _core.E_TERMINATED:
+        return PoolTerminatedError(
+            "the pool was terminated before task %s finished" % task)
+    if kind == _core.E_BROKEN:
+        return PoolBrokenError(
+            "the pool's fork server died; task %s cannot run" % task)
+    return WorkerLostError("protocol error on task %s" % task, pid=pid, task=task)
+
+
+def _report_callback_error():
+    """A callback raised: report it like an exception in a thread would be,
+    and go on (the result still completes)."""
+    exc = sys.exc_info()
+    threading.excepthook(threading.ExceptHookArgs(
+        (exc[0], exc[1], exc[2], threading.current_thread())))
+
+
+class ApplyResult(_mp.ApplyResult):
+    """multiprocessing's ApplyResult whose _set always completes, even when a
+    callback raises (multiprocessing would leave get() waiting forever)."""
+
+    def _set(self, i, obj):
+        self._success, self._value = obj
+        try:
+            if self._callback and self._success:
+                self._callback(self._value)
+            if self._error_callback and not self._success:
+                self._error_callback(self._value)
+        except Exception:
+            _report_callback_error()
+        finally:
+            self._event.set()
+            self._cache.pop(self._job, None)
+            self._pool = None
+
+
+class MapResult(_mp.MapResult):
+    """multiprocessing's MapResult with the same guarantee as ApplyResult."""
+
+    def _finish(self, callback):
+        try:
+            if callback:
+                callback(self._value)
+        except Exception:
+            _report_callback_error()
+        finally:
+            self._cache.pop(self._job, None)
+            self._event.set()
+            self._pool = None
+
+    def _set(self, i, success_result):
+        self._number_left -= 1
+        success, result = success_result
+        if success and self._success:
+            self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
+            if self._number_left == 0:
+                self._finish(self._callback)
+        else:
+            if not success and self._success:
+                # only the first exception is kept, as in multiprocessing
+                self._success = False
+                self._value = result
+            if self._number_left == 0:
+                self._finish(self._error_callback)
+
+
+class _Bounded:
+    """Mixin for the imap iterators: a semaphore that bounds the tasks a
+    feeder has in flight, released on completion (default) or when the
+    consumer takes the result (buffersize given)."""
+
+    _sem = None
+    _release_on_consume = False
+
+    def _set(self, i, obj):
+        super()._set(i, obj)
+        if self._sem is not None and not self._release_on_consume:
+            self._sem.release()
+
+    def next(self, timeout=None):
+        value = None
+        with self._cond:
+            try:
+                item = self._items.popleft()
+            except IndexError:
+                if self._index == self._length:
+                    self._pool = None
+                    raise StopIteration from None
+                self._cond.wait(timeout)
+                try:
+                    item = self._items.popleft()
+                except IndexError:
+                    if self._index == self._length:
+                        self._pool = None
+                        raise StopIteration from None
+                    raise TimeoutError from None
+        if self._sem is not None and self._release_on_consume:
+            self._sem.release()
+        success, value = item
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+
+class IMapIterator(_Bounded, _mp.IMapIterator):
+    pass
+
+
+class IMapUnorderedIterator(_Bounded, _mp.IMapUnorderedIterator):
+    pass
+
+
+def _chunks(iterable, size):
+    it = iter(iterable)
+    while True:
+        x = tuple(itertools.islice(it, size))
+        if not x:
+            return
+        yield x
+
+
+def _finalize(core, owner):
+    # Runs when the Pool is garbage collected or at interpreter exit.
+    if os.getpid() == owner:
+        core.terminate()
+
+
+class Pool:
+    """A drop-in replacement for multiprocessing.Pool."""
+
+    def __init__(self, processes=None, initializer=None, initargs=(),
+                 maxtasksperchild=None, context=None):
+        self._pool = []
+        self._state = INIT
+        self._cache = {}
+        self._ctx = context
+        self._feeders = {}      # feeder thread -> its imap result
+        self._feed_lock = threading.Lock()
+        if processes is None:
+            try:
+                processes = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError('initializer must be a callable')
+        self._processes = processes
+        self._maxtasksperchild = maxtasksperchild
+        self._initializer = initializer
+        self._initargs = initargs
+        self._core = _core.Core(processes, initializer, tuple(initargs),
+                                maxtasksperchild or 0, RING_BYTES, self._cache,
+                                _make_error, _default_spin_ns(processes))
+        self._pool = [None] * processes
+        self._collector = threading.Thread(target=self._core.collect,
+                                           name="cpool-collector", daemon=True)
+        self._collector.start()
+        self._terminate = weakref.finalize(self, _finalize, self._core,
+                                           os.getpid())
+        self._state = RUN
+
+    # Globals bound as defaults: __del__ may run during interpreter shutdown.
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if self._state == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}",
+                  ResourceWarning, source=self)
+
+    def __repr__(self):
+        cls = self.__class__
+        return (f'<{cls.__module__}.{cls.__qualname__} '
+                f'state={self._state} pool_size={self._processes if self._state != INIT else 0}>')
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            'pool objects cannot be passed between processes or pickled')
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    # ------------------------------------------------------------ submit
+
+    def _submit(self, result, index, mode, func, body):
+        try:
+            self._core.submit(result._job, index, mode, func, body)
+        except Exception as e:
+            # As in multiprocessing, a task that cannot be sent fails its
+            # result; the pool is untouched.
+            if self._state == TERMINATE:
+                raise ValueError("Pool not running") from None
+            result._set(index, (False, e))
+
+    def apply(self, func, args=(), kwds={}):
+        """Equivalent of `func(*args, **kwds)`."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None,
+                    error_callback=None):
+        """Asynchronous version of `apply()`."""
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        self._submit(result, 0, _core.MODE_APPLY, func, (args, kwds))
+        return result
+
+    def map(self, func, iterable, chunksize=None):
+        """Apply `func` to each element of `iterable`; a list of results."""
+        return self._map_async(func, iterable, _core.MODE_MAP, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None,
+                  error_callback=None):
+        """Asynchronous version of `map()`."""
+        return self._map_async(func, iterable, _core.MODE_MAP, chunksize,
+                               callback, error_callback)
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like `map()`, with each element unpacked: func(*element)."""
+        return self._map_async(func, iterable, _core.MODE_STARMAP, chunksize).get()
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None,
+                      error_callback=None):
+        """Asynchronous version of `starmap()`."""
+        return self._map_async(func, iterable, _core.MODE_STARMAP, chunksize,
+                               callback, error_callback)
+
+    def _map_async(self, func, iterable, mode, chunksize=None, callback=None,
+                   error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+        result = MapResult(self, chunksize, len(iterable), callback,
+                           error_callback=error_callback)
+        if chunksize > 0:
+            for i, chunk in enumerate(_chunks(iterable, chunksize)):
+                self._submit(result, i, mode, func, chunk)
+        return result
+
+    # -------------------------------------------------------------- imap
+
+    def imap(self, func, iterable, chunksize=1, buffersize=None):
+        """Lazy `map()`: results in order, each as soon as it and those
+        before it are done.  The input is read lazily with a bounded number
+        of tasks in flight (`buffersize`: at most that many results not yet
+        taken by the consumer)."""
+        self._check_running()
+        if chunksize != 1 and chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
+        """Like `imap()`, results in completion order."""
+        self._check_running()
+        if chunksize != 1 and chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize,
+                          buffersize)
+
+    def _imap(self, cls, func, iterable, chunksize, buffersize):
+        if buffersize is not None:
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        result = cls(self)
+        result._release_on_consume = buffersize is not None
+        result._sem = threading.Semaphore(buffersize or DEFAULT_IN_FLIGHT)
+        feeder = threading.Thread(target=self._feed,
+                                  args=(result, func, iterable, chunksize),
+                                  name="cpool-feeder", daemon=True)
+        with self._feed_lock:
+            self._feeders[feeder] = result
+        feeder.start()
+        if chunksize == 1:
+            return result
+        return (item for chunk in result for item in chunk)
+
+    def _feed(self, result, func, iterable, chunksize):
+        """Feeder thread of one imap call (multiprocessing's task handler
+        does this for all calls, one after another)."""
+        i = -1
+        try:
+            if chunksize == 1:
+                mode, tasks = _core.MODE_CALL1, iterable
+            else:
+                mode, tasks = _core.MODE_MAP, _chunks(iterable, chunksize)
+            try:
+                for i, body in enumerate(tasks):
+                    result._sem.acquire()
+                    if self._state == TERMINATE:
+                        break
+                    try:
+                        self._core.submit(result._job, i, mode, func, body)
+                    except Exception as e:
+                        if self._state == TERMINATE:
+                            break
+                        # As multiprocessing: this item fails, the rest go on.
+                        result._set(i, (False, e))
+                else:
+                    i += 1
+            except Exception as e:
+                # The input iterable raised: the consumer gets it, unchanged,
+                # at the position where the input ended.
+                i += 1
+                result._set(i, (False, e))
+                i += 1
+            else:
+                if self._state == TERMINATE and i >= 0:
+                    result._set(i, (False, PoolTerminatedError(
+                        "the pool was terminated before item %d was sent" % i)))
+                    i += 1
+            result._set_length(max(i, 0))
+        finally:
+            with self._feed_lock:
+                self._feeders.pop(threading.current_thread(), None)
+                done = not self._feeders
+            if done and self._state == CLOSE:
+                self._core.close()
+
+    # ---------------------------------------------------------- lifetime
+
+    def close(self):
+        """Accept no more tasks; the workers exit once all work is done."""
+        if self._state == RUN:
+            self._state = CLOSE
+            with self._feed_lock:
+                idle = not self._feeders
+            if idle:
+                self._core.close()
+
+    def terminate(self):
+        """Stop the workers now.  Unfinished results fail with
+        PoolTerminatedError."""
+        self._state = TERMINATE
+        self._terminate()
+        with self._feed_lock:
+            waiting = list(self._feeders.values())
+        for result in waiting:
+            # Wake a feeder that waits for room; it sees TERMINATE and stops.
+            result._sem.release()
+
+    def join(self):
+        """Wait for the workers to exit (after close() or terminate())."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        elif self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        with self._feed_lock:
+            feeders = list(self._feeders)
+        for f in feeders:
+            if f is not threading.current_thread():
+                f.join()
+        if self._collector is not threading.current_thread():
+            self._collector.join()

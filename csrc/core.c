@@ -1,0 +1,1235 @@
+/*
+ * core.c - the parent side of a pool: the Core type.
+ *
+ * Threads: every function here runs with the GIL held, except the waits in
+ * Core.collect() and Core.terminate(), which release it.  The GIL is what
+ * serialises the submitting threads and the collector on the parent's side
+ * of the rings, so no parent-side lock exists; nothing here ever blocks on a
+ * ring while holding the GIL.  A message too big for the room in a ring is
+ * sent piecewise: the rest goes out from the collector as the worker frees
+ * space (it rings the eventfd when the parent has flagged that it waits).
+ *
+ * Crash model: each worker has its own rings and control block, and shares
+ * no lock with anyone, so a death loses at most the task it was running
+ * (ctl->running) and stalls nothing else.  The zygote reports every death on
+ * its socket; handle_death() drains what the worker published, fails the one
+ * task it was running, gives back the ones it never started, and asks for a
+ * replacement.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "structmember.h"
+#include "cpool.h"
+
+#define MAX_CACHED_FUNCS 4096
+#define CREDIT_MIN 2
+#define CREDIT_MAX 64
+#define CREDIT_START 4
+#define QUEUED_WORK_US 2000.0   /* aim for this much queued work per worker */
+#define DRAIN_BUDGET 256        /* records per slot per collector round */
+
+/* ----------------------------------------------------------------- fifo */
+
+static int
+fifo_grow(cp_fifo *f)
+{
+    size_t ncap = f->cap ? f->cap * 2 : 16;
+    cp_task *nv = PyMem_Malloc(ncap * sizeof *nv);
+    if (nv == NULL)
+        return -1;
+    for (size_t i = 0; i < f->len; i++)
+        nv[i] = f->v[(f->head + i) % f->cap];
+    PyMem_Free(f->v);
+    f->v = nv;
+    f->cap = ncap;
+    f->head = 0;
+    return 0;
+}
+
+static int
+fifo_push_back(cp_fifo *f, const cp_task *t)
+{
+    if (f->len == f->cap && fifo_grow(f) < 0)
+        return -1;
+    f->v[(f->head + f->len) % f->cap] = *t;
+    f->len++;
+    return 0;
+}
+
+static int
+fifo_push_front(cp_fifo *f, const cp_task *t)
+{
+    if (f->len == f->cap && fifo_grow(f) < 0)
+        return -1;
+    f->head = (f->head + f->cap - 1) % f->cap;
+    f->v[f->head] = *t;
+    f->len++;
+    return 0;
+}
+
+static cp_task *
+fifo_front(cp_fifo *f)
+{
+    return f->len ? &f->v[f->head] : NULL;
+}
+
+static cp_task *
+fifo_at(cp_fifo *f, size_t i)
+{
+    return &f->v[(f->head + i) % f->cap];
+}
+
+static cp_task
+fifo_pop_front(cp_fifo *f)
+{
+    cp_task t = f->v[f->head];
+    f->head = (f->head + 1) % f->cap;
+    f->len--;
+    return t;
+}
+
+static cp_task
+fifo_pop_back(cp_fifo *f)
+{
+    f->len--;
+    return f->v[(f->head + f->len) % f->cap];
+}
+
+static void
+task_clear(cp_task *t)
+{
+    Py_CLEAR(t->payload);
+    Py_CLEAR(t->func);
+}
+
+static void
+fifo_free(cp_fifo *f)
+{
+    while (f->len) {
+        cp_task t = fifo_pop_front(f);
+        task_clear(&t);
+    }
+    PyMem_Free(f->v);
+    f->v = NULL;
+    f->cap = 0;
+}
+
+/* ------------------------------------------------------------- delivery */
+
+/* Hand a result to the result object of `job`: cache[job]._set(index, (ok,
+ * value)).  A result object that raises (a user callback) is reported as
+ * unraisable; the collector goes on.  Steals `value`. */
+static void
+deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(job);
+    PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
+    Py_XDECREF(key);
+    if (r == NULL) {
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(c->cache);
+        Py_DECREF(value);
+        return;
+    }
+    Py_INCREF(r);
+    PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
+    Py_DECREF(value);
+    PyObject *idx = PyLong_FromUnsignedLongLong(index);
+    PyObject *res = NULL;
+    if (pair != NULL && idx != NULL) {
+        PyObject *args[3] = {r, idx, pair};
+        res = PyObject_VectorcallMethod(cp_state->str_set, args,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                        NULL);
+    }
+    if (res == NULL)
+        PyErr_WriteUnraisable(r);
+    Py_XDECREF(res);
+    Py_XDECREF(pair);
+    Py_XDECREF(idx);
+    Py_DECREF(r);
+}
+
+/* Fail a task with an error built by the pool's make_error(). */
+static void
+fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
+{
+    PyObject *exc = PyObject_CallFunction(
+        c->make_error, "iiiKKO", kind, (int)pid, status,
+        (unsigned long long)t->job, (unsigned long long)t->index,
+        t->func ? t->func : Py_None);
+    if (exc == NULL)
+        exc = cp_err_take();
+    deliver(c, t->job, t->index, 0, exc);
+    task_clear(t);
+}
+
+/* ----------------------------------------------------------------- slots */
+
+static void
+slot_reset(Core *c, int i)
+{
+    cp_slot *s = &c->slots[i];
+    cp_shm_reset_slot(&c->shm, i);
+    cp_ring_attach(&s->tq, cp_shm_task_ring(&c->shm, i), -1);
+    cp_ring_attach(&s->rq, cp_shm_result_ring(&c->shm, i), -1);
+    s->pid = 0;
+    s->retiring = 0;
+    s->stopping = 0;
+    s->corrupt = 0;
+    s->sent = 0;
+    s->credit = CREDIT_START;
+    Py_CLEAR(s->out_buf);
+    s->out_off = 0;
+    Py_CLEAR(s->in_buf);
+    s->in_off = 0;
+    if (s->known)
+        PySet_Clear(s->known);
+}
+
+static int
+slot_spawn(Core *c, int i)
+{
+    cp_zmsg m = {.type = CP_Z_SPAWN, .slot = i};
+    slot_reset(c, i);
+    int rc = cp_proc_send(c->zsock, &m);
+    if (rc < 0)
+        return rc;
+    c->slots[i].live = 1;
+    return 0;
+}
+
+static int
+slot_accepts(Core *c, cp_slot *s)
+{
+    return s->live && !s->retiring && !s->stopping && !s->corrupt &&
+           s->out_buf == NULL && s->fifo.len < s->credit && c->state <= CORE_CLOSING;
+}
+
+static void
+ring_doorbell(Core *c)
+{
+    uint64_t one = 1;
+    ssize_t n;
+    do {
+        n = write(c->efd, &one, sizeof one);
+    } while (n < 0 && errno == EINTR);
+}
+
+/* --------------------------------------------------------------- sending */
+
+/* Send what fits of the slot's unfinished message.  Returns 1 on progress. */
+static int
+continue_send(cp_slot *s)
+{
+    if (s->out_buf == NULL)
+        return 0;
+    uint64_t before = s->out_off;
+    int done = cp_ring_send_some(&s->tq, &s->out_hdr,
+                                 (const uint8_t *)PyBytes_AS_STRING(s->out_buf),
+                                 (uint64_t)PyBytes_GET_SIZE(s->out_buf),
+                                 &s->out_off);
+    if (done)
+        Py_CLEAR(s->out_buf);
+    if (s->out_off != before || done)
+        cp_ring_flush(&s->tq);
+    return s->out_off != before || done;
+}
+
+/*
+ * Put task t (with its function, if this worker lacks it) into slot s's task
+ * ring.  Returns 1 if the task is now in flight (perhaps partly sent: the
+ * collector finishes it), 0 if the ring has no room for it now, -1 with an
+ * exception set on a Python error.
+ */
+static int
+try_send(Core *c, cp_slot *s, cp_task *t)
+{
+    uint64_t saved = s->tq.pos;
+    PyObject *fkey = NULL;
+    int known = 1;
+
+    if (t->fid) {
+        fkey = PyLong_FromUnsignedLong(t->fid);
+        if (fkey == NULL || (known = PySet_Contains(s->known, fkey)) < 0)
+            goto error;
+        if (!known) {
+            PyObject *fb = PyDict_GetItemWithError(c->fbytes, fkey);
+            if (fb == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "cpool: lost function");
+                goto error;
+            }
+            /* Cached functions are small: one record (see Core.submit). */
+            cp_rec *rec = cp_ring_reserve(&s->tq, (uint32_t)PyBytes_GET_SIZE(fb));
+            if (rec == NULL) {
+                Py_DECREF(fkey);
+                return 0;
+            }
+            rec->kind = CP_K_FUNC;
+            rec->flags = 0;
+            rec->fid = t->fid;
+            rec->aux = 0;
+            rec->seq = rec->job = rec->index = 0;
+            rec->total = rec->size;
+            memcpy((uint8_t *)rec + sizeof(cp_rec), PyBytes_AS_STRING(fb), rec->size);
+            cp_ring_commit(&s->tq, rec);
+        }
+    }
+
+    t->seq = ++c->next_seq;
+    cp_rec hdr = {.kind = CP_K_TASK, .fid = t->fid, .aux = t->mode,
+                  .seq = t->seq, .job = t->job, .index = t->index};
+    uint64_t total = (uint64_t)PyBytes_GET_SIZE(t->payload), off = 0;
+    int done = cp_ring_send_some(&s->tq, &hdr,
+                                 (const uint8_t *)PyBytes_AS_STRING(t->payload),
+                                 total, &off);
+    if (!done && off == 0) {
+        /* Nothing of the task fits: take back the unpublished FUNC too. */
+        s->tq.pos = saved;
+        Py_XDECREF(fkey);
+        return 0;
+    }
+    if (!known && PySet_Add(s->known, fkey) < 0) {
+        /* The FUNC record is committed; forgetting that only costs a resend. */
+        PyErr_Clear();
+    }
+    Py_XDECREF(fkey);
+    if (!done) {
+        s->out_buf = Py_NewRef(t->payload);
+        s->out_off = off;
+        s->out_hdr = hdr;
+    }
+    cp_ring_flush(&s->tq);
+    return 1;
+
+error:
+    Py_XDECREF(fkey);
+    s->tq.pos = saved;
+    return -1;
+}
+
+/* Adapt how many tasks may queue at a worker: enough to cover the time it
+ * takes the parent to notice a result and send more, few enough that a slow
+ * task does not hold many others hostage behind it. */
+static void
+update_credit(cp_slot *s, uint32_t run_us)
+{
+    s->avg_us = s->avg_us == 0.0 ? run_us : 0.8 * s->avg_us + 0.2 * run_us;
+    double want = QUEUED_WORK_US / (s->avg_us + 1.0);
+    s->credit = want < CREDIT_MIN ? CREDIT_MIN
+              : want > CREDIT_MAX ? CREDIT_MAX : (uint32_t)want;
+}
+
+/*
+ * Give pending tasks to workers that have credit and room.  Starts dormant
+ * slots (not live, e.g. after an initializer failure) when there is work.
+ * Returns 1 if anything was sent, 0 if not, -1 with an exception set.
+ */
+static int
+pump(Core *c)
+{
+    int progress = 0;
+    uint64_t full = 0;   /* slots found without room this round (first 64) */
+
+    if (c->state > CORE_CLOSING)
+        return 0;
+    while (c->pending.len) {
+        cp_slot *best = NULL;
+        int bi = -1;
+        for (int i = 0; i < c->nslots; i++) {
+            cp_slot *s = &c->slots[i];
+            if (!s->live && !s->corrupt && c->state <= CORE_CLOSING) {
+                if (slot_spawn(c, i) < 0)
+                    continue;
+            }
+            if (i < 64 && (full >> i) & 1)
+                continue;
+            if (!slot_accepts(c, s))
+                continue;
+            if (best == NULL || s->fifo.len < best->fifo.len) {
+                best = s;
+                bi = i;
+            }
+        }
+        if (best == NULL)
+            break;
+        cp_task *t = fifo_front(&c->pending);
+        int rc = try_send(c, best, t);
+        if (rc < 0)
+            return -1;
+        if (rc == 0) {
+            if (bi < 64)
+                full |= (uint64_t)1 << bi;
+            else
+                break;
+            continue;
+        }
+        cp_task sent = fifo_pop_front(&c->pending);
+        if (fifo_push_back(&best->fifo, &sent) < 0) {
+            task_clear(&sent);
+            return -1;
+        }
+        best->sent++;
+        if (c->maxtasks > 0 && best->sent >= (uint64_t)c->maxtasks)
+            best->retiring = 1;
+        progress = 1;
+    }
+    return progress;
+}
+
+/* ------------------------------------------------------------- receiving */
+
+static PyObject *
+loads_buffer(const uint8_t *p, uint64_t n)
+{
+    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
+    if (mv == NULL)
+        return NULL;
+    PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
+    /* The bytes are about to be reused by the worker: make sure nothing kept
+     * a view of them. */
+    PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+    if (r == NULL) {
+        Py_XDECREF(obj);
+        obj = NULL;
+    }
+    Py_XDECREF(r);
+    Py_DECREF(mv);
+    return obj;
+}
+
+static void
+kill_corrupt(cp_slot *s)
+{
+    s->corrupt = 1;
+    if (s->pid > 0)
+        kill(s->pid, SIGKILL);
+}
+
+/* A complete result message for the oldest task in flight on s. */
+static void
+on_result(Core *c, cp_slot *s, const cp_rec *h, PyObject *value, int ok)
+{
+    /* Tasks run in ring order, so the result is for the oldest one; a seq
+     * that does not match is a protocol error. */
+    cp_task *front = fifo_front(&s->fifo);
+    if (front == NULL || front->seq != h->seq) {
+        Py_XDECREF(value);
+        kill_corrupt(s);
+        return;
+    }
+    cp_task t = fifo_pop_front(&s->fifo);
+    update_credit(s, h->aux);
+    if (value == NULL) {
+        /* The parent could not unpickle it: that task gets the error. */
+        value = cp_err_take();
+        ok = 0;
+    }
+    deliver(c, t.job, t.index, ok, value);
+    task_clear(&t);
+}
+
+/*
+ * Read what slot s has published, up to a budget.  Returns 1 if anything was
+ * read.  Python errors are handled inside (they belong to tasks).
+ */
+static int
+drain(Core *c, cp_slot *s, int budget)
+{
+    int progress = 0;
+    while (budget-- > 0 && !s->corrupt && c->state < CORE_TERMINATED) {
+        cp_rec h;
+        const uint8_t *p;
+        int rc = cp_ring_peek(&s->rq, &h, &p);
+        if (rc == 0)
+            break;
+        if (rc < 0 || (h.kind != CP_K_RESULT && h.kind != CP_K_INITERR)) {
+            kill_corrupt(s);
+            break;
+        }
+        progress = 1;
+        PyObject *value;
+        if (s->in_buf == NULL && !(h.flags & CP_F_MORE)) {
+            value = loads_buffer(p, h.size);
+            cp_ring_release(&s->rq, &h, 1);
+        } else {
+            if (s->in_buf == NULL) {
+                s->in_buf = PyByteArray_FromStringAndSize(NULL, 0);
+                if (s->in_buf == NULL ||
+                    PyByteArray_Resize(s->in_buf, (Py_ssize_t)h.total) < 0) {
+                    /* Out of memory for this result: drop the worker. */
+                    PyErr_Clear();
+                    Py_CLEAR(s->in_buf);
+                    kill_corrupt(s);
+                    break;
+                }
+                s->in_off = 0;
+                s->in_hdr = h;
+            }
+            if (h.seq != s->in_hdr.seq || h.total != s->in_hdr.total ||
+                s->in_off + h.size > h.total) {
+                kill_corrupt(s);
+                break;
+            }
+            memcpy(PyByteArray_AS_STRING(s->in_buf) + s->in_off, p, h.size);
+            s->in_off += h.size;
+            cp_ring_release(&s->rq, &h, 1);
+            if (h.flags & CP_F_MORE)
+                continue;
+            if (s->in_off != h.total) {
+                kill_corrupt(s);
+                break;
+            }
+            value = PyObject_CallOneArg(cp_state->loads, s->in_buf);
+            Py_CLEAR(s->in_buf);
+        }
+        if (h.kind == CP_K_INITERR) {
+            if (value == NULL)
+                value = cp_err_take();
+            Py_XSETREF(s->init_exc, value);
+            continue;
+        }
+        on_result(c, s, &h, value, !(h.flags & CP_F_ERR));
+    }
+    return progress;
+}
+
+/* ------------------------------------------------------------ deaths */
+
+/* Slot i's worker is gone (the zygote reaped it with wait status `status`). */
+static void
+handle_death(Core *c, int i, pid_t pid, int status)
+{
+    cp_slot *s = &c->slots[i];
+    if (!s->live)
+        return;
+    if (s->pid == 0)
+        s->pid = pid;
+    /* Everything it published is complete (tail moves only after a whole
+     * record): deliver that first. */
+    while (drain(c, s, DRAIN_BUDGET))
+        ;
+    uint64_t running = cp_load_acquire(&s->ctl->running);
+    PyObject *init_exc = s->init_exc;
+    s->init_exc = NULL;
+    int blamed = 0;
+
+    /* Newest first, so that tasks go back to the front of pending in their
+     * original order. */
+    while (s->fifo.len) {
+        cp_task t = fifo_pop_back(&s->fifo);
+        int run = running != 0 && t.seq == running;
+        if (run || (init_exc != NULL && s->fifo.len == 0)) {
+            if (init_exc != NULL) {
+                deliver(c, t.job, t.index, 0, Py_NewRef(init_exc));
+                task_clear(&t);
+            } else {
+                fail_task(c, &t, CP_E_LOST, pid, status);
+            }
+            blamed = 1;
+        } else if (fifo_push_front(&c->pending, &t) < 0) {
+            PyErr_Clear();
+            fail_task(c, &t, CP_E_LOST, pid, status);
+        }
+    }
+    (void)blamed;
+    int init_failed = init_exc != NULL;
+    Py_XDECREF(init_exc);
+    s->live = 0;
+    slot_reset(c, i);
+    /* Respawn at once to keep the pool's size, except after an initializer
+     * failure with nothing to do (pump() starts it when work arrives), and
+     * when the pool is shutting down. */
+    if (c->state <= CORE_CLOSING && (!init_failed || c->pending.len)) {
+        if (slot_spawn(c, i) < 0)
+            s->live = 0;
+    }
+}
+
+/* Fail every task the pool holds (terminate, or a dead zygote). */
+static void
+fail_all(Core *c, int kind)
+{
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        Py_CLEAR(s->out_buf);
+        Py_CLEAR(s->in_buf);
+        while (s->fifo.len) {
+            cp_task t = fifo_pop_front(&s->fifo);
+            fail_task(c, &t, kind, s->pid, 0);
+        }
+        s->live = 0;
+    }
+    while (c->pending.len) {
+        cp_task t = fifo_pop_front(&c->pending);
+        fail_task(c, &t, kind, 0, 0);
+    }
+}
+
+/* Read the zygote's messages.  Returns 1 if any was handled. */
+static int
+zygote_events(Core *c)
+{
+    int progress = 0;
+    for (;;) {
+        cp_zmsg m;
+        int rc = cp_proc_recv(c->zsock, &m);
+        if (rc == -EAGAIN || rc == -EWOULDBLOCK)
+            return progress;
+        if (rc <= 0) {
+            /* The zygote is gone: no more workers can be made.  Its workers
+             * die with it (PR_SET_PDEATHSIG). */
+            if (c->state < CORE_DONE)
+                c->state = CORE_BROKEN;
+            return 1;
+        }
+        progress = 1;
+        if (m.slot < 0 || m.slot >= c->nslots)
+            continue;
+        cp_slot *s = &c->slots[m.slot];
+        if (m.type == CP_Z_SPAWNED) {
+            s->pid = m.pid;
+        } else if (m.type == CP_Z_EXITED) {
+            handle_death(c, m.slot, m.pid, m.status);
+        } else if (m.type == CP_Z_SPAWNFAIL) {
+            s->live = 0;
+            /* Make progress rather than retrying forever: the oldest pending
+             * task gets the error. */
+            if (c->pending.len) {
+                cp_task t = fifo_pop_front(&c->pending);
+                errno = m.status;
+                PyErr_SetFromErrno(PyExc_OSError);
+                deliver(c, t.job, t.index, 0, cp_err_take());
+                task_clear(&t);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------- shutdown */
+
+static int
+any_in_flight(Core *c)
+{
+    if (c->pending.len)
+        return 1;
+    for (int i = 0; i < c->nslots; i++)
+        if (c->slots[i].fifo.len || c->slots[i].out_buf)
+            return 1;
+    return 0;
+}
+
+/* Wait up to timeout_ms for the zygote to exit; SIGKILL it after that.
+ * Releases the GIL while waiting. */
+static void
+reap_zygote(Core *c, int timeout_ms)
+{
+    if (c->zpid <= 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    if (c->zpidfd >= 0) {
+        struct pollfd p = {.fd = c->zpidfd, .events = POLLIN};
+        int rc;
+        do {
+            rc = poll(&p, 1, timeout_ms);
+        } while (rc < 0 && errno == EINTR);
+        if (rc == 0)
+            kill(c->zpid, SIGKILL);
+    } else {
+        kill(c->zpid, SIGKILL);
+    }
+    while (waitpid(c->zpid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    Py_END_ALLOW_THREADS
+    c->zpid = 0;
+}
+
+static void
+close_fds(Core *c)
+{
+    if (c->zsock >= 0) {
+        cp_proc_unregister_fd(c->zsock);
+        close(c->zsock);
+        c->zsock = -1;
+    }
+    if (c->zpidfd >= 0) {
+        cp_proc_unregister_fd(c->zpidfd);
+        close(c->zpidfd);
+        c->zpidfd = -1;
+    }
+    if (c->efd >= 0) {
+        cp_proc_unregister_fd(c->efd);
+        close(c->efd);
+        c->efd = -1;
+    }
+}
+
+/* Stop the zygote and every worker now. */
+static void
+kill_everything(Core *c)
+{
+    if (c->zpid > 0 && c->zsock >= 0) {
+        cp_zmsg m = {.type = CP_Z_KILL};
+        if (cp_proc_send(c->zsock, &m) < 0)
+            kill(c->zpid, SIGKILL);
+    } else if (c->zpid > 0) {
+        kill(c->zpid, SIGKILL);
+    }
+    reap_zygote(c, 1000);
+}
+
+/* Advance a graceful shutdown.  Returns 1 once everything is gone. */
+static int
+shutdown_step(Core *c)
+{
+    if (c->state == CORE_CLOSING && !any_in_flight(c)) {
+        for (int i = 0; i < c->nslots; i++) {
+            cp_slot *s = &c->slots[i];
+            if (!s->live)
+                continue;
+            cp_rec *rec = cp_ring_reserve(&s->tq, 0);
+            if (rec == NULL) {
+                /* Cannot happen with nothing in flight; make sure anyway. */
+                kill(s->pid, SIGKILL);
+            } else {
+                memset((uint8_t *)rec + 4, 0, sizeof *rec - 4);
+                rec->kind = CP_K_STOP;
+                cp_ring_commit(&s->tq, rec);
+                cp_ring_flush(&s->tq);
+            }
+            s->stopping = 1;
+        }
+        c->state = CORE_STOPPING;
+    }
+    if (c->state == CORE_STOPPING) {
+        for (int i = 0; i < c->nslots; i++)
+            if (c->slots[i].live)
+                return 0;
+        cp_zmsg m = {.type = CP_Z_QUIT};
+        cp_proc_send(c->zsock, &m);
+        reap_zygote(c, 1000);
+        c->state = CORE_DONE;
+        return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- collector */
+
+static int
+results_waiting(Core *c)
+{
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (s->live && !s->corrupt && cp_ring_has_data(&s->rq))
+            return 1;
+        if (s->out_buf && cp_ring_free_bytes(&s->tq) >=
+            cp_ring_next_need(&s->tq, (uint64_t)PyBytes_GET_SIZE(s->out_buf) - s->out_off))
+            return 1;
+    }
+    return 0;
+}
+
+/* Sleep until a worker publishes, frees room we wait for, the zygote
+ * speaks, or someone rings the doorbell.  Called without the GIL. */
+static void
+collector_sleep(Core *c, const int *want_space)
+{
+    uint64_t start = cp_now_ns();
+    unsigned n = 0;
+    while (c->spin_ns > 0) {
+        cp_cpu_relax();
+        if ((++n & 15) == 0) {
+            if (results_waiting(c))
+                return;
+            if ((long)(cp_now_ns() - start) > c->spin_ns)
+                break;
+        }
+    }
+    for (int i = 0; i < c->nslots; i++) {
+        cp_store_relaxed(&c->slots[i].rq.h->cons_sleep, 1);
+        if (want_space[i])
+            cp_store_relaxed(&c->slots[i].tq.h->prod_sleep, 1);
+    }
+    /* Order the flag stores before re-checking the rings (see ring.c). */
+    cp_fence_full();
+    if (!results_waiting(c)) {
+        struct pollfd p[2] = {{.fd = c->efd, .events = POLLIN},
+                              {.fd = c->zsock, .events = POLLIN}};
+        if (poll(p, 2, -1) > 0 && p[0].revents) {
+            uint64_t v;
+            while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
+                ;
+        }
+    }
+    for (int i = 0; i < c->nslots; i++) {
+        cp_store_relaxed(&c->slots[i].rq.h->cons_sleep, 0);
+        cp_store_relaxed(&c->slots[i].tq.h->prod_sleep, 0);
+    }
+}
+
+static PyObject *
+Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    if (c->owner != getpid() || c->collecting) {
+        PyErr_SetString(PyExc_RuntimeError, "cpool: collector already running");
+        return NULL;
+    }
+    int *want_space = PyMem_Calloc((size_t)c->nslots, sizeof(int));
+    if (want_space == NULL)
+        return PyErr_NoMemory();
+    c->collecting = 1;
+    Py_INCREF(c);
+    for (;;) {
+        if (c->state == CORE_TERMINATED || c->state == CORE_BROKEN) {
+            fail_all(c, c->state == CORE_BROKEN ? CP_E_BROKEN : CP_E_TERMINATED);
+            if (c->state == CORE_BROKEN) {
+                kill_everything(c);
+                c->state = CORE_DONE;
+            }
+            break;
+        }
+        if (c->state == CORE_DONE)
+            break;
+        int progress = zygote_events(c);
+        for (int i = 0; i < c->nslots && c->state < CORE_TERMINATED; i++) {
+            cp_slot *s = &c->slots[i];
+            if (s->live)
+                progress |= drain(c, s, DRAIN_BUDGET);
+            progress |= continue_send(s);
+        }
+        if (c->state >= CORE_TERMINATED)
+            continue;
+        int rc = pump(c);
+        if (rc < 0) {
+            /* A Python error while dispatching (out of memory): report it
+             * and go on; the task stays pending. */
+            PyErr_WriteUnraisable((PyObject *)c);
+            rc = 0;
+        }
+        progress |= rc;
+        if (shutdown_step(c))
+            break;
+        if (progress)
+            continue;
+        for (int i = 0; i < c->nslots; i++)
+            want_space[i] = c->slots[i].out_buf != NULL;
+        Py_BEGIN_ALLOW_THREADS
+        collector_sleep(c, want_space);
+        Py_END_ALLOW_THREADS
+    }
+    c->collecting = 0;
+    PyMem_Free(want_space);
+    Py_DECREF(c);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------- Python API */
+
+static int
+check_owner(Core *c)
+{
+    if (c->owner != getpid()) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "cpool: a pool can only be used by the process that created it");
+        return -1;
+    }
+    return 0;
+}
+
+/* Functions and builtins pickle by reference, so their pickle can be sent
+ * to each worker once and named by id after that.  Anything else (partial,
+ * callable objects) may carry state that changes: pickle it every time. */
+static int
+cacheable(PyObject *f)
+{
+    return PyFunction_Check(f) || PyCFunction_Check(f);
+}
+
+static int
+func_id(Core *c, PyObject *func, uint32_t *fid)
+{
+    *fid = 0;
+    if (!cacheable(func))
+        return 0;
+    PyObject *v = PyDict_GetItemWithError(c->fids, func);
+    if (v != NULL) {
+        *fid = (uint32_t)PyLong_AsUnsignedLong(v);
+        return 0;
+    }
+    if (PyErr_Occurred())
+        return -1;
+    if (PyDict_GET_SIZE(c->fids) >= MAX_CACHED_FUNCS)
+        return 0;
+    PyObject *b = PyObject_CallFunctionObjArgs(cp_state->dumps, func,
+                                               cp_state->protocol, NULL);
+    if (b == NULL)
+        return -1;
+    if ((uint64_t)PyBytes_GET_SIZE(b) > c->slots[0].tq.max_frag) {
+        Py_DECREF(b);
+        return 0;
+    }
+    uint32_t id = ++c->next_fid;
+    PyObject *key = PyLong_FromUnsignedLong(id);
+    int rc = (key == NULL || PyDict_SetItem(c->fbytes, key, b) < 0 ||
+              PyDict_SetItem(c->fids, func, key) < 0) ? -1 : 0;
+    Py_XDECREF(key);
+    Py_DECREF(b);
+    if (rc == 0)
+        *fid = id;
+    return rc;
+}
+
+PyDoc_STRVAR(Core_submit_doc,
+"submit(job, index, mode, func, body)\n--\n\n"
+"Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
+"tuple of items for func(x); 2: a tuple of argument tuples for func(*x);\n"
+"3: body is x for func(x).\n"
+"Pickling errors are raised here, in the caller.");
+
+static PyObject *
+Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long job, index;
+    int mode;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "submit() takes 5 arguments");
+        return NULL;
+    }
+    job = PyLong_AsUnsignedLongLong(args[0]);
+    index = PyLong_AsUnsignedLongLong(args[1]);
+    mode = (int)PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (mode < CP_MODE_APPLY || mode > CP_MODE_CALL1) {
+        PyErr_SetString(PyExc_ValueError, "bad mode");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    if (c->state > CORE_CLOSING) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
+    PyObject *func = args[3], *body = args[4];
+    uint32_t fid;
+    if (func_id(c, func, &fid) < 0)
+        return NULL;
+    PyObject *obj = fid ? Py_NewRef(body) : PyTuple_Pack(2, func, body);
+    if (obj == NULL)
+        return NULL;
+    PyObject *payload = PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
+                                                     cp_state->protocol, NULL);
+    Py_DECREF(obj);
+    if (payload == NULL)
+        return NULL;
+    cp_task t = {.job = job, .index = index, .payload = payload,
+                 .func = Py_NewRef(func), .fid = fid, .mode = (uint32_t)mode};
+    if (fifo_push_back(&c->pending, &t) < 0) {
+        task_clear(&t);
+        return PyErr_NoMemory();
+    }
+    if (pump(c) < 0)
+        return NULL;
+    /* Leave nothing only the collector can move without telling it. */
+    int wake = 0;
+    for (int i = 0; i < c->nslots; i++)
+        if (c->slots[i].out_buf)
+            wake = 1;
+    if (c->pending.len && !wake) {
+        wake = 1;
+        for (int i = 0; i < c->nslots; i++)
+            if (c->slots[i].fifo.len)
+                wake = 0;
+    }
+    if (wake)
+        ring_doorbell(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_close(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    if (check_owner(c) < 0)
+        return NULL;
+    if (c->state == CORE_RUN) {
+        c->state = CORE_CLOSING;
+        ring_doorbell(c);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_terminate(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    if (check_owner(c) < 0)
+        return NULL;
+    if (c->state == CORE_TERMINATED || c->state == CORE_DONE) {
+        Py_RETURN_NONE;
+    }
+    c->state = CORE_TERMINATED;
+    kill_everything(c);
+    if (c->collecting)
+        ring_doorbell(c);
+    else
+        fail_all(c, CP_E_TERMINATED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *l = PyList_New(0);
+    for (int i = 0; l != NULL && i < c->nslots; i++) {
+        if (!c->slots[i].live || c->slots[i].pid <= 0)
+            continue;
+        PyObject *v = PyLong_FromLong(c->slots[i].pid);
+        if (v == NULL || PyList_Append(l, v) < 0)
+            Py_CLEAR(l);
+        Py_XDECREF(v);
+    }
+    return l;
+}
+
+static PyObject *
+Core_get_state(Core *c, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(c->state);
+}
+
+static PyObject *
+Core_get_zygote(Core *c, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(c->zpid);
+}
+
+static PyObject *
+Core_get_pending(Core *c, void *Py_UNUSED(closure))
+{
+    size_t n = c->pending.len;
+    for (int i = 0; i < c->nslots; i++)
+        n += c->slots[i].fifo.len;
+    return PyLong_FromSize_t(n);
+}
+
+/* Core(processes, initializer, initargs, maxtasks, ring_bytes, cache,
+ *      make_error, spin_ns) */
+static int
+Core_init(Core *c, PyObject *args, PyObject *kwds)
+{
+    int n;
+    PyObject *init, *initargs, *cache, *make_error;
+    long maxtasks, spin_ns;
+    unsigned long long ring_bytes;
+    static char *kwlist[] = {"processes", "initializer", "initargs", "maxtasks",
+                             "ring_bytes", "cache", "make_error", "spin_ns", NULL};
+
+    if (c->shm.base != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Core already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO!lKO!Ol", kwlist, &n, &init,
+                                     &PyTuple_Type, &initargs, &maxtasks,
+                                     &ring_bytes, &PyDict_Type, &cache,
+                                     &make_error, &spin_ns))
+        return -1;
+    if (n < 1 || n > 4096) {
+        PyErr_SetString(PyExc_ValueError, "processes must be between 1 and 4096");
+        return -1;
+    }
+    c->owner = getpid();
+    c->nslots = n;
+    c->maxtasks = maxtasks > 0 ? maxtasks : 0;
+    c->spin_ns = spin_ns;
+    c->initializer = Py_NewRef(init);
+    c->initargs = Py_NewRef(initargs);
+    c->cache = Py_NewRef(cache);
+    c->make_error = Py_NewRef(make_error);
+    c->fids = PyDict_New();
+    c->fbytes = PyDict_New();
+    c->slots = PyMem_Calloc((size_t)n, sizeof(cp_slot));
+    if (c->fids == NULL || c->fbytes == NULL || c->slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        c->slots[i].known = PySet_New(NULL);
+        if (c->slots[i].known == NULL)
+            return -1;
+    }
+    int rc = cp_shm_create(&c->shm, n, ring_bytes);
+    if (rc < 0) {
+        errno = -rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        c->slots[i].ctl = cp_shm_ctl(&c->shm, i);
+        slot_reset(c, i);
+    }
+    c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int sv[2];
+    if (c->efd < 0 ||
+        socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    rc = cp_proc_zygote_start(sv[1], sv[0], cp_worker_main, c, &c->zpid);
+    if (rc < 0) {
+        close(sv[0]);
+        errno = -rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    c->zsock = sv[0];
+    fcntl(c->zsock, F_SETFL, fcntl(c->zsock, F_GETFL) | O_NONBLOCK);
+    c->zpidfd = (int)syscall(SYS_pidfd_open, c->zpid, 0);
+    cp_proc_register_fd(c->zsock);
+    cp_proc_register_fd(c->efd);
+    if (c->zpidfd >= 0)
+        cp_proc_register_fd(c->zpidfd);
+    for (int i = 0; i < n; i++) {
+        rc = slot_spawn(c, i);
+        if (rc < 0) {
+            kill_everything(c);
+            c->state = CORE_DONE;
+            errno = -rc;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+Core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    Core *c = (Core *)type->tp_alloc(type, 0);
+    if (c == NULL)
+        return NULL;
+    c->efd = c->zsock = c->zpidfd = -1;
+    c->state = CORE_RUN;
+    return (PyObject *)c;
+}
+
+static int
+Core_traverse(Core *c, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(c));
+    Py_VISIT(c->initializer);
+    Py_VISIT(c->initargs);
+    Py_VISIT(c->cache);
+    Py_VISIT(c->make_error);
+    Py_VISIT(c->fids);
+    Py_VISIT(c->fbytes);
+    Py_VISIT(c->wfuncs);
+    for (int i = 0; c->slots && i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        Py_VISIT(s->known);
+        Py_VISIT(s->init_exc);
+        for (size_t j = 0; j < s->fifo.len; j++)
+            Py_VISIT(fifo_at(&s->fifo, j)->func);
+    }
+    for (size_t j = 0; j < c->pending.len; j++)
+        Py_VISIT(fifo_at(&c->pending, j)->func);
+    return 0;
+}
+
+static int
+Core_clear(Core *c)
+{
+    Py_CLEAR(c->initializer);
+    Py_CLEAR(c->initargs);
+    Py_CLEAR(c->cache);
+    Py_CLEAR(c->make_error);
+    Py_CLEAR(c->fids);
+    Py_CLEAR(c->fbytes);
+    Py_CLEAR(c->wfuncs);
+    return 0;
+}
+
+static void
+Core_dealloc(Core *c)
+{
+    PyTypeObject *tp = Py_TYPE(c);
+    PyObject_GC_UnTrack(c);
+    if (c->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)c);
+    if (c->owner == getpid() && c->state != CORE_DONE && c->zpid > 0)
+        kill_everything(c);
+    close_fds(c);
+    for (int i = 0; c->slots && i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        fifo_free(&s->fifo);
+        Py_CLEAR(s->known);
+        Py_CLEAR(s->out_buf);
+        Py_CLEAR(s->in_buf);
+        Py_CLEAR(s->init_exc);
+    }
+    fifo_free(&c->pending);
+    PyMem_Free(c->slots);
+    c->slots = NULL;
+    cp_shm_destroy(&c->shm);
+    Core_clear(c);
+    tp->tp_free(c);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
+    {"collect", (PyCFunction)Core_collect, METH_NOARGS,
+     "Run the collector loop until the pool is done (call from its own thread)."},
+    {"close", (PyCFunction)Core_close, METH_NOARGS,
+     "Finish queued work, then stop the workers."},
+    {"terminate", (PyCFunction)Core_terminate, METH_NOARGS,
+     "Kill every worker now and fail whatever is pending."},
+    {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Core_getset[] = {
+    {"state", (getter)Core_get_state, NULL, "CORE_* state", NULL},
+    {"zygote_pid", (getter)Core_get_zygote, NULL, "pid of the fork server", NULL},
+    {"unfinished", (getter)Core_get_pending, NULL, "tasks not yet resolved", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Core_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(Core, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Core_slots[] = {
+    {Py_tp_new, Core_new},
+    {Py_tp_init, Core_init},
+    {Py_tp_dealloc, Core_dealloc},
+    {Py_tp_traverse, Core_traverse},
+    {Py_tp_clear, Core_clear},
+    {Py_tp_methods, Core_methods},
+    {Py_tp_getset, Core_getset},
+    {Py_tp_members, Core_members},
+    {Py_tp_doc, "The C core of a cpool.Pool: shared memory, zygote, workers."},
+    {0, NULL},
+};
+
+PyType_Spec cp_core_spec = {
+    .name = "cpool._core.Core",
+    .basicsize = sizeof(Core),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Core_slots,
+};

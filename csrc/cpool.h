@@ -1,0 +1,314 @@
+/*
+ * cpool.h - the one internal header of the cpool C core.
+ *
+ * Layers, bottom up:
+ *   ring.c    single-producer/single-consumer byte ring in shared memory and
+ *             the futex/eventfd wake-ups around it.  No Python.
+ *   shm.c     the memfd region holding every slot's control block and rings.
+ *             No Python.
+ *   proc.c    the zygote (fork server) and how it forks workers.
+ *   worker.c  the worker loop: take a task record, run it, publish a result.
+ *   core.c    the parent side: dispatch, the collector loop, crash handling.
+ *   module.c  the Python module (cpool._core).
+ *
+ * Plain-C layers return 0 or -errno and never touch Python's error state.
+ */
+#ifndef CPOOL_H
+#define CPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "atomics.h"
+
+#define CP_OK 0
+
+/* ------------------------------------------------------------------ ring */
+
+/*
+ * Shared header of one ring.  Invariants:
+ *   - tail is written only by the producer, head only by the consumer;
+ *   - 0 <= tail - head <= cap, both count bytes ever written/consumed;
+ *   - bytes in [head, tail) hold complete, published records;
+ *   - cons_sleep is set by the consumer just before it sleeps on tail, and
+ *     prod_sleep by the producer before it sleeps on head.
+ * head and tail live on separate cache lines so the two sides do not fight
+ * over one line.
+ */
+typedef struct cp_ring_hdr {
+    _Alignas(CP_CACHELINE) uint64_t tail;
+    uint32_t cons_sleep;
+    _Alignas(CP_CACHELINE) uint64_t head;
+    uint32_t prod_sleep;
+    _Alignas(CP_CACHELINE) uint64_t cap;   /* bytes of data, a power of two */
+} cp_ring_hdr;
+
+#define CP_RING_DATA_OFFSET 256  /* data starts this far after the header */
+
+/* Record kinds. */
+enum {
+    CP_K_PAD = 1,      /* skip to the end of the ring (no payload) */
+    CP_K_FUNC = 2,     /* parent->worker: pickled callable for fid */
+    CP_K_TASK = 3,     /* parent->worker: a task */
+    CP_K_STOP = 4,     /* parent->worker: exit after this */
+    CP_K_RESULT = 5,   /* worker->parent: result of the task with seq */
+    CP_K_INITERR = 6,  /* worker->parent: initializer raised (payload: exc) */
+    CP_K_MAX = 7,
+};
+
+/* Record flags. */
+#define CP_F_MORE 0x1   /* more fragments of this message follow */
+#define CP_F_ERR  0x2   /* RESULT: the payload is a pickled exception */
+
+/* Task modes (cp_rec.aux of a TASK record). */
+enum { CP_MODE_APPLY = 0, CP_MODE_MAP = 1, CP_MODE_STARMAP = 2, CP_MODE_CALL1 = 3 };
+
+/*
+ * A record: this header, then `size` payload bytes, padded to 8 bytes.  A
+ * message larger than a ring's largest record is sent as several records
+ * ("fragments"), all but the last flagged CP_F_MORE; `total` in each fragment
+ * is the size of the whole message.  A PAD record only uses its first 8 bytes.
+ */
+typedef struct cp_rec {
+    uint32_t size;
+    uint16_t kind;
+    uint16_t flags;
+    uint32_t fid;     /* TASK/FUNC: function id (0: function is in payload) */
+    uint32_t aux;     /* TASK: mode; RESULT: run time in microseconds */
+    uint64_t seq;     /* TASK/RESULT: the parent's dispatch sequence number */
+    uint64_t job;
+    uint64_t index;
+    uint64_t total;
+} cp_rec;
+
+#define CP_REC_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
+
+/*
+ * One process's end of a ring: a pointer to the shared header plus private
+ * cached indices.  `pos` is this side's own index (producer: the tail it is
+ * building, possibly ahead of the published tail; consumer: the head).
+ * `other` caches the opposite index and is refreshed only when the ring looks
+ * full (producer) or empty (consumer).
+ */
+typedef struct cp_ring {
+    cp_ring_hdr *h;
+    uint8_t *data;
+    uint64_t cap;
+    uint64_t mask;
+    uint64_t pos;
+    uint64_t other;
+    uint64_t max_frag;  /* largest payload of one record */
+    int wake_fd;        /* eventfd to write instead of FUTEX_WAKE, or -1 */
+} cp_ring;
+
+size_t cp_ring_bytes(uint64_t cap);
+void cp_ring_format(void *mem, uint64_t cap);
+int cp_ring_attach(cp_ring *r, void *mem, int wake_fd);
+
+cp_rec *cp_ring_reserve(cp_ring *r, uint32_t size);
+void cp_ring_commit(cp_ring *r, cp_rec *rec);
+void cp_ring_flush(cp_ring *r);
+uint64_t cp_ring_free_bytes(cp_ring *r);
+uint64_t cp_ring_need(cp_ring *r, uint32_t size);
+
+int cp_ring_peek(cp_ring *r, cp_rec *hdr, const uint8_t **payload);
+int cp_ring_has_data(cp_ring *r);
+void cp_ring_release(cp_ring *r, const cp_rec *hdr, int publish);
+void cp_ring_release_flush(cp_ring *r);
+
+int cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
+                      uint64_t total, uint64_t *off);
+uint64_t cp_ring_next_need(cp_ring *r, uint64_t left);
+
+int cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns);
+int cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns);
+
+int cp_futex_wait(uint32_t *addr, uint32_t expected, long timeout_ns);
+int cp_futex_wake(uint32_t *addr);
+uint32_t *cp_ring_tail_word(cp_ring_hdr *h);
+uint32_t *cp_ring_head_word(cp_ring_hdr *h);
+uint64_t cp_now_ns(void);
+
+/* ------------------------------------------------------------------- shm */
+
+/* Per-worker control block in shared memory. */
+typedef struct cp_ctl {
+    _Alignas(CP_CACHELINE) uint64_t running;  /* seq of the task being run, 0 if none */
+    uint32_t pid;
+    uint32_t state;                            /* CP_W_* */
+    _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
+} cp_ctl;
+
+enum { CP_W_EMPTY = 0, CP_W_STARTING = 1, CP_W_READY = 2, CP_W_DEAD = 3 };
+
+/* The shared region: a header, then per slot [ctl | task ring | result ring]. */
+typedef struct cp_shm {
+    void *base;
+    size_t size;
+    int nslots;
+    uint64_t ring_cap;
+    size_t slot_bytes;
+} cp_shm;
+
+int cp_shm_create(cp_shm *s, int nslots, uint64_t ring_cap);
+void cp_shm_destroy(cp_shm *s);
+cp_ctl *cp_shm_ctl(cp_shm *s, int slot);
+void *cp_shm_task_ring(cp_shm *s, int slot);
+void *cp_shm_result_ring(cp_shm *s, int slot);
+void cp_shm_reset_slot(cp_shm *s, int slot);
+
+/* ------------------------------------------------------------------ proc */
+
+/* Messages between the parent and the zygote (SOCK_SEQPACKET datagrams). */
+typedef struct cp_zmsg {
+    int32_t type;    /* CP_Z_* */
+    int32_t slot;
+    int32_t pid;
+    int32_t status;  /* wait status for CP_Z_EXITED */
+} cp_zmsg;
+
+enum {
+    CP_Z_SPAWN = 1,    /* parent->zygote: fork a worker for slot */
+    CP_Z_KILL = 2,     /* parent->zygote: SIGKILL every worker, reap, exit */
+    CP_Z_QUIT = 3,     /* parent->zygote: reap the (exiting) workers, exit */
+    CP_Z_SPAWNED = 4,  /* zygote->parent: slot's worker has pid */
+    CP_Z_EXITED = 5,   /* zygote->parent: slot's worker pid exited with status */
+    CP_Z_SPAWNFAIL = 6 /* zygote->parent: fork failed, status = errno */
+};
+
+/* What runs in a forked worker; provided by the Python-facing layer. */
+typedef void (*cp_worker_fn)(void *arg, int slot);
+
+int cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
+                         void *arg, pid_t *zpid);
+int cp_proc_send(int sock, const cp_zmsg *m);
+int cp_proc_recv(int sock, cp_zmsg *m);
+void cp_proc_close_inherited(void);
+void cp_proc_register_fd(int fd);
+void cp_proc_unregister_fd(int fd);
+
+/* ---------------------------------------------- Python-facing (core.c) */
+#ifdef Py_PYTHON_H
+
+/* A task as the parent keeps it until its result arrives (so that it can be
+ * given to another worker if the one it was queued to dies first). */
+typedef struct cp_task {
+    uint64_t seq;         /* dispatch sequence, unique per pool, 0 = none */
+    uint64_t job;
+    uint64_t index;
+    PyObject *payload;    /* bytes: the pickled task */
+    PyObject *func;       /* the callable, for error messages */
+    uint32_t fid;
+    uint32_t mode;
+} cp_task;
+
+/* A FIFO of tasks (a growable circular array). */
+typedef struct cp_fifo {
+    cp_task *v;
+    size_t head, len, cap;
+} cp_fifo;
+
+/* The parent's view of one worker slot. */
+typedef struct cp_slot {
+    cp_ctl *ctl;
+    cp_ring tq;            /* producer end of the task ring */
+    cp_ring rq;            /* consumer end of the result ring */
+    pid_t pid;             /* 0 until the zygote reports it */
+    int live;              /* a worker was requested and has not been reaped */
+    int retiring;          /* got maxtasksperchild tasks: send no more */
+    int stopping;          /* a STOP record was queued */
+    uint64_t sent;         /* tasks sent to the current worker */
+    uint32_t credit;       /* how many tasks may be in flight to it */
+    double avg_us;         /* moving average of its task run time */
+    cp_fifo fifo;          /* tasks sent to it, oldest first */
+    PyObject *known;       /* set of fids it has been sent */
+    /* message being streamed to it (only the newest fifo task) */
+    PyObject *out_buf;
+    uint64_t out_off;
+    cp_rec out_hdr;
+    /* message being reassembled from it */
+    PyObject *in_buf;      /* bytearray of in_hdr.total bytes */
+    uint64_t in_off;
+    cp_rec in_hdr;
+    PyObject *init_exc;    /* the initializer's exception, if it raised */
+    int corrupt;           /* its result ring held garbage: it was killed */
+} cp_slot;
+
+typedef struct Core {
+    PyObject_HEAD
+    pid_t owner;           /* the process that built it */
+    cp_shm shm;
+    int nslots;
+    cp_slot *slots;
+    int efd;               /* eventfd: workers ring it when the collector sleeps */
+    int zsock;             /* socket to the zygote */
+    int zpidfd;
+    pid_t zpid;
+    int state;             /* CORE_* */
+    int collecting;        /* the collector loop is running */
+    uint64_t next_seq;
+    cp_fifo pending;       /* tasks not yet given to a worker */
+    PyObject *fids;        /* dict: callable -> fid (cacheable callables) */
+    PyObject *fbytes;      /* dict: fid -> pickled callable */
+    uint32_t next_fid;
+    PyObject *initializer;
+    PyObject *initargs;
+    long maxtasks;         /* 0 = unlimited */
+    long spin_ns;
+    PyObject *cache;       /* job -> result object with _set(i, (ok, value)) */
+    PyObject *make_error;  /* callable(kind, pid, status, job, index, func) */
+    PyObject *wfuncs;      /* worker only: fid -> callable */
+    PyObject *weakreflist;
+} Core;
+
+enum {
+    CORE_RUN = 0,        /* accepting tasks */
+    CORE_CLOSING = 1,    /* no new work from the pool; finish what is queued */
+    CORE_STOPPING = 2,   /* STOP sent; waiting for workers to exit */
+    CORE_DONE = 3,       /* all workers and the zygote are gone */
+    CORE_TERMINATED = 4, /* terminate(): everything killed */
+    CORE_BROKEN = 5,     /* the zygote died: no more workers can be made */
+};
+
+/* Error kinds handed to Core.make_error. */
+enum { CP_E_LOST = 1, CP_E_TERMINATED = 2, CP_E_BROKEN = 3, CP_E_PROTO = 4 };
+
+/* The current exception, normalized, with its traceback attached; clears
+ * the error indicator.  (PyErr_GetRaisedException() arrived in 3.12.) */
+static inline PyObject *
+cp_err_take(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v == NULL) {
+        v = Py_NewRef(Py_None);
+    } else if (tb != NULL) {
+        PyException_SetTraceback(v, tb);
+    }
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
+/* module.c */
+typedef struct cp_module_state {
+    PyObject *dumps;         /* pickle.dumps */
+    PyObject *loads;         /* pickle.loads */
+    PyObject *protocol;      /* int 5 */
+    PyObject *str_set;       /* "_set" */
+    PyTypeObject *core_type;
+} cp_module_state;
+
+extern cp_module_state *cp_state;
+
+/* worker.c */
+void cp_worker_main(void *core, int slot);
+
+/* core.c */
+extern PyType_Spec cp_core_spec;
+
+#endif /* Py_PYTHON_H */
+
+#endif /* CPOOL_H */

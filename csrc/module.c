@@ -1,0 +1,313 @@
+/*
+ * module.c - cpool._core: the Core type (core.c) and Ring, a one-process
+ * view of the shared-memory ring used by the tests (wrap-around, full ring,
+ * fragmented messages, corrupt input).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "structmember.h"
+#include "cpool.h"
+
+cp_module_state *cp_state;
+
+/* ------------------------------------------------------------ test ring */
+
+typedef struct {
+    PyObject_HEAD
+    void *mem;
+    cp_ring prod;
+    cp_ring cons;
+} Ring;
+
+static PyObject *
+Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned long long cap;
+    static char *kwlist[] = {"capacity", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "K", kwlist, &cap))
+        return NULL;
+    if (cap < 4096 || (cap & (cap - 1)) || cap > (1ull << 34)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "capacity must be a power of two from 4096 to 2**34");
+        return NULL;
+    }
+    Ring *r = (Ring *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    if (posix_memalign(&r->mem, 4096, cp_ring_bytes(cap)) != 0) {
+        Py_DECREF(r);
+        return PyErr_NoMemory();
+    }
+    cp_ring_format(r->mem, cap);
+    cp_ring_attach(&r->prod, r->mem, -1);
+    cp_ring_attach(&r->cons, r->mem, -1);
+    return (PyObject *)r;
+}
+
+static void
+Ring_dealloc(Ring *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    free(r->mem);
+    tp->tp_free(r);
+    Py_DECREF(tp);
+}
+
+/* push(data, kind=TASK) -> bool: one record, committed and flushed. */
+static PyObject *
+Ring_push(Ring *r, PyObject *args)
+{
+    Py_buffer b;
+    int kind = CP_K_TASK;
+    if (!PyArg_ParseTuple(args, "y*|i", &b, &kind))
+        return NULL;
+    if ((uint64_t)b.len > r->prod.max_frag) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "record larger than max_frag");
+        return NULL;
+    }
+    cp_rec *rec = cp_ring_reserve(&r->prod, (uint32_t)b.len);
+    if (rec == NULL) {
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE;
+    }
+    memset((uint8_t *)rec + 4, 0, sizeof *rec - 4);
+    rec->kind = (uint16_t)kind;
+    rec->total = (uint64_t)b.len;
+    memcpy((uint8_t *)rec + sizeof *rec, b.buf, (size_t)b.len);
+    cp_ring_commit(&r->prod, rec);
+    cp_ring_flush(&r->prod);
+    PyBuffer_Release(&b);
+    Py_RETURN_TRUE;
+}
+
+/* send(data, offset) -> new offset: as much of a message as fits. */
+static PyObject *
+Ring_send(Ring *r, PyObject *args)
+{
+    Py_buffer b;
+    unsigned long long off;
+    if (!PyArg_ParseTuple(args, "y*K", &b, &off))
+        return NULL;
+    if (off > (uint64_t)b.len) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "offset past the end");
+        return NULL;
+    }
+    cp_rec tmpl = {.kind = CP_K_RESULT};
+    uint64_t o = off;
+    if (o < (uint64_t)b.len || b.len == 0)
+        cp_ring_send_some(&r->prod, &tmpl, b.buf, (uint64_t)b.len, &o);
+    cp_ring_flush(&r->prod);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(o);
+}
+
+/* pop() -> (kind, flags, total, payload) or None; ValueError if corrupt. */
+static PyObject *
+Ring_pop(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    cp_rec h;
+    const uint8_t *p;
+    int rc = cp_ring_peek(&r->cons, &h, &p);
+    if (rc == 0)
+        Py_RETURN_NONE;
+    if (rc < 0) {
+        PyErr_SetString(PyExc_ValueError, "corrupt ring");
+        return NULL;
+    }
+    PyObject *res = Py_BuildValue("iiKy#", h.kind, h.flags,
+                                  (unsigned long long)h.total, p,
+                                  (Py_ssize_t)h.size);
+    cp_ring_release(&r->cons, &h, 1);
+    return res;
+}
+
+/* raw(data): write arbitrary bytes at the producer position and publish
+ * them, as a corrupt or hostile producer would. */
+static PyObject *
+Ring_raw(Ring *r, PyObject *args)
+{
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*", &b))
+        return NULL;
+    uint64_t n = (uint64_t)b.len;
+    if (n > cp_ring_free_bytes(&r->prod)) {
+        PyBuffer_Release(&b);
+        Py_RETURN_FALSE;
+    }
+    for (uint64_t i = 0; i < n; i++)
+        r->prod.data[(r->prod.pos + i) & r->prod.mask] = ((uint8_t *)b.buf)[i];
+    r->prod.pos += n;
+    cp_ring_flush(&r->prod);
+    PyBuffer_Release(&b);
+    Py_RETURN_TRUE;
+}
+
+/* resync(): drop everything unread (after a corrupt read). */
+static PyObject *
+Ring_resync(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    r->cons.pos = r->prod.pos;
+    cp_ring_release_flush(&r->cons);
+    /* Keep the producer 8-byte aligned for the next records. */
+    uint64_t a = CP_REC_ALIGN(r->prod.pos);
+    r->prod.pos = r->cons.pos = a;
+    cp_store_release(&r->cons.h->tail, a);
+    cp_store_release(&r->cons.h->head, a);
+    r->prod.other = r->cons.other = a;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_get_free(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(cp_ring_free_bytes(&r->prod));
+}
+
+static PyObject *
+Ring_get_max_frag(Ring *r, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(r->prod.max_frag);
+}
+
+static PyObject *
+Ring_get_positions(Ring *r, void *Py_UNUSED(c))
+{
+    return Py_BuildValue("KK", (unsigned long long)r->cons.h->head,
+                         (unsigned long long)r->cons.h->tail);
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"push", (PyCFunction)Ring_push, METH_VARARGS, "push(data, kind=3) -> bool"},
+    {"send", (PyCFunction)Ring_send, METH_VARARGS, "send(data, offset) -> offset"},
+    {"pop", (PyCFunction)Ring_pop, METH_NOARGS, "pop() -> (kind, flags, total, payload) | None"},
+    {"raw", (PyCFunction)Ring_raw, METH_VARARGS, "raw(data) -> bool"},
+    {"resync", (PyCFunction)Ring_resync, METH_NOARGS, "drop unread bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Ring_getset[] = {
+    {"free", (getter)Ring_get_free, NULL, NULL, NULL},
+    {"max_frag", (getter)Ring_get_max_frag, NULL, NULL, NULL},
+    {"positions", (getter)Ring_get_positions, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Ring_slots[] = {
+    {Py_tp_new, Ring_new},
+    {Py_tp_dealloc, Ring_dealloc},
+    {Py_tp_methods, Ring_methods},
+    {Py_tp_getset, Ring_getset},
+    {Py_tp_doc, "A ring in private memory, for tests of the ring code."},
+    {0, NULL},
+};
+
+static PyType_Spec Ring_spec = {
+    .name = "cpool._core.Ring",
+    .basicsize = sizeof(Ring),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = Ring_slots,
+};
+
+/* --------------------------------------------------------------- module */
+
+static int
+module_exec(PyObject *m)
+{
+    cp_module_state *st = PyModule_GetState(m);
+    PyObject *pickle = PyImport_ImportModule("pickle");
+    if (pickle == NULL)
+        return -1;
+    st->dumps = PyObject_GetAttrString(pickle, "dumps");
+    st->loads = PyObject_GetAttrString(pickle, "loads");
+    Py_DECREF(pickle);
+    st->protocol = PyLong_FromLong(5);
+    st->str_set = PyUnicode_InternFromString("_set");
+    if (!st->dumps || !st->loads || !st->protocol || !st->str_set)
+        return -1;
+    st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_core_spec, NULL);
+    if (st->core_type == NULL || PyModule_AddType(m, st->core_type) < 0)
+        return -1;
+    PyTypeObject *ring = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Ring_spec, NULL);
+    if (ring == NULL)
+        return -1;
+    int rc = PyModule_AddType(m, ring);
+    Py_DECREF(ring);
+    if (rc < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "MODE_APPLY", CP_MODE_APPLY) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_MAP", CP_MODE_MAP) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_STARMAP", CP_MODE_STARMAP) < 0 ||
+        PyModule_AddIntConstant(m, "MODE_CALL1", CP_MODE_CALL1) < 0 ||
+        PyModule_AddIntConstant(m, "E_LOST", CP_E_LOST) < 0 ||
+        PyModule_AddIntConstant(m, "E_TERMINATED", CP_E_TERMINATED) < 0 ||
+        PyModule_AddIntConstant(m, "E_BROKEN", CP_E_BROKEN) < 0 ||
+        PyModule_AddIntConstant(m, "E_PROTO", CP_E_PROTO) < 0 ||
+        PyModule_AddIntConstant(m, "STATE_RUN", CORE_RUN) < 0 ||
+        PyModule_AddIntConstant(m, "STATE_DONE", CORE_DONE) < 0 ||
+        PyModule_AddIntConstant(m, "STATE_TERMINATED", CORE_TERMINATED) < 0 ||
+        PyModule_AddIntConstant(m, "STATE_BROKEN", CORE_BROKEN) < 0 ||
+        PyModule_AddIntConstant(m, "REC_HEADER", (long)sizeof(cp_rec)) < 0 ||
+        PyModule_AddIntConstant(m, "K_PAD", CP_K_PAD) < 0 ||
+        PyModule_AddIntConstant(m, "K_TASK", CP_K_TASK) < 0 ||
+        PyModule_AddIntConstant(m, "K_RESULT", CP_K_RESULT) < 0 ||
+        PyModule_AddIntConstant(m, "F_MORE", CP_F_MORE) < 0)
+        return -1;
+    cp_state = st;
+    return 0;
+}
+
+static int
+module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    cp_module_state *st = PyModule_GetState(m);
+    Py_VISIT(st->dumps);
+    Py_VISIT(st->loads);
+    Py_VISIT(st->core_type);
+    return 0;
+}
+
+static int
+module_clear(PyObject *m)
+{
+    cp_module_state *st = PyModule_GetState(m);
+    Py_CLEAR(st->dumps);
+    Py_CLEAR(st->loads);
+    Py_CLEAR(st->protocol);
+    Py_CLEAR(st->str_set);
+    Py_CLEAR(st->core_type);
+    return 0;
+}
+
+static void
+module_free(void *m)
+{
+    module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "cpool._core",
+    .m_doc = "The C core of cpool (private).",
+    .m_size = sizeof(cp_module_state),
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

@@ -1,0 +1,268 @@
+/*
+ * proc.c - the zygote (fork server) and the forks it makes.
+ *
+ * The parent forks the zygote once, from the thread that builds the Pool,
+ * before any cpool thread of that pool exists.  The zygote is single-threaded
+ * for the rest of its life and forks every worker, first ones and
+ * replacements alike, so replacements never come from a parent that has
+ * threads (CPython gh-90622, gh-105464: forking a threaded parent deadlocks).
+ *
+ * What runs in the zygote after fork: only this file's C loop (poll, fork,
+ * waitpid, send).  No Python code runs in it; it holds the GIL of its own
+ * copy of the interpreter only so that PyOS_BeforeFork()/AfterFork work.
+ *
+ * Lifetimes:
+ *   - the zygote watches its socket to the parent: EOF means the parent is
+ *     gone (however it died), and the zygote SIGKILLs every worker and exits.
+ *     A socket is used rather than PR_SET_PDEATHSIG because the death signal
+ *     follows the parent *thread* that forked, and a Pool may be built in a
+ *     short-lived thread;
+ *   - workers set PR_SET_PDEATHSIG(SIGKILL) (their parent, the zygote, has a
+ *     single thread), then check getppid() to close the race with its death.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cpool.h"
+
+/* ------------------------------------------------ fds closed in children */
+
+/* Parent-side fds of every live pool of this process.  A child forked from
+ * this process (our zygotes, or the user's os.fork()) must not hold them, or
+ * a zygote could not see its parent's death as EOF.  Touched only with the
+ * GIL held, and in the child right after fork. */
+#define MAX_REG_FDS 1024
+static int reg_fds[MAX_REG_FDS];
+static int n_reg_fds;
+static int atfork_installed;
+
+static void
+atfork_child(void)
+{
+    for (int i = 0; i < n_reg_fds; i++)
+        close(reg_fds[i]);
+    n_reg_fds = 0;
+}
+
+void
+cp_proc_register_fd(int fd)
+{
+    if (!atfork_installed) {
+        pthread_atfork(NULL, NULL, atfork_child);
+        atfork_installed = 1;
+    }
+    if (n_reg_fds < MAX_REG_FDS)
+        reg_fds[n_reg_fds++] = fd;
+}
+
+void
+cp_proc_unregister_fd(int fd)
+{
+    for (int i = 0; i < n_reg_fds; i++) {
+        if (reg_fds[i] == fd) {
+            reg_fds[i] = reg_fds[--n_reg_fds];
+            return;
+        }
+    }
+}
+
+void
+cp_proc_close_inherited(void)
+{
+    atfork_child();
+}
+
+/* ------------------------------------------------------------- messages */
+
+int
+cp_proc_send(int sock, const cp_zmsg *m)
+{
+    for (;;) {
+        ssize_t n = send(sock, m, sizeof *m, MSG_NOSIGNAL);
+        if (n == (ssize_t)sizeof *m)
+            return CP_OK;
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n < 0 ? -errno : -EPROTO;
+    }
+}
+
+/* Returns 1 with a message, 0 on EOF, -EAGAIN if none is waiting
+ * (non-blocking sockets), or -errno. */
+int
+cp_proc_recv(int sock, cp_zmsg *m)
+{
+    for (;;) {
+        ssize_t n = recv(sock, m, sizeof *m, 0);
+        if (n == (ssize_t)sizeof *m)
+            return 1;
+        if (n == 0)
+            return 0;
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n < 0 ? -errno : -EPROTO;
+    }
+}
+
+/* --------------------------------------------------------------- zygote */
+
+typedef struct {
+    pid_t pid;
+    int slot;
+} child_t;
+
+#define MAX_CHILDREN 4096
+
+static child_t children[MAX_CHILDREN];
+static int n_children;
+
+static void
+kill_all_and_exit(void)
+{
+    for (int i = 0; i < n_children; i++)
+        kill(children[i].pid, SIGKILL);
+    for (int i = 0; i < n_children; i++) {
+        while (waitpid(children[i].pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    _exit(0);
+}
+
+static void
+spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
+      int slot)
+{
+    cp_zmsg m = {.slot = slot};
+    pid_t zygote = getpid();
+
+    if (n_children >= MAX_CHILDREN) {
+        m.type = CP_Z_SPAWNFAIL;
+        m.status = EAGAIN;
+        cp_proc_send(sock, &m);
+        return;
+    }
+    PyOS_BeforeFork();
+    pid_t pid = fork();
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        close(sock);
+        close(sfd);
+        sigprocmask(SIG_SETMASK, oldmask, NULL);
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != zygote)
+            _exit(70);
+        fn(arg, slot);   /* never returns */
+        _exit(70);
+    }
+    int err = errno;
+    PyOS_AfterFork_Parent();
+    if (pid < 0) {
+        m.type = CP_Z_SPAWNFAIL;
+        m.status = err;
+    } else {
+        children[n_children].pid = pid;
+        children[n_children].slot = slot;
+        n_children++;
+        m.type = CP_Z_SPAWNED;
+        m.pid = pid;
+    }
+    if (cp_proc_send(sock, &m) < 0)
+        kill_all_and_exit();
+}
+
+static void
+reap(int sock, int sfd)
+{
+    struct signalfd_siginfo si;
+    while (read(sfd, &si, sizeof si) > 0)
+        ;
+    for (;;) {
+        int st;
+        pid_t pid = waitpid(-1, &st, WNOHANG);
+        if (pid <= 0)
+            return;
+        for (int i = 0; i < n_children; i++) {
+            if (children[i].pid != pid)
+                continue;
+            cp_zmsg m = {.type = CP_Z_EXITED, .slot = children[i].slot,
+                         .pid = pid, .status = st};
+            children[i] = children[--n_children];
+            if (cp_proc_send(sock, &m) < 0)
+                kill_all_and_exit();
+            break;
+        }
+    }
+}
+
+static void
+zygote_main(int sock, cp_worker_fn fn, void *arg)
+{
+    sigset_t mask, oldmask;
+
+    /* Ctrl-C is the parent's business: a pool's processes never see it. */
+    signal(SIGINT, SIG_IGN);
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, &oldmask);
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0)
+        _exit(71);
+
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
+                                {.fd = sfd, .events = POLLIN}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            kill_all_and_exit();
+        }
+        if (fds[1].revents)
+            reap(sock, sfd);
+        if (fds[0].revents) {
+            cp_zmsg m;
+            int rc = cp_proc_recv(sock, &m);
+            if (rc <= 0)            /* EOF: the parent is gone */
+                kill_all_and_exit();
+            if (m.type == CP_Z_SPAWN)
+                spawn(sock, &oldmask, sfd, fn, arg, m.slot);
+            else
+                kill_all_and_exit();   /* CP_Z_KILL, CP_Z_QUIT */
+        }
+    }
+}
+
+/*
+ * Fork the zygote.  Needs the GIL (PyOS_BeforeFork).  sock_child is the
+ * zygote's end of the control socket and is closed in the parent on return;
+ * sock_parent is closed in the zygote.  Returns 0 and the pid, or -errno.
+ */
+int
+cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
+                     void *arg, pid_t *zpid)
+{
+    PyOS_BeforeFork();
+    pid_t pid = fork();
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        close(sock_parent);
+        zygote_main(sock_child, fn, arg);
+        _exit(0);
+    }
+    int err = errno;
+    PyOS_AfterFork_Parent();
+    close(sock_child);
+    if (pid < 0)
+        return -err;
+    *zpid = pid;
+    return CP_OK;
+}

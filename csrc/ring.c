@@ -1,0 +1,395 @@
+/*
+ * ring.c - single-producer/single-consumer byte ring in shared memory.
+ *
+ * No Python here: every function may run without the GIL, and in a process
+ * freshly forked from a multi-threaded parent (it allocates nothing).
+ *
+ * Ordering discipline (the io_uring SQ/CQ one):
+ *   producer: write record, store-release tail;
+ *   consumer: load-acquire tail, read record, store-release head.
+ * Sleeping: the waiting side sets its *_sleep flag, issues a full fence and
+ * re-checks the index before FUTEX_WAIT; the other side publishes its index,
+ * issues a full fence and wakes only if the flag is set.  Either the waiter
+ * sees the new index, or the publisher sees the flag: never neither.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cpool.h"
+
+uint64_t
+cp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The futex word of a 64-bit index is its low half; the index only moves
+ * forward by less than 2^32 while the other side sleeps on it (at most one
+ * ring's worth), so comparing the low halves is exact. */
+static uint32_t *
+low_word(uint64_t *p)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return (uint32_t *)p;
+#else
+    return (uint32_t *)p + 1;
+#endif
+}
+
+uint32_t *cp_ring_tail_word(cp_ring_hdr *h) { return low_word(&h->tail); }
+uint32_t *cp_ring_head_word(cp_ring_hdr *h) { return low_word(&h->head); }
+
+/* Shared futexes (no FUTEX_PRIVATE_FLAG): the waker is another process. */
+int
+cp_futex_wait(uint32_t *addr, uint32_t expected, long timeout_ns)
+{
+    struct timespec ts, *tsp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000L;
+        ts.tv_nsec = timeout_ns % 1000000000L;
+        tsp = &ts;
+    }
+    if (syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0) < 0)
+        return -errno;   /* EAGAIN: value changed; ETIMEDOUT; EINTR */
+    return 0;
+}
+
+int
+cp_futex_wake(uint32_t *addr)
+{
+    if (syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+static void
+ring_wake(cp_ring *r, uint32_t *word)
+{
+    if (r->wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t n;
+        do {
+            n = write(r->wake_fd, &one, sizeof one);
+        } while (n < 0 && errno == EINTR);
+        /* EAGAIN means the counter is saturated: the reader is awake anyway. */
+    } else {
+        cp_futex_wake(word);
+    }
+}
+
+size_t
+cp_ring_bytes(uint64_t cap)
+{
+    return CP_RING_DATA_OFFSET + cap;
+}
+
+void
+cp_ring_format(void *mem, uint64_t cap)
+{
+    cp_ring_hdr *h = mem;
+    memset(h, 0, sizeof *h);
+    h->cap = cap;
+}
+
+/* Attach one end to a formatted ring.  Returns 0, or -EINVAL for a bad cap. */
+int
+cp_ring_attach(cp_ring *r, void *mem, int wake_fd)
+{
+    cp_ring_hdr *h = mem;
+    uint64_t cap = h->cap;
+    if (cap < 4096 || (cap & (cap - 1)) != 0)
+        return -EINVAL;
+    r->h = h;
+    r->data = (uint8_t *)mem + CP_RING_DATA_OFFSET;
+    r->cap = cap;
+    r->mask = cap - 1;
+    r->pos = 0;
+    r->other = 0;
+    /* A record of up to cap/2 bytes always fits into an empty ring, with or
+     * without a PAD in front of it; a quarter lets both sides overlap. */
+    r->max_frag = cap / 4 - sizeof(cp_rec);
+    r->wake_fd = wake_fd;
+    return CP_OK;
+}
+
+/* Producer: bytes a record with `size` payload bytes takes at the current
+ * position, including the PAD it may need in front of it. */
+uint64_t
+cp_ring_need(cp_ring *r, uint32_t size)
+{
+    uint64_t need = CP_REC_ALIGN(sizeof(cp_rec) + (uint64_t)size);
+    uint64_t off = r->pos & r->mask;
+    return need + ((off + need > r->cap) ? r->cap - off : 0);
+}
+
+uint64_t
+cp_ring_free_bytes(cp_ring *r)
+{
+    r->other = cp_load_acquire(&r->h->head);
+    return r->cap - (r->pos - r->other);
+}
+
+/*
+ * Producer: reserve room for one record with `size` payload bytes (at most
+ * max_frag).  Returns the record header to fill, or NULL if the ring has no
+ * room now.  Nothing is visible to the consumer until cp_ring_commit() and
+ * cp_ring_flush().  The caller fills every header field except `size`.
+ */
+cp_rec *
+cp_ring_reserve(cp_ring *r, uint32_t size)
+{
+    uint64_t need = CP_REC_ALIGN(sizeof(cp_rec) + (uint64_t)size);
+    uint64_t off = r->pos & r->mask;
+    uint64_t pad = (off + need > r->cap) ? r->cap - off : 0;
+
+    if (r->cap - (r->pos - r->other) < pad + need) {
+        /* Looks full: the consumer's side may have moved on. */
+        r->other = cp_load_acquire(&r->h->head);
+        if (r->cap - (r->pos - r->other) < pad + need)
+            return NULL;
+    }
+    if (pad) {
+        cp_rec *p = (cp_rec *)(r->data + off);
+        p->size = (uint32_t)(pad - 8);  /* PAD covers the rest of the ring */
+        p->kind = CP_K_PAD;
+        p->flags = 0;
+        r->pos += pad;
+        off = 0;
+    }
+    cp_rec *rec = (cp_rec *)(r->data + off);
+    rec->size = size;
+    return rec;
+}
+
+/* Producer: the record is filled; count it (still unpublished). */
+void
+cp_ring_commit(cp_ring *r, cp_rec *rec)
+{
+    r->pos += CP_REC_ALIGN(sizeof(cp_rec) + (uint64_t)rec->size);
+}
+
+/* Producer: publish everything committed so far and wake a sleeping consumer. */
+void
+cp_ring_flush(cp_ring *r)
+{
+    /* The consumer must see the records before it sees the new tail. */
+    cp_store_release(&r->h->tail, r->pos);
+    /* Order the tail store before reading the sleep flag (see top of file). */
+    cp_fence_full();
+    if (cp_load_relaxed(&r->h->cons_sleep))
+        ring_wake(r, cp_ring_tail_word(r->h));
+}
+
+int
+cp_ring_has_data(cp_ring *r)
+{
+    if (r->other != r->pos)
+        return 1;
+    r->other = cp_load_acquire(&r->h->tail);
+    return r->other != r->pos;
+}
+
+/*
+ * Consumer: look at the next record without consuming it.  Copies the header
+ * to *hdr (so that later checks do not re-read shared memory) and points
+ * *payload at the payload in the ring.  Returns 1 if a record is there, 0 if
+ * the ring is empty, -EPROTO if the ring holds something that is not a valid
+ * record (a corrupt or hostile producer: the caller must stop reading it).
+ */
+int
+cp_ring_peek(cp_ring *r, cp_rec *hdr, const uint8_t **payload)
+{
+    for (;;) {
+        if (!cp_ring_has_data(r))
+            return 0;
+        uint64_t avail = r->other - r->pos;
+        uint64_t off = r->pos & r->mask;
+        if (avail > r->cap || avail < 8 || (off & 7))
+            return -EPROTO;
+        const cp_rec *rec = (const cp_rec *)(r->data + off);
+        uint32_t size = __atomic_load_n(&rec->size, __ATOMIC_RELAXED);
+        uint16_t kind = __atomic_load_n(&rec->kind, __ATOMIC_RELAXED);
+        if (kind == CP_K_PAD) {
+            if ((uint64_t)size + 8 != r->cap - off || avail < (uint64_t)size + 8)
+                return -EPROTO;
+            r->pos += (uint64_t)size + 8;
+            continue;
+        }
+        if (avail < sizeof(cp_rec) || off + sizeof(cp_rec) > r->cap)
+            return -EPROTO;
+        memcpy(hdr, rec, sizeof *hdr);
+        uint64_t need = CP_REC_ALIGN(sizeof(cp_rec) + (uint64_t)hdr->size);
+        if (hdr->kind == 0 || hdr->kind >= CP_K_MAX || hdr->size != size ||
+            hdr->size > r->max_frag || need > avail || off + need > r->cap ||
+            (uint64_t)hdr->size > hdr->total)
+            return -EPROTO;
+        *payload = (const uint8_t *)rec + sizeof(cp_rec);
+        return 1;
+    }
+}
+
+/* Consumer: drop the record last returned by cp_ring_peek().  With publish,
+ * the freed space is handed back to the producer at once. */
+void
+cp_ring_release(cp_ring *r, const cp_rec *hdr, int publish)
+{
+    r->pos += CP_REC_ALIGN(sizeof(cp_rec) + (uint64_t)hdr->size);
+    if (publish)
+        cp_ring_release_flush(r);
+}
+
+void
+cp_ring_release_flush(cp_ring *r)
+{
+    /* The producer may reuse the bytes once it sees the new head, so every
+     * read of them must be done before this store. */
+    cp_store_release(&r->h->head, r->pos);
+    cp_fence_full();
+    if (cp_load_relaxed(&r->h->prod_sleep))
+        ring_wake(r, cp_ring_head_word(r->h));
+}
+
+static long
+elapsed(uint64_t start)
+{
+    return (long)(cp_now_ns() - start);
+}
+
+/*
+ * Consumer: wait until the ring has data, spinning for up to spin_ns and then
+ * sleeping on the futex.  timeout_ns < 0 waits forever.  Returns 0 when data
+ * is there, -ETIMEDOUT, or -EINTR (a signal arrived; the caller decides).
+ */
+int
+cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns)
+{
+    uint64_t start = 0;
+    unsigned i = 0;
+
+    if (cp_ring_has_data(r))
+        return 0;
+    if (spin_ns > 0 || timeout_ns >= 0)
+        start = cp_now_ns();
+    while (spin_ns > 0) {
+        cp_cpu_relax();
+        if (cp_ring_has_data(r))
+            return 0;
+        if ((++i & 63) == 0 && elapsed(start) > spin_ns)
+            break;
+    }
+    for (;;) {
+        long left = -1;
+        if (timeout_ns >= 0) {
+            left = timeout_ns - elapsed(start);
+            if (left <= 0)
+                return -ETIMEDOUT;
+        }
+        cp_store_relaxed(&r->h->cons_sleep, 1);
+        /* Order the flag store before re-reading tail (see top of file). */
+        cp_fence_full();
+        uint64_t t = cp_load_acquire(&r->h->tail);
+        int rc = 0;
+        if (t == r->pos)
+            rc = cp_futex_wait(cp_ring_tail_word(r->h), (uint32_t)t, left);
+        cp_store_relaxed(&r->h->cons_sleep, 0);
+        if (cp_ring_has_data(r))
+            return 0;
+        if (rc == -EINTR)
+            return rc;
+    }
+}
+
+/*
+ * Producer: wait until `need` bytes (a whole record including any PAD) can be
+ * reserved.  Same spin/sleep/timeout contract as cp_ring_wait_data().
+ */
+int
+cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns)
+{
+    uint64_t start = 0;
+    unsigned i = 0;
+
+    if (need > r->cap)
+        return -EMSGSIZE;
+    if (cp_ring_free_bytes(r) >= need)
+        return 0;
+    if (spin_ns > 0 || timeout_ns >= 0)
+        start = cp_now_ns();
+    while (spin_ns > 0) {
+        cp_cpu_relax();
+        if (cp_ring_free_bytes(r) >= need)
+            return 0;
+        if ((++i & 63) == 0 && elapsed(start) > spin_ns)
+            break;
+    }
+    for (;;) {
+        long left = -1;
+        if (timeout_ns >= 0) {
+            left = timeout_ns - elapsed(start);
+            if (left <= 0)
+                return -ETIMEDOUT;
+        }
+        cp_store_relaxed(&r->h->prod_sleep, 1);
+        cp_fence_full();
+        uint64_t hd = cp_load_acquire(&r->h->head);
+        int rc = 0;
+        if (r->cap - (r->pos - hd) < need)
+            rc = cp_futex_wait(cp_ring_head_word(r->h), (uint32_t)hd, left);
+        cp_store_relaxed(&r->h->prod_sleep, 0);
+        if (cp_ring_free_bytes(r) >= need)
+            return 0;
+        if (rc == -EINTR)
+            return rc;
+    }
+}
+
+/*
+ * Producer: send as much of a message as fits now, as fragments of at most
+ * max_frag bytes.  *tmpl supplies kind/fid/aux/seq/job/index/flags; *off is
+ * how much of `data` has been sent and is advanced.  Each fragment is
+ * committed but not flushed.  Returns 1 once the whole message is committed,
+ * 0 if the ring is full first (call again later with the same *off).
+ */
+int
+cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
+                  uint64_t total, uint64_t *off)
+{
+    do {
+        uint64_t left = total - *off;
+        uint32_t n = (uint32_t)(left > r->max_frag ? r->max_frag : left);
+        cp_rec *rec = cp_ring_reserve(r, n);
+        if (rec == NULL)
+            return 0;
+        rec->kind = tmpl->kind;
+        rec->flags = (uint16_t)((tmpl->flags & ~CP_F_MORE) |
+                                (*off + n < total ? CP_F_MORE : 0));
+        rec->fid = tmpl->fid;
+        rec->aux = tmpl->aux;
+        rec->seq = tmpl->seq;
+        rec->job = tmpl->job;
+        rec->index = tmpl->index;
+        rec->total = total;
+        if (n)
+            memcpy((uint8_t *)rec + sizeof(cp_rec), data + *off, n);
+        cp_ring_commit(r, rec);
+        *off += n;
+    } while (*off < total);
+    return 1;
+}
+
+/* Producer: bytes the next fragment of a message with `left` bytes to go
+ * needs, PAD included. */
+uint64_t
+cp_ring_next_need(cp_ring *r, uint64_t left)
+{
+    return cp_ring_need(r, (uint32_t)(left > r->max_frag ? r->max_frag : left));
+}

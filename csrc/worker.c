@@ -1,0 +1,408 @@
+/*
+ * worker.c - the worker loop.
+ *
+ * Runs in a process forked by the zygote (see proc.c), which forked it with
+ * PyOS_BeforeFork()/PyOS_AfterFork_Child(), so Python is usable: this thread
+ * holds the GIL and is the only thread.  It never returns: it leaves with
+ * _exit() after flushing sys.stdout and sys.stderr.
+ *
+ * Protocol, per task record (CP_K_TASK):
+ *   1. ctl->running = seq, before the record is released, so that a parent
+ *      that finds this process dead knows which task it held;
+ *   2. unpickle the payload (in place in the ring when it is one fragment);
+ *   3. run it; pickle (ok, value); publish a CP_K_RESULT record;
+ *   4. ctl->running = 0.
+ * Every failure inside 2-3 becomes an error result for that task; only a
+ * death of the process loses the task, and the parent reports that one.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cpool.h"
+
+typedef struct {
+    Core *c;
+    int slot;
+    cp_ctl *ctl;
+    cp_ring tq;     /* consumer end of the task ring */
+    cp_ring rq;     /* producer end of the result ring */
+    long spin_ns;
+} wctx;
+
+static void
+flush_std(void)
+{
+    const char *names[] = {"stdout", "stderr"};
+    for (int i = 0; i < 2; i++) {
+        PyObject *f = PySys_GetObject(names[i]);  /* borrowed */
+        if (f == NULL || f == Py_None)
+            continue;
+        PyObject *r = PyObject_CallMethod(f, "flush", NULL);
+        if (r == NULL)
+            PyErr_Clear();
+        Py_XDECREF(r);
+    }
+}
+
+static void __attribute__((noreturn))
+worker_exit(int code)
+{
+    flush_std();
+    _exit(code);
+}
+
+/* Send a whole message, waiting for room.  The parent never stops reading,
+ * so this only blocks while the parent is busy or while its own death is
+ * about to kill us (PR_SET_PDEATHSIG). */
+static void
+send_msg(wctx *w, const cp_rec *tmpl, const uint8_t *data, uint64_t total)
+{
+    uint64_t off = 0;
+    for (;;) {
+        if (cp_ring_send_some(&w->rq, tmpl, data, total, &off))
+            break;
+        cp_ring_flush(&w->rq);
+        uint64_t need = cp_ring_next_need(&w->rq, total - off);
+        Py_BEGIN_ALLOW_THREADS
+        while (cp_ring_wait_space(&w->rq, need, w->spin_ns, -1) != 0)
+            ;
+        Py_END_ALLOW_THREADS
+    }
+    cp_ring_flush(&w->rq);
+}
+
+/* Wait for the next record; returns 1 with it, or exits on a corrupt ring. */
+static void
+next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
+{
+    for (;;) {
+        int rc = cp_ring_peek(&w->tq, hdr, payload);
+        if (rc == 1)
+            return;
+        if (rc < 0)
+            worker_exit(72);   /* cannot happen with a sane parent */
+        Py_BEGIN_ALLOW_THREADS
+        cp_ring_wait_data(&w->tq, w->spin_ns, -1);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/*
+ * Read a message whose first fragment is *hdr and unpickle it.  Single
+ * fragments are unpickled in place; larger messages are gathered into a
+ * bytearray first.  Returns a new reference, or NULL with an exception set
+ * (the message has been consumed either way).
+ */
+static PyObject *
+read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
+{
+    PyObject *obj;
+    if (!(hdr->flags & CP_F_MORE)) {
+        PyObject *mv = PyMemoryView_FromMemory((char *)payload, hdr->size,
+                                               PyBUF_READ);
+        obj = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
+        Py_XDECREF(mv);
+        cp_ring_release(&w->tq, hdr, 1);
+        return obj;
+    }
+    uint64_t total = hdr->total, off = 0;
+    PyObject *buf = PyByteArray_FromStringAndSize(NULL, 0);
+    int ok = buf != NULL && PyByteArray_Resize(buf, (Py_ssize_t)total) == 0;
+    cp_rec h = *hdr;
+    for (;;) {
+        if (ok && off + h.size <= total)
+            memcpy(PyByteArray_AS_STRING(buf) + off, payload, h.size);
+        off += h.size;
+        int more = h.flags & CP_F_MORE;
+        cp_ring_release(&w->tq, &h, 1);
+        if (!more)
+            break;
+        next_record(w, &h, &payload);
+    }
+    if (ok && off != total) {
+        PyErr_SetString(PyExc_RuntimeError, "cpool: truncated task message");
+        ok = 0;
+    }
+    obj = ok ? PyObject_CallOneArg(cp_state->loads, buf) : NULL;
+    Py_XDECREF(buf);
+    return obj;
+}
+
+/* Wrap the current exception the way multiprocessing's workers do, so that
+ * the parent re-raises it with a RemoteTraceback as __cause__.  Returns a new
+ * reference; never fails (falls back to the bare exception). */
+static PyObject *
+wrap_exception(void)
+{
+    PyObject *exc = cp_err_take();
+    PyObject *mod = PyImport_ImportModule("cpool._worker");
+    PyObject *w = mod ? PyObject_CallMethod(mod, "wrap_exception", "O", exc)
+                      : NULL;
+    Py_XDECREF(mod);
+    if (w == NULL) {
+        PyErr_Clear();
+        return exc;
+    }
+    Py_DECREF(exc);
+    return w;
+}
+
+/* Pickle and publish a result.  A result that cannot be pickled becomes a
+ * MaybeEncodingError, as in multiprocessing. */
+static void
+publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
+{
+    PyObject *data = PyObject_CallFunctionObjArgs(cp_state->dumps, value,
+                                                  cp_state->protocol, NULL);
+    if (data == NULL) {
+        PyObject *err = cp_err_take();
+        PyObject *mod = PyImport_ImportModule("cpool._worker");
+        PyObject *wrapped = mod ? PyObject_CallMethod(mod, "encoding_error",
+                                                      "OOO", err, value,
+                                                      ok ? Py_True : Py_False)
+                                : NULL;
+        Py_XDECREF(mod);
+        Py_DECREF(err);
+        if (wrapped != NULL) {
+            data = PyObject_CallFunctionObjArgs(cp_state->dumps, wrapped,
+                                                cp_state->protocol, NULL);
+            Py_DECREF(wrapped);
+        }
+        if (data == NULL) {
+            /* Give the parent something it can always unpickle. */
+            PyErr_Clear();
+            PyObject *msg = PyUnicode_FromString(
+                "cpool: the task's result and its error could not be pickled");
+            PyObject *exc = msg ? PyObject_CallOneArg(PyExc_RuntimeError, msg)
+                                : NULL;
+            data = exc ? PyObject_CallFunctionObjArgs(
+                             cp_state->dumps, exc, cp_state->protocol, NULL)
+                       : NULL;
+            Py_XDECREF(msg);
+            Py_XDECREF(exc);
+            if (data == NULL)
+                worker_exit(73);
+        }
+        ok = 0;
+    }
+    cp_rec r = {.kind = CP_K_RESULT, .flags = ok ? 0 : CP_F_ERR,
+                .aux = run_us, .seq = task->seq, .job = task->job,
+                .index = task->index};
+    send_msg(w, &r, (const uint8_t *)PyBytes_AS_STRING(data),
+             (uint64_t)PyBytes_GET_SIZE(data));
+    Py_DECREF(data);
+}
+
+/* Run one task.  Returns the result (new reference) or NULL with an
+ * exception set.  `obj` is the unpickled payload:
+ *   fid != 0: APPLY (args, kwds); MAP/STARMAP items
+ *   fid == 0: (func, <the above>)                                     */
+static PyObject *
+run_task(wctx *w, const cp_rec *h, PyObject *obj)
+{
+    PyObject *func, *body;
+    if (h->fid == 0) {
+        if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 2) {
+            PyErr_SetString(PyExc_RuntimeError, "cpool: malformed task");
+            return NULL;
+        }
+        func = PyTuple_GET_ITEM(obj, 0);
+        body = PyTuple_GET_ITEM(obj, 1);
+    } else {
+        PyObject *key = PyLong_FromUnsignedLong(h->fid);
+        func = key ? PyDict_GetItemWithError(w->c->wfuncs, key) : NULL;
+        Py_XDECREF(key);
+        if (func == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "cpool: unknown function id");
+            return NULL;
+        }
+        body = obj;
+    }
+    Py_INCREF(func);
+    PyObject *res = NULL;
+    if (h->aux == CP_MODE_APPLY) {
+        if (!PyTuple_Check(body) || PyTuple_GET_SIZE(body) != 2) {
+            PyErr_SetString(PyExc_RuntimeError, "cpool: malformed task");
+        } else {
+            PyObject *args = PySequence_Tuple(PyTuple_GET_ITEM(body, 0));
+            PyObject *kw = PyTuple_GET_ITEM(body, 1);
+            if (args != NULL)
+                res = PyObject_Call(func, args, PyDict_Check(kw) && PyDict_GET_SIZE(kw) ? kw : NULL);
+            Py_XDECREF(args);
+        }
+    } else if (h->aux == CP_MODE_CALL1) {
+        res = PyObject_CallOneArg(func, body);
+    } else {
+        PyObject *items = PySequence_Fast(body, "cpool: malformed chunk");
+        if (items != NULL) {
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+            res = PyList_New(n);
+            for (Py_ssize_t i = 0; res != NULL && i < n; i++) {
+                PyObject *x = PySequence_Fast_GET_ITEM(items, i), *v;
+                if (h->aux == CP_MODE_MAP) {
+                    v = PyObject_CallOneArg(func, x);
+                } else {
+                    PyObject *a = PySequence_Tuple(x);
+                    v = a ? PyObject_Call(func, a, NULL) : NULL;
+                    Py_XDECREF(a);
+                }
+                if (v == NULL)
+                    Py_CLEAR(res);
+                else
+                    PyList_SET_ITEM(res, i, v);
+            }
+            Py_DECREF(items);
+        }
+    }
+    Py_DECREF(func);
+    return res;
+}
+
+/* A BaseException that is not an Exception (SystemExit, KeyboardInterrupt,
+ * GeneratorExit) ends the worker, as it ends a multiprocessing worker; the
+ * parent then reports the task as lost with this exit code. */
+static void
+exit_if_base_exception(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        int code = 1;
+        if (PyErr_ExceptionMatches(PyExc_SystemExit)) {
+            PyObject *e = cp_err_take();
+            PyObject *c = PyObject_GetAttrString(e, "code");
+            if (c == NULL)
+                PyErr_Clear();
+            else if (c == Py_None)
+                code = 0;
+            else if (PyLong_Check(c))
+                code = (int)PyLong_AsLong(c) & 0xff;
+            Py_XDECREF(c);
+            Py_DECREF(e);
+            PyErr_Clear();
+        }
+        worker_exit(code);
+    }
+}
+
+static void
+run_initializer(wctx *w)
+{
+    Core *c = w->c;
+    if (c->initializer == NULL || c->initializer == Py_None)
+        return;
+    PyObject *r = PyObject_Call(c->initializer, c->initargs, NULL);
+    if (r != NULL) {
+        Py_DECREF(r);
+        return;
+    }
+    exit_if_base_exception();
+    PyObject *exc = wrap_exception();
+    PyObject *data = PyObject_CallFunctionObjArgs(cp_state->dumps, exc,
+                                                  cp_state->protocol, NULL);
+    Py_DECREF(exc);
+    if (data == NULL) {
+        PyErr_Clear();
+        data = PyBytes_FromStringAndSize(NULL, 0);
+        if (data == NULL)
+            worker_exit(74);
+    }
+    cp_rec rec = {.kind = CP_K_INITERR, .flags = CP_F_ERR};
+    send_msg(w, &rec, (const uint8_t *)PyBytes_AS_STRING(data),
+             (uint64_t)PyBytes_GET_SIZE(data));
+    Py_DECREF(data);
+    worker_exit(3);
+}
+
+void
+cp_worker_main(void *arg, int slot)
+{
+    wctx w = {.c = (Core *)arg, .slot = slot};
+    Core *c = w.c;
+
+    w.ctl = cp_shm_ctl(&c->shm, slot);
+    w.spin_ns = c->spin_ns;
+    /* The worker wakes the parent through the eventfd, never a futex: the
+     * parent's collector sleeps in poll() on it. */
+    if (cp_ring_attach(&w.tq, cp_shm_task_ring(&c->shm, slot), c->efd) < 0 ||
+        cp_ring_attach(&w.rq, cp_shm_result_ring(&c->shm, slot), c->efd) < 0)
+        _exit(75);
+    c->wfuncs = PyDict_New();
+    if (c->wfuncs == NULL)
+        _exit(76);
+    cp_store_relaxed(&w.ctl->pid, (uint32_t)getpid());
+    cp_store_release(&w.ctl->state, CP_W_STARTING);
+
+    run_initializer(&w);
+    cp_store_release(&w.ctl->state, CP_W_READY);
+
+    unsigned long done = 0;
+    for (;;) {
+        cp_rec h;
+        const uint8_t *payload;
+        next_record(&w, &h, &payload);
+        if (h.kind == CP_K_STOP) {
+            cp_ring_release(&w.tq, &h, 1);
+            worker_exit(0);
+        }
+        if (h.kind == CP_K_FUNC) {
+            PyObject *f = read_message(&w, &h, payload);
+            PyObject *key = PyLong_FromUnsignedLong(h.fid);
+            if (f == NULL) {
+                /* Remember the failure: the task that uses it reports it. */
+                PyObject *err = wrap_exception();
+                f = Py_BuildValue("(O)", err);   /* a tuple marks an error */
+                Py_DECREF(err);
+            }
+            if (key == NULL || f == NULL || PyDict_SetItem(c->wfuncs, key, f) < 0)
+                worker_exit(77);
+            Py_DECREF(key);
+            Py_DECREF(f);
+            continue;
+        }
+        if (h.kind != CP_K_TASK)
+            worker_exit(72);
+
+        /* Whoever finds us dead from here on knows which task we held. */
+        cp_store_release(&w.ctl->running, h.seq);
+        uint64_t t0 = cp_now_ns();
+        PyObject *obj = read_message(&w, &h, payload);
+        PyObject *res = NULL;
+        if (obj != NULL) {
+            if (h.fid != 0) {
+                /* A function that failed to unpickle is stored as a tuple. */
+                PyObject *key = PyLong_FromUnsignedLong(h.fid);
+                PyObject *f = key ? PyDict_GetItemWithError(c->wfuncs, key) : NULL;
+                Py_XDECREF(key);
+                if (f != NULL && PyTuple_Check(f)) {
+                    Py_DECREF(obj);
+                    obj = NULL;
+                    res = Py_NewRef(PyTuple_GET_ITEM(f, 0));
+                    publish(&w, &h, 0, res, 0);
+                    Py_CLEAR(res);
+                    goto done;
+                }
+            }
+            res = run_task(&w, &h, obj);
+            Py_DECREF(obj);
+        }
+        uint64_t us = (cp_now_ns() - t0) / 1000;
+        if (res != NULL) {
+            publish(&w, &h, 1, res, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
+            Py_DECREF(res);
+        } else {
+            exit_if_base_exception();
+            PyObject *exc = wrap_exception();
+            publish(&w, &h, 0, exc, (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
+            Py_DECREF(exc);
+        }
+    done:
+        cp_store_release(&w.ctl->running, 0);
+        done++;
+        if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
+            worker_exit(0);
+    }
+}
