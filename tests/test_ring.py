@@ -1,0 +1,156 @@
+"""The shared-memory ring on its own (cpool._core.Ring: the same C code as the
+pool's rings, over private memory): records, wrap-around, a full ring,
+messages larger than a ring, and corrupt input."""
+import random
+import struct
+
+import pytest
+
+from cpool import _core
+
+CAP = 4096
+
+
+def test_capacity_is_validated():
+    for bad in (0, 1000, 4095, 6000, 1 << 40):
+        with pytest.raises(ValueError):
+            _core.Ring(bad)
+
+
+def test_push_pop_in_order():
+    r = _core.Ring(CAP)
+    assert r.pop() is None
+    for i in range(10):
+        assert r.push(b"x" * i + bytes([i]))
+    for i in range(10):
+        kind, flags, total, payload = r.pop()
+        assert kind == _core.K_TASK and flags == 0
+        assert payload == b"x" * i + bytes([i]) and total == len(payload)
+    assert r.pop() is None
+
+
+def test_full_ring_refuses_then_accepts_after_pop():
+    r = _core.Ring(CAP)
+    n = 0
+    while r.push(b"a" * 100):
+        n += 1
+    header = _core.REC_HEADER
+    # Every record takes header + payload rounded up to 8 bytes.
+    assert n == CAP // (header + 104)
+    assert r.free < header + 104
+    assert r.pop()[3] == b"a" * 100
+    assert r.push(b"b" * 100)
+    assert not r.push(b"c" * 100)
+
+
+def test_wrap_around_with_padding_many_times():
+    r = _core.Ring(CAP)
+    rng = random.Random(1)
+    sent = []
+    got = []
+    for _ in range(5000):
+        if rng.random() < 0.55:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, r.max_frag + 1, 7)))
+            if r.push(data):
+                sent.append(data)
+        else:
+            rec = r.pop()
+            if rec is not None:
+                got.append(rec[3])
+    while (rec := r.pop()) is not None:
+        got.append(rec[3])
+    assert got == sent
+    head, tail = r.positions
+    assert head == tail and tail > 10 * CAP   # it really wrapped, many times
+
+
+def test_record_larger_than_max_frag_is_rejected():
+    r = _core.Ring(CAP)
+    with pytest.raises(ValueError):
+        r.push(b"x" * (r.max_frag + 1))
+    assert r.push(b"x" * r.max_frag)
+
+
+def _receive(r, total):
+    parts = []
+    while True:
+        rec = r.pop()
+        if rec is None:
+            return parts, False
+        kind, flags, t, payload = rec
+        assert t == total
+        parts.append(payload)
+        if not flags & _core.F_MORE:
+            return parts, True
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 4096, 3 * 4096 + 5, 100_000])
+def test_message_larger_than_ring_streams_in_fragments(size):
+    r = _core.Ring(CAP)
+    msg = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    off = 0
+    received = []
+    done = False
+    rounds = 0
+    while not done:
+        off = r.send(msg, off)
+        parts, done = _receive(r, size)
+        received += parts
+        rounds += 1
+    assert off == size
+    assert b"".join(received) == msg
+    if size > CAP:
+        assert rounds > 1        # it cannot have fitted at once
+    assert all(len(p) <= r.max_frag for p in received)
+
+
+def _header(size, kind, flags=0, total=None):
+    return struct.pack("<IHHIIQQQQ", size, kind, flags, 0, 0, 0, 0, 0,
+                       size if total is None else total)
+
+
+@pytest.mark.parametrize("raw", [
+    _header(10**6, _core.K_TASK),                 # size beyond the ring
+    _header(8, 0) + b"x" * 8,                     # kind 0
+    _header(8, 99) + b"x" * 8,                    # unknown kind
+    _header(64, _core.K_TASK)[:20],               # truncated header
+    _header(64, _core.K_TASK) + b"x" * 10,        # truncated payload
+    _header(16, _core.K_TASK, total=8) + b"x" * 16,  # size > total
+    _header(8, _core.K_PAD) + b"x" * 8,           # PAD not reaching the end
+])
+def test_corrupt_records_are_reported_not_read(raw):
+    r = _core.Ring(CAP)
+    assert r.raw(raw)
+    with pytest.raises(ValueError, match="corrupt"):
+        r.pop()
+
+
+def test_fuzz_random_bytes_never_crash():
+    rng = random.Random(7)
+    for _ in range(3000):
+        r = _core.Ring(CAP)
+        n = rng.randrange(1, 600)
+        blob = bytes(rng.getrandbits(8) for _ in range(n))
+        if rng.random() < 0.5:
+            # A plausible header with random fields, then random bytes.
+            blob = _header(rng.randrange(0, 5000), rng.randrange(0, 9),
+                           rng.randrange(0, 4), rng.randrange(0, 5000)) + blob
+        r.raw(blob)
+        for _ in range(4):
+            try:
+                rec = r.pop()
+            except ValueError:
+                break
+            if rec is None:
+                break
+            assert len(rec[3]) <= r.max_frag
+
+
+def test_valid_traffic_after_resync():
+    r = _core.Ring(CAP)
+    r.raw(_header(8, 99) + b"x" * 8)
+    with pytest.raises(ValueError):
+        r.pop()
+    r.resync()
+    assert r.push(b"fine")
+    assert r.pop()[3] == b"fine"
