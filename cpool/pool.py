@@ -28,7 +28,8 @@ TERMINATE = "TERMINATE"
 
 #: Bytes per ring (one task ring and one result ring per worker).
 RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
-#: imap/imap_unordered without buffersize: tasks in flight at most.
+#: imap/imap_unordered without buffersize: how far the input is read ahead
+#: of the consumer (in tasks, i.e. chunks).
 DEFAULT_IN_FLIGHT = 1024
 
 
@@ -57,6 +58,12 @@ def _make_error(kind, pid, status, job, index, func):
         how, exitcode = describe_status(status)
         return WorkerLostError(
             "worker process %d %s while running task %s" % (pid, how, task),
+            pid=pid, exitcode=exitcode, task=task)
+    if kind == _core.E_STARTUP:
+        how, exitcode = describe_status(status)
+        return WorkerLostError(
+            "worker process %d %s while starting up (in the initializer), "
+            "before it could run task %s" % (pid, how, task),
             pid=pid, exitcode=exitcode, task=task)
     if kind == _core.E_TERMINATED:
         return PoolTerminatedError(
@@ -125,20 +132,38 @@ class MapResult(_mp.MapResult):
 
 
 class _Bounded:
-    """Mixin for the imap iterators: a semaphore that bounds the tasks a
-    feeder has in flight, released on completion (default) or when the
-    consumer takes the result (buffersize given)."""
+    """Mixin for the imap iterators: a semaphore bounds how far the feeder
+    may run ahead of the consumer.  While the pool runs, a slot is given back
+    when the consumer takes a result, so an endless input and a slow consumer
+    still use constant memory.  Once the pool is closed, slots are given back
+    as tasks complete instead, so close(); join() finishes all the work even
+    if nobody iterates (as with multiprocessing)."""
 
     _sem = None
-    _release_on_consume = False
+    _by_consumer = True
+
+    def _init_bound(self, n):
+        self._sem = threading.Semaphore(n)
+        self._gate = threading.Lock()
+        self._n_done = 0
+        self._n_taken = 0
 
     def _set(self, i, obj):
         super()._set(i, obj)
-        if self._sem is not None and not self._release_on_consume:
-            self._sem.release()
+        with self._gate:
+            self._n_done += 1
+            if not self._by_consumer:
+                self._sem.release()
+
+    def _release_on_completion(self):
+        with self._gate:
+            if self._by_consumer:
+                self._by_consumer = False
+                owed = self._n_done - self._n_taken
+                if owed > 0:
+                    self._sem.release(owed)
 
     def next(self, timeout=None):
-        value = None
         with self._cond:
             try:
                 item = self._items.popleft()
@@ -154,8 +179,10 @@ class _Bounded:
                         self._pool = None
                         raise StopIteration from None
                     raise TimeoutError from None
-        if self._sem is not None and self._release_on_consume:
-            self._sem.release()
+        with self._gate:
+            self._n_taken += 1
+            if self._by_consumer:
+                self._sem.release()
         success, value = item
         if success:
             return value
@@ -340,8 +367,7 @@ class Pool:
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         result = cls(self)
-        result._release_on_consume = buffersize is not None
-        result._sem = threading.Semaphore(buffersize or DEFAULT_IN_FLIGHT)
+        result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
         feeder = threading.Thread(target=self._feed,
                                   args=(result, func, iterable, chunksize),
                                   name="cpool-feeder", daemon=True)
@@ -401,8 +427,10 @@ class Pool:
         if self._state == RUN:
             self._state = CLOSE
             with self._feed_lock:
-                idle = not self._feeders
-            if idle:
+                feeding = list(self._feeders.values())
+            for result in feeding:
+                result._release_on_completion()
+            if not feeding:
                 self._core.close()
 
     def terminate(self):

@@ -399,15 +399,20 @@ loads_buffer(const uint8_t *p, uint64_t n)
     if (mv == NULL)
         return NULL;
     PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
+    PyObject *err = obj == NULL ? cp_err_take() : NULL;
     /* The bytes are about to be reused by the worker: make sure nothing kept
      * a view of them. */
     PyObject *r = PyObject_CallMethod(mv, "release", NULL);
     if (r == NULL) {
-        Py_XDECREF(obj);
-        obj = NULL;
+        Py_CLEAR(obj);
+        Py_XDECREF(err);
+        err = cp_err_take();
     }
     Py_XDECREF(r);
     Py_DECREF(mv);
+    if (err != NULL)
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+    Py_XDECREF(err);
     return obj;
 }
 
@@ -525,35 +530,37 @@ handle_death(Core *c, int i, pid_t pid, int status)
     uint64_t running = cp_load_acquire(&s->ctl->running);
     PyObject *init_exc = s->init_exc;
     s->init_exc = NULL;
-    int blamed = 0;
+    /* A worker that never got through its initializer would fail the same
+     * way again: blame the oldest task it was given (so that every such
+     * death makes progress) and respawn only when there is work. */
+    int startup_failure = init_exc != NULL ||
+                          cp_load_acquire(&s->ctl->state) != CP_W_READY;
 
     /* Newest first, so that tasks go back to the front of pending in their
      * original order. */
     while (s->fifo.len) {
         cp_task t = fifo_pop_back(&s->fifo);
-        int run = running != 0 && t.seq == running;
-        if (run || (init_exc != NULL && s->fifo.len == 0)) {
+        if (running != 0 && t.seq == running) {
+            fail_task(c, &t, CP_E_LOST, pid, status);
+        } else if (startup_failure && s->fifo.len == 0) {
             if (init_exc != NULL) {
                 deliver(c, t.job, t.index, 0, Py_NewRef(init_exc));
                 task_clear(&t);
             } else {
-                fail_task(c, &t, CP_E_LOST, pid, status);
+                fail_task(c, &t, CP_E_STARTUP, pid, status);
             }
-            blamed = 1;
         } else if (fifo_push_front(&c->pending, &t) < 0) {
             PyErr_Clear();
             fail_task(c, &t, CP_E_LOST, pid, status);
         }
     }
-    (void)blamed;
-    int init_failed = init_exc != NULL;
     Py_XDECREF(init_exc);
     s->live = 0;
     slot_reset(c, i);
     /* Respawn at once to keep the pool's size, except after an initializer
      * failure with nothing to do (pump() starts it when work arrives), and
      * when the pool is shutting down. */
-    if (c->state <= CORE_CLOSING && (!init_failed || c->pending.len)) {
+    if (c->state <= CORE_CLOSING && (!startup_failure || c->pending.len)) {
         if (slot_spawn(c, i) < 0)
             s->live = 0;
     }

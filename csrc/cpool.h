@@ -272,7 +272,8 @@ enum {
 };
 
 /* Error kinds handed to Core.make_error. */
-enum { CP_E_LOST = 1, CP_E_TERMINATED = 2, CP_E_BROKEN = 3, CP_E_PROTO = 4 };
+enum { CP_E_LOST = 1, CP_E_TERMINATED = 2, CP_E_BROKEN = 3, CP_E_PROTO = 4,
+       CP_E_STARTUP = 5 };
 
 /* The current exception, normalized, with its traceback attached; clears
  * the error indicator.  (PyErr_GetRaisedException() arrived in 3.12.) */

@@ -248,6 +248,7 @@ module_exec(PyObject *m)
         PyModule_AddIntConstant(m, "E_TERMINATED", CP_E_TERMINATED) < 0 ||
         PyModule_AddIntConstant(m, "E_BROKEN", CP_E_BROKEN) < 0 ||
         PyModule_AddIntConstant(m, "E_PROTO", CP_E_PROTO) < 0 ||
+        PyModule_AddIntConstant(m, "E_STARTUP", CP_E_STARTUP) < 0 ||
         PyModule_AddIntConstant(m, "STATE_RUN", CORE_RUN) < 0 ||
         PyModule_AddIntConstant(m, "STATE_DONE", CORE_DONE) < 0 ||
         PyModule_AddIntConstant(m, "STATE_TERMINATED", CORE_TERMINATED) < 0 ||

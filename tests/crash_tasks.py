@@ -1,0 +1,118 @@
+"""Task functions for test_crash.py (importable: tasks are pickled by name)."""
+import os
+import signal
+import threading
+import time
+
+PARENT = os.getpid()
+
+
+def square(x):
+    return x * x
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def kill_self(sig):
+    os.kill(os.getpid(), sig)
+    time.sleep(5)
+
+
+def die_on(x, bad, code=9):
+    if x in bad:
+        os._exit(code)
+    return x
+
+
+def log_and_return(path, x, bad=()):
+    with open(path, "a") as f:
+        f.write("%d\n" % x)
+    if x in bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+class ExitOnUnpickle:
+    """Unpickling this in a worker ends the worker."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (os._exit, (self.code,))
+
+
+def _raise_value_error(msg):
+    raise ValueError(msg)
+
+
+class RaiseOnUnpickle:
+    def __reduce__(self):
+        return (_raise_value_error, ("cannot unpickle me",))
+
+
+class ExitOnPickle:
+    """Pickling this (the worker sending it as a result) ends the worker."""
+
+    def __reduce__(self):
+        os._exit(11)
+
+
+def return_exit_on_pickle():
+    return ExitOnPickle()
+
+
+def _fail_in_parent():
+    if os.getpid() == PARENT:
+        raise ValueError("result cannot be rebuilt in the parent")
+    return "rebuilt"
+
+
+class BadInParent:
+    def __reduce__(self):
+        return (_fail_in_parent, ())
+
+
+def return_bad_in_parent():
+    return BadInParent()
+
+
+class LockedError(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+def raise_locked_error():
+    raise LockedError("the lock went with it")
+
+
+def init_exit():
+    os._exit(4)
+
+
+def init_raise():
+    raise RuntimeError("initializer refused")
+
+
+def sleep_then(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def c_sleep(seconds):
+    # time.sleep releases the GIL and sits in C: the worker is "stuck in C".
+    time.sleep(seconds)
+
+
+def big_result_then_die(n):
+    # Start writing a result far larger than a ring and get killed midway.
+    t = threading.Timer(0.005, os.kill, (os.getpid(), signal.SIGKILL))
+    t.start()
+    return b"z" * n
+
+
+def pid():
+    return os.getpid()

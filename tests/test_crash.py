@@ -1,0 +1,357 @@
+"""Never hang, never lose a task: worker deaths, failures at every step of a
+task's trip, parent death, Ctrl-C, terminate, lazy imap (cpool only)."""
+import gc
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import logging
+
+import pytest
+
+import crash_tasks as T
+from cpool import Pool, PoolTerminatedError, WorkerLostError
+from multiprocessing import ProcessError
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def pool():
+    p = Pool(2)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.join()
+
+
+def wait_for_size(p, n, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(p._core.pids()) == n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("how, exitcode, words", [
+    ("exit", 7, ["exited with code 7"]),
+    ("sigkill", -signal.SIGKILL, ["SIGKILL", "out-of-memory"]),
+    ("sigsegv", -signal.SIGSEGV, ["SIGSEGV"]),
+])
+def test_death_fails_only_that_task(pool, how, exitcode, words):
+    calls = []
+    func, args = {"exit": (T.exit_with, (7,)),
+                  "sigkill": (T.kill_self, (signal.SIGKILL,)),
+                  "sigsegv": (T.kill_self, (signal.SIGSEGV,))}[how]
+    others = [pool.apply_async(T.sleep_then, (i, 0.05)) for i in range(4)]
+    r = pool.apply_async(func, args, error_callback=calls.append)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerLostError) as ei:
+        r.get(timeout=10)
+    assert time.monotonic() - t0 < 2.0
+    e = ei.value
+    assert isinstance(e, ProcessError)
+    assert e.exitcode == exitcode
+    assert e.signal == (-exitcode if exitcode < 0 else None)
+    msg = str(e)
+    assert str(e.pid) in msg and func.__name__ in msg
+    for w in words:
+        assert w in msg
+    assert len(calls) == 1 and calls[0] is e
+    assert [o.get(timeout=10) for o in others] == [0, 1, 2, 3]
+    # The pool has its size back and works.
+    assert wait_for_size(pool, 2)
+    assert e.pid not in pool._core.pids()
+    assert pool.map(T.square, range(20)) == [x * x for x in range(20)]
+
+
+def test_map_raises_worker_lost_and_pool_goes_on(pool):
+    with pytest.raises(WorkerLostError, match="die_on"):
+        pool.map(T.die_on, [(i) for i in range(10)], chunksize=1) if False else \
+            pool.starmap(T.die_on, [(i, {3}) for i in range(10)], chunksize=1)
+    assert list(pool.imap(T.square, range(10))) == [x * x for x in range(10)]
+    it = pool.imap(T.die_on, [1, 2, 3], chunksize=1) if False else \
+        pool.imap(T.exit_with, [5])
+    with pytest.raises(WorkerLostError):
+        next(it)
+
+
+def test_nothing_lost_or_run_twice(pool, tmp_path):
+    log = str(tmp_path / "log")
+    bad = {17, 55, 120}
+    rs = [pool.apply_async(T.log_and_return, (log, i, bad)) for i in range(150)]
+    for i, r in enumerate(rs):
+        if i in bad:
+            with pytest.raises(WorkerLostError):
+                r.get(timeout=20)
+        else:
+            assert r.get(timeout=20) == i
+    with open(log) as f:
+        started = [int(x) for x in f.read().split()]
+    assert sorted(started) == list(range(150))   # each exactly once
+
+
+def test_death_while_unpickling_the_task(pool):
+    with pytest.raises(WorkerLostError, match="code 5"):
+        pool.apply(T.square, (T.ExitOnUnpickle(5),))
+    assert pool.apply(T.square, (3,)) == 9
+
+
+def test_error_while_unpickling_the_task(pool):
+    with pytest.raises(ValueError, match="cannot unpickle me") as ei:
+        pool.apply(T.square, (T.RaiseOnUnpickle(),))
+    assert isinstance(ei.value.__cause__, RemoteTraceback)
+    assert pool.apply(T.square, (4,)) == 16
+
+
+def test_death_while_pickling_the_result(pool):
+    with pytest.raises(WorkerLostError, match="code 11"):
+        pool.apply(T.return_exit_on_pickle)
+    assert pool.apply(T.square, (5,)) == 25
+
+
+def test_parent_cannot_unpickle_result(pool):
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        pool.apply(T.return_bad_in_parent)
+    # The collector is alive and well.
+    assert pool.map(T.square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_unpicklable_exception_names_type_and_message(pool):
+    with pytest.raises(MaybeEncodingError) as ei:
+        pool.apply(T.raise_locked_error)
+    msg = str(ei.value)
+    assert "LockedError" in msg and "the lock went with it" in msg
+    assert "raise_locked_error" in str(ei.value.__cause__)
+
+
+def test_initializer_that_raises_fails_tasks_without_hanging():
+    with Pool(2, initializer=T.init_raise) as p:
+        with pytest.raises(RuntimeError, match="initializer refused"):
+            p.apply(T.square, (2,), )
+        with pytest.raises(RuntimeError, match="initializer refused"):
+            p.map(T.square, range(6), chunksize=1)
+
+
+def test_initializer_that_exits_fails_tasks_without_hanging():
+    with Pool(2, initializer=T.init_exit) as p:
+        with pytest.raises(WorkerLostError, match="initializer"):
+            p.apply(T.square, (2,))
+
+
+def test_terminate_is_prompt_with_stuck_workers_and_many_pending():
+    p = Pool(2)
+    stuck = [p.apply_async(T.c_sleep, (60,)) for _ in range(2)]
+    pending = [p.apply_async(T.square, (i,)) for i in range(5000)]
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    p.terminate()
+    p.join()
+    assert time.monotonic() - t0 < 1.0
+    for r in stuck + pending[-3:]:
+        with pytest.raises(PoolTerminatedError):
+            r.get(timeout=1)
+
+
+def test_death_mid_write_does_not_disturb_other_workers(pool):
+    others = pool.imap(T.square, range(3000))
+    lost = pool.apply_async(T.big_result_then_die, (400 << 20,))
+    assert list(others) == [x * x for x in range(3000)]
+    with pytest.raises(WorkerLostError):
+        lost.get(timeout=20)
+    assert pool.apply(T.square, (9,)) == 81
+
+
+def test_replacements_forked_while_parent_threads_log(pool, tmp_path):
+    logger = logging.getLogger("cpool-test-busy")
+    logger.addHandler(logging.FileHandler(tmp_path / "busy.log"))
+    logger.setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.is_set():
+            logger.info("busy %s", "x" * 100)
+
+    threads = [threading.Thread(target=chatter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(15):
+            with pytest.raises(WorkerLostError):
+                pool.apply(T.exit_with, (3,))
+            assert pool.apply(T.square, (2,)) == 4
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def __iter__(self):
+        for i in itertools.count():
+            self.n += 1
+            yield i
+
+
+def test_imap_reads_an_endless_input_lazily(pool):
+    src = Counter()
+    it = pool.imap(T.square, src, buffersize=8)
+    for i in range(200):
+        assert next(it) == i * i
+    time.sleep(0.05)
+    assert src.n <= 200 + 8 + 1
+
+
+def test_imap_default_bound_keeps_memory_constant(pool):
+    src = Counter()
+    it = pool.imap_unordered(T.square, src)
+    got = [next(it) for _ in range(3000)]
+    assert len(set(got)) == 3000
+    from cpool.pool import DEFAULT_IN_FLIGHT
+    assert src.n <= 3000 + DEFAULT_IN_FLIGHT + 1
+
+
+def _run(code, timeout=30, **kw):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _gone(pids, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for p in pids:
+            try:
+                with open("/proc/%d/stat" % p) as f:
+                    if f.read().split(")")[-1].split()[0] != "Z":
+                        alive.append(p)
+            except FileNotFoundError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_parent_sigkill_takes_every_helper_process_with_it():
+    code = """
+        import sys, time
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(3)
+        pids = [p.apply(T.pid) for _ in range(30)]
+        print(p._core.zygote_pid, *sorted(set(p._core.pids())), flush=True)
+        time.sleep(60)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                            cwd=HERE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    pids = [int(x) for x in line]
+    assert len(pids) == 4
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _gone(pids, 2.0)
+
+
+def test_interpreter_exit_with_open_pool_is_clean():
+    code = """
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(2)
+        print(p._core.zygote_pid, *p._core.pids(), flush=True)
+        r = p.apply_async(T.c_sleep, (30,))
+        print(p.apply(T.square, (3,)))
+    """
+    t0 = time.monotonic()
+    out = _run(code)
+    assert time.monotonic() - t0 < 10
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[1] == "9"
+    assert _gone([int(x) for x in lines[0].split()], 2.0)
+
+
+def test_ctrl_c_while_waiting_is_prompt_and_quiet():
+    code = """
+        import os, signal, threading, time
+        from cpool import Pool
+        import crash_tasks as T
+        t0 = None
+        try:
+            with Pool(2) as p:
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+                t0 = time.monotonic()
+                p.apply(T.c_sleep, (30,))
+        except KeyboardInterrupt:
+            print("interrupted after %.2f" % (time.monotonic() - t0))
+    """
+    t0 = time.monotonic()
+    out = _run(code)
+    assert time.monotonic() - t0 < 10
+    assert "interrupted after" in out.stdout, out.stderr
+    assert float(out.stdout.split()[-1]) < 1.5
+    assert "Traceback" not in out.stderr
+
+
+def test_ctrl_c_to_the_process_group_does_not_spray_worker_tracebacks():
+    code = """
+        import os, signal, time
+        from cpool import Pool
+        import crash_tasks as T
+        os.setpgrp()
+        try:
+            with Pool(2) as p:
+                rs = [p.apply_async(T.sleep_then, (i, 0.5)) for i in range(4)]
+                time.sleep(0.2)
+                os.killpg(0, signal.SIGINT)
+                time.sleep(2)
+        except KeyboardInterrupt:
+            print("main interrupted")
+    """
+    out = _run(code)
+    assert "main interrupted" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_a_thousand_pools_leave_nothing_behind():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def children():
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(os.getpid())],
+                             capture_output=True, text=True).stdout.split()
+        return len(out) - 1   # the ps itself
+
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+
+    for _ in range(20):    # warm up allocator and caches
+        with Pool(1) as p:
+            p.apply(T.square, (1,))
+    gc.collect()
+    base = (fds(), threading.active_count(), children(), rss_kb())
+    for i in range(1000):
+        p = Pool(1)
+        if i % 2:
+            p.close()
+        else:
+            p.terminate()
+        p.join()
+    gc.collect()
+    after = (fds(), threading.active_count(), children(), rss_kb())
+    assert after[:3] == base[:3]
+    assert after[3] - base[3] < 20_000     # kB
