@@ -1,0 +1,36 @@
+"""Quick correctness pass over every benchmark workload and pool.
+
+    python -m pytest benchmarks -q
+
+Small sizes, one run each; asserts that results are right, never timings.
+Not part of ``python -m pytest tests``.  Optional pools (loky, mpire) and
+numpy workloads are skipped when not installed; cpool must import.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workloads as W  # noqa: E402
+
+CASES = [
+    pytest.param(wl, pool, id=f"{wl.name}-{pool}")
+    for wl in W.WORKLOADS
+    for pool in W.POOL_NAMES + ["serial"]
+    if wl.supports(pool)
+]
+
+
+@pytest.mark.parametrize("workload, pool", CASES)
+def test_workload(workload, pool):
+    if workload.needs_numpy:
+        pytest.importorskip("numpy")
+    if pool in W.OPTIONAL_POOLS:
+        pytest.importorskip(pool)
+    backend = W.make_backend(pool)
+    value, ok = W.measure(workload, backend, workload.small)
+    assert ok, f"{pool} returned a wrong result for {workload.name}"
+    assert value >= 0
+
