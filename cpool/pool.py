@@ -292,7 +292,15 @@ class Pool:
 
     def apply(self, func, args=(), kwds={}):
         """Equivalent of `func(*args, **kwds)`."""
-        return self.apply_async(func, args, kwds).get()
+        self._check_running()
+        # Fast path: an idle worker runs it and this thread reads the result
+        # itself, with no result object and no hand-off between threads.
+        done = self._core.call(func, args, kwds)
+        if done is None:
+            return self.apply_async(func, args, kwds).get()
+        if done[0]:
+            return done[1]
+        raise done[1]
 
     def apply_async(self, func, args=(), kwds={}, callback=None,
                     error_callback=None):

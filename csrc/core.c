@@ -134,6 +134,18 @@ fifo_free(cp_fifo *f)
 static void
 deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
 {
+    if (job & CP_SYNC_JOB) {
+        cp_slot *s = &c->slots[(job & 0xffff) % (uint64_t)c->nslots];
+        if (s->mb_job != job || s->mb_ready) {
+            Py_DECREF(value);    /* its caller gave up (Ctrl-C) */
+            return;
+        }
+        s->mb_value = value;
+        s->mb_ok = ok;
+        cp_store_release(&s->mb_ready, 1);
+        cp_futex_wake(&s->mb_ready);
+        return;
+    }
     PyObject *key = PyLong_FromUnsignedLongLong(job);
     PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
     Py_XDECREF(key);
@@ -214,7 +226,7 @@ slot_spawn(Core *c, int i)
 static int
 slot_accepts(Core *c, cp_slot *s)
 {
-    return s->live && !s->retiring && !s->stopping && !s->corrupt &&
+    return s->live && !s->owner && !s->retiring && !s->stopping && !s->corrupt &&
            s->out_buf == NULL && s->fifo.len < s->credit && c->state <= CORE_CLOSING;
 }
 
@@ -451,8 +463,10 @@ on_result(Core *c, cp_slot *s, const cp_rec *h, PyObject *value, int ok)
  * Read what slot s has published, up to a budget.  Returns 1 if anything was
  * read.  Python errors are handled inside (they belong to tasks).
  */
+static void handle_death(Core *c, int i, pid_t pid, int status);
+
 static int
-drain(Core *c, cp_slot *s, int budget)
+drain_some(Core *c, cp_slot *s, int budget)
 {
     int progress = 0;
     while (budget-- > 0 && !s->corrupt && c->state < CORE_TERMINATED) {
@@ -498,8 +512,12 @@ drain(Core *c, cp_slot *s, int budget)
                 kill_corrupt(s);
                 break;
             }
-            value = PyObject_CallOneArg(cp_state->loads, s->in_buf);
-            Py_CLEAR(s->in_buf);
+            /* Take it off the slot first: loads() may run code that lets
+             * another thread (terminate) clear the slot. */
+            PyObject *buf = s->in_buf;
+            s->in_buf = NULL;
+            value = PyObject_CallOneArg(cp_state->loads, buf);
+            Py_DECREF(buf);
         }
         if (h.kind == CP_K_INITERR) {
             if (value == NULL)
@@ -508,6 +526,29 @@ drain(Core *c, cp_slot *s, int budget)
             continue;
         }
         on_result(c, s, &h, value, !(h.flags & CP_F_ERR));
+    }
+    return progress;
+}
+
+/*
+ * Read what slot s has published, up to a budget; returns 1 if anything was
+ * read.  Unpickling and delivering run Python code, during which another
+ * thread may run: a second drain of the same slot is refused (it would read
+ * the same record twice), and a death reported meanwhile is handled here,
+ * once the ring is no longer being read.
+ */
+static int
+drain(Core *c, cp_slot *s, int budget)
+{
+    if (s->draining)
+        return 0;
+    s->draining = 1;
+    int progress = drain_some(c, s, budget);
+    s->draining = 0;
+    if (s->death_pending) {
+        s->death_pending = 0;
+        handle_death(c, (int)(s - c->slots), s->dead_pid, s->dead_status);
+        progress = 1;
     }
     return progress;
 }
@@ -521,12 +562,20 @@ handle_death(Core *c, int i, pid_t pid, int status)
     cp_slot *s = &c->slots[i];
     if (!s->live)
         return;
+    if (s->draining) {
+        s->death_pending = 1;
+        s->dead_pid = pid;
+        s->dead_status = status;
+        return;
+    }
     if (s->pid == 0)
         s->pid = pid;
     /* Everything it published is complete (tail moves only after a whole
      * record): deliver that first. */
-    while (drain(c, s, DRAIN_BUDGET))
+    s->draining = 1;
+    while (drain_some(c, s, DRAIN_BUDGET))
         ;
+    s->draining = 0;
     uint64_t running = cp_load_acquire(&s->ctl->running);
     PyObject *init_exc = s->init_exc;
     s->init_exc = NULL;
@@ -736,15 +785,19 @@ shutdown_step(Core *c)
 
 /* ------------------------------------------------------------- collector */
 
+/* What the collector watches while it sleeps, decided with the GIL held:
+ * bit 1: the slot's results; bit 2: room in its task ring. */
+enum { W_RESULTS = 1, W_SPACE = 2 };
+
 static int
-results_waiting(Core *c)
+results_waiting(Core *c, const uint64_t *watch)
 {
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        if (s->live && !s->corrupt && cp_ring_has_data(&s->rq))
+        if ((watch[i] & W_RESULTS) &&
+            cp_load_acquire(&s->rq.h->tail) != s->rq.pos)
             return 1;
-        if (s->out_buf && cp_ring_free_bytes(&s->tq) >=
-            cp_ring_next_need(&s->tq, (uint64_t)PyBytes_GET_SIZE(s->out_buf) - s->out_off))
+        if ((watch[i] & W_SPACE) && cp_ring_free_bytes(&s->tq) >= watch[i] >> 2)
             return 1;
     }
     return 0;
@@ -753,27 +806,28 @@ results_waiting(Core *c)
 /* Sleep until a worker publishes, frees room we wait for, the zygote
  * speaks, or someone rings the doorbell.  Called without the GIL. */
 static void
-collector_sleep(Core *c, const int *want_space)
+collector_sleep(Core *c, const uint64_t *watch)
 {
     uint64_t start = cp_now_ns();
     unsigned n = 0;
     while (c->spin_ns > 0) {
         cp_cpu_relax();
         if ((++n & 15) == 0) {
-            if (results_waiting(c))
+            if (results_waiting(c, watch))
                 return;
             if ((long)(cp_now_ns() - start) > c->spin_ns)
                 break;
         }
     }
     for (int i = 0; i < c->nslots; i++) {
-        cp_store_relaxed(&c->slots[i].rq.h->cons_sleep, 1);
-        if (want_space[i])
+        if (watch[i] & W_RESULTS)
+            cp_store_relaxed(&c->slots[i].rq.h->cons_sleep, 1);
+        if (watch[i] & W_SPACE)
             cp_store_relaxed(&c->slots[i].tq.h->prod_sleep, 1);
     }
     /* Order the flag stores before re-checking the rings (see ring.c). */
     cp_fence_full();
-    if (!results_waiting(c)) {
+    if (!results_waiting(c, watch)) {
         struct pollfd p[2] = {{.fd = c->efd, .events = POLLIN},
                               {.fd = c->zsock, .events = POLLIN}};
         if (poll(p, 2, -1) > 0 && p[0].revents) {
@@ -795,8 +849,8 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "cpool: collector already running");
         return NULL;
     }
-    int *want_space = PyMem_Calloc((size_t)c->nslots, sizeof(int));
-    if (want_space == NULL)
+    uint64_t *watch = PyMem_Calloc((size_t)c->nslots, sizeof(uint64_t));
+    if (watch == NULL)
         return PyErr_NoMemory();
     c->collecting = 1;
     Py_INCREF(c);
@@ -814,7 +868,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         int progress = zygote_events(c);
         for (int i = 0; i < c->nslots && c->state < CORE_TERMINATED; i++) {
             cp_slot *s = &c->slots[i];
-            if (s->live)
+            if (s->live && !s->owner)
                 progress |= drain(c, s, DRAIN_BUDGET);
             progress |= continue_send(s);
         }
@@ -832,14 +886,23 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
             break;
         if (progress)
             continue;
-        for (int i = 0; i < c->nslots; i++)
-            want_space[i] = c->slots[i].out_buf != NULL;
+        for (int i = 0; i < c->nslots; i++) {
+            cp_slot *s = &c->slots[i];
+            watch[i] = s->live && !s->corrupt && !s->owner ? W_RESULTS : 0;
+            if (s->out_buf) {
+                uint64_t need = cp_ring_next_need(
+                    &s->tq, (uint64_t)PyBytes_GET_SIZE(s->out_buf) - s->out_off);
+                watch[i] |= W_SPACE | (need << 2);
+            }
+        }
+        c->asleep = 1;
         Py_BEGIN_ALLOW_THREADS
-        collector_sleep(c, want_space);
+        collector_sleep(c, watch);
         Py_END_ALLOW_THREADS
+        c->asleep = 0;
     }
     c->collecting = 0;
-    PyMem_Free(want_space);
+    PyMem_Free(watch);
     Py_DECREF(c);
     Py_RETURN_NONE;
 }
@@ -900,6 +963,27 @@ func_id(Core *c, PyObject *func, uint32_t *fid)
     return rc;
 }
 
+/* Build the task for func/body (pickling errors are raised here). */
+static int
+make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
+          PyObject *func, PyObject *body)
+{
+    uint32_t fid;
+    if (func_id(c, func, &fid) < 0)
+        return -1;
+    PyObject *obj = fid ? Py_NewRef(body) : PyTuple_Pack(2, func, body);
+    if (obj == NULL)
+        return -1;
+    PyObject *payload = PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
+                                                     cp_state->protocol, NULL);
+    Py_DECREF(obj);
+    if (payload == NULL)
+        return -1;
+    *t = (cp_task){.job = job, .index = index, .payload = payload,
+                   .func = Py_NewRef(func), .fid = fid, .mode = (uint32_t)mode};
+    return 0;
+}
+
 PyDoc_STRVAR(Core_submit_doc,
 "submit(job, index, mode, func, body)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
@@ -931,20 +1015,9 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "Pool not running");
         return NULL;
     }
-    PyObject *func = args[3], *body = args[4];
-    uint32_t fid;
-    if (func_id(c, func, &fid) < 0)
+    cp_task t;
+    if (make_task(c, &t, job, index, mode, args[3], args[4]) < 0)
         return NULL;
-    PyObject *obj = fid ? Py_NewRef(body) : PyTuple_Pack(2, func, body);
-    if (obj == NULL)
-        return NULL;
-    PyObject *payload = PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
-                                                     cp_state->protocol, NULL);
-    Py_DECREF(obj);
-    if (payload == NULL)
-        return NULL;
-    cp_task t = {.job = job, .index = index, .payload = payload,
-                 .func = Py_NewRef(func), .fid = fid, .mode = (uint32_t)mode};
     if (fifo_push_back(&c->pending, &t) < 0) {
         task_clear(&t);
         return PyErr_NoMemory();
@@ -965,6 +1038,144 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (wake)
         ring_doorbell(c);
     Py_RETURN_NONE;
+}
+
+/* Give a slot back to the collector after a synchronous call.  If the
+ * collector sleeps, it is not watching this slot: watch it on its behalf
+ * (set the flag the worker checks), and wake it if something is there. */
+static void
+release_slot(Core *c, cp_slot *s)
+{
+    s->owner = 0;
+    if (c->asleep) {
+        cp_store_relaxed(&s->rq.h->cons_sleep, 1);
+        cp_fence_full();
+        if (cp_load_acquire(&s->rq.h->tail) != s->rq.pos || s->death_pending)
+            ring_doorbell(c);
+    }
+}
+
+static long
+call_spin_ns(Core *c, cp_slot *s)
+{
+    /* Spin for about a few run times of a typical task here, within bounds:
+     * the caller's core is better spent elsewhere on long tasks. */
+    long ns = (long)(s->avg_us * 3000.0);
+    long lo = c->spin_ns > 20000 ? c->spin_ns : 20000;
+    if (s->avg_us > 1000.0 || ns < lo)
+        ns = lo;
+    return ns > 200000 ? 200000 : ns;
+}
+
+PyDoc_STRVAR(Core_call_doc,
+"call(func, args, kwds) -> (ok, value) or None\n--\n\n"
+"apply() without a result object: send the task to an idle worker and\n"
+"read its result directly.  Returns None when no worker is idle (use the\n"
+"asynchronous path then).  Raises what pickling or the wait raises.");
+
+static PyObject *
+Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "call() takes 3 arguments");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    if (c->state != CORE_RUN) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
+    if (c->pending.len || !c->collecting)
+        Py_RETURN_NONE;
+    cp_slot *s = NULL;
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *x = &c->slots[i];
+        if (slot_accepts(c, x) && x->fifo.len == 0 && !x->draining &&
+            !x->death_pending && x->pid > 0) {
+            s = x;
+            break;
+        }
+    }
+    if (s == NULL)
+        Py_RETURN_NONE;
+    int si = (int)(s - c->slots);
+
+    PyObject *body = PyTuple_Pack(2, args[1], args[2]);
+    if (body == NULL)
+        return NULL;
+    uint64_t job = CP_SYNC_JOB | (++c->next_seq << 16) | (uint64_t)si;
+    cp_task t;
+    int rc = make_task(c, &t, job, 0, CP_MODE_APPLY, args[0], body);
+    Py_DECREF(body);
+    if (rc < 0)
+        return NULL;
+    rc = try_send(c, s, &t);
+    if (rc <= 0) {
+        task_clear(&t);
+        if (rc < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (fifo_push_back(&s->fifo, &t) < 0) {
+        /* Cannot track it: it is in the ring already, so kill the worker
+         * rather than let its result go astray. */
+        task_clear(&t);
+        kill_corrupt(s);
+        return PyErr_NoMemory();
+    }
+    s->sent++;
+    if (c->maxtasks > 0 && s->sent >= (uint64_t)c->maxtasks)
+        s->retiring = 1;
+    s->owner = 1;
+    s->mb_job = job;
+    s->mb_ready = 0;
+
+    /* Phase 1: spin on the result ring ourselves, and drain it. */
+    long budget = call_spin_ns(c, s);
+    uint64_t start = cp_now_ns();
+    while (s->owner && !cp_load_acquire(&s->mb_ready)) {
+        int seen = 0;
+        Py_BEGIN_ALLOW_THREADS
+        unsigned n = 0;
+        for (;;) {
+            if (cp_load_acquire(&s->rq.h->tail) != cp_load_relaxed(&s->rq.pos) ||
+                cp_load_acquire(&s->mb_ready)) {
+                seen = 1;
+                break;
+            }
+            cp_cpu_relax();
+            if ((++n & 31) == 0 && (long)(cp_now_ns() - start) > budget)
+                break;
+        }
+        Py_END_ALLOW_THREADS
+        if (!seen)
+            break;
+        if (s->owner && s->live && !cp_load_acquire(&s->mb_ready))
+            drain(c, s, DRAIN_BUDGET);
+    }
+    if (s->owner)
+        release_slot(c, s);
+
+    /* Phase 2: a long task; the collector delivers it to the mailbox. */
+    while (!cp_load_acquire(&s->mb_ready)) {
+        Py_BEGIN_ALLOW_THREADS
+        cp_futex_wait(&s->mb_ready, 0, 50 * 1000 * 1000);
+        Py_END_ALLOW_THREADS
+        if (cp_load_acquire(&s->mb_ready))
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            s->mb_job = 0;      /* drop the result when it comes */
+            return NULL;
+        }
+    }
+    PyObject *value = s->mb_value;
+    int ok = s->mb_ok;
+    s->mb_value = NULL;
+    s->mb_job = 0;
+    s->mb_ready = 0;
+    PyObject *res = Py_BuildValue("(NN)", PyBool_FromLong(ok), value);
+    return res;
 }
 
 static PyObject *
@@ -1199,6 +1410,7 @@ Core_dealloc(Core *c)
 
 static PyMethodDef Core_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
+    {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
     {"collect", (PyCFunction)Core_collect, METH_NOARGS,
      "Run the collector loop until the pool is done (call from its own thread)."},
     {"close", (PyCFunction)Core_close, METH_NOARGS,

@@ -233,7 +233,21 @@ typedef struct cp_slot {
     cp_rec in_hdr;
     PyObject *init_exc;    /* the initializer's exception, if it raised */
     int corrupt;           /* its result ring held garbage: it was killed */
+    int draining;          /* drain() is running on it (it may call Python) */
+    int death_pending;     /* the zygote reported its death mid-drain */
+    pid_t dead_pid;
+    int dead_status;
+    /* Synchronous apply() fast path: a caller owns the (idle) slot, sends one
+     * task and reads its result ring itself; the collector keeps off it. */
+    int owner;
+    uint64_t mb_job;       /* the call's job id (CP_SYNC_JOB | ...) */
+    uint32_t mb_ready;     /* futex word: the mailbox holds the result */
+    int mb_ok;
+    PyObject *mb_value;
 } cp_slot;
+
+/* Job ids of synchronous calls: the slot index in the low 16 bits. */
+#define CP_SYNC_JOB (UINT64_C(1) << 63)
 
 typedef struct Core {
     PyObject_HEAD
@@ -247,6 +261,7 @@ typedef struct Core {
     pid_t zpid;
     int state;             /* CORE_* */
     int collecting;        /* the collector loop is running */
+    int asleep;            /* the collector is in collector_sleep() */
     uint64_t next_seq;
     cp_fifo pending;       /* tasks not yet given to a worker */
     PyObject *fids;        /* dict: callable -> fid (cacheable callables) */
