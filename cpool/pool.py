@@ -10,6 +10,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from multiprocessing import TimeoutError
@@ -83,8 +84,47 @@ def _report_callback_error():
 
 
 class ApplyResult(_mp.ApplyResult):
-    """multiprocessing's ApplyResult whose _set always completes, even when a
-    callback raises (multiprocessing would leave get() waiting forever)."""
+    """multiprocessing's ApplyResult, lighter: a single lock stands for the
+    Event (held until the result is set), and _set always completes, even
+    when a callback raises (multiprocessing would leave get() waiting
+    forever)."""
+
+    def __init__(self, pool, callback, error_callback, _next=next,
+                 _counter=_mp.job_counter, _lock=threading.Lock):
+        self._pool = pool
+        self._ready = False
+        self._done = lock = _lock()
+        lock.acquire()
+        self._job = job = _next(_counter)
+        self._cache = pool._cache
+        self._callback = callback
+        self._error_callback = error_callback
+        self._cache[job] = self
+
+    def ready(self):
+        return self._ready
+
+    def wait(self, timeout=None):
+        if self._ready:
+            return
+        if timeout is None:
+            got = self._done.acquire()
+        elif timeout <= 0:
+            got = self._done.acquire(False)
+        else:
+            got = self._done.acquire(True, timeout)
+        if got:
+            # Pass it on: every waiter gets through, one after another.
+            self._done.release()
+
+    def get(self, timeout=None):
+        if not self._ready:
+            self.wait(timeout)
+            if not self._ready:
+                raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
 
     def _set(self, i, obj):
         self._success, self._value = obj
@@ -96,7 +136,8 @@ class ApplyResult(_mp.ApplyResult):
         except Exception:
             _report_callback_error()
         finally:
-            self._event.set()
+            self._ready = True
+            self._done.release()
             self._cache.pop(self._job, None)
             self._pool = None
 
@@ -132,28 +173,49 @@ class MapResult(_mp.MapResult):
 
 
 class _Bounded:
-    """Mixin for the imap iterators: a semaphore bounds how far the feeder
-    may run ahead of the consumer.  While the pool runs, a slot is given back
-    when the consumer takes a result, so an endless input and a slow consumer
-    still use constant memory.  Once the pool is closed, slots are given back
-    as tasks complete instead, so close(); join() finishes all the work even
-    if nobody iterates (as with multiprocessing)."""
+    """Mixin for the imap iterators: bounds how far the feeder may read the
+    input ahead of the consumer.  While the pool runs, room is given back
+    when the consumer takes a result, so an endless input with a slow
+    consumer uses constant memory.  Once the pool is closed, room is given
+    back as tasks complete instead, so close(); join() finishes all the work
+    even if nobody iterates (as with multiprocessing)."""
 
-    _sem = None
     _by_consumer = True
 
     def _init_bound(self, n):
-        self._sem = threading.Semaphore(n)
-        self._gate = threading.Lock()
+        self._gate = threading.Condition(threading.Lock())
+        self._room = n
         self._n_done = 0
         self._n_taken = 0
+        self._stopped = False
+
+    def _take_room(self, most):
+        """Feeder: wait for room, take up to `most` places (0: stop)."""
+        with self._gate:
+            while self._room <= 0 and not self._stopped:
+                self._gate.wait()
+            if self._stopped:
+                return 0
+            n = min(self._room, most)
+            self._room -= n
+            return n
+
+    def _give_room(self, n):
+        # with self._gate held
+        self._room += n
+        self._gate.notify()
+
+    def _stop_feeding(self):
+        with self._gate:
+            self._stopped = True
+            self._gate.notify_all()
 
     def _set(self, i, obj):
         super()._set(i, obj)
         with self._gate:
             self._n_done += 1
             if not self._by_consumer:
-                self._sem.release()
+                self._give_room(1)
 
     def _release_on_completion(self):
         with self._gate:
@@ -161,7 +223,7 @@ class _Bounded:
                 self._by_consumer = False
                 owed = self._n_done - self._n_taken
                 if owed > 0:
-                    self._sem.release(owed)
+                    self._give_room(owed)
 
     def next(self, timeout=None):
         with self._cond:
@@ -182,7 +244,7 @@ class _Bounded:
         with self._gate:
             self._n_taken += 1
             if self._by_consumer:
-                self._sem.release()
+                self._give_room(1)
         success, value = item
         if success:
             return value
@@ -376,6 +438,8 @@ class Pool:
                 raise ValueError("buffersize must be None or > 0")
         result = cls(self)
         result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
+        if buffersize is None and self._state != RUN:
+            result._release_on_completion()
         feeder = threading.Thread(target=self._feed,
                                   args=(result, func, iterable, chunksize),
                                   name="cpool-feeder", daemon=True)
@@ -388,39 +452,55 @@ class Pool:
 
     def _feed(self, result, func, iterable, chunksize):
         """Feeder thread of one imap call (multiprocessing's task handler
-        does this for all calls, one after another)."""
-        i = -1
+        does this for all calls, one after another).  Reads the input in
+        batches that grow while the input is quick to produce (one C call
+        per batch) and shrink when it is slow, so a slow generator's items
+        still go out one by one as they come."""
+        i = 0
+        batch = 1
+        submit_many = self._core.submit_many
         try:
             if chunksize == 1:
-                mode, tasks = _core.MODE_CALL1, iterable
+                mode, tasks = _core.MODE_CALL1, iter(iterable)
             else:
                 mode, tasks = _core.MODE_MAP, _chunks(iterable, chunksize)
-            try:
-                for i, body in enumerate(tasks):
-                    result._sem.acquire()
+            while True:
+                room = result._take_room(batch)
+                if self._state == TERMINATE or room == 0:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    bodies = list(itertools.islice(tasks, room))
+                except Exception as e:
+                    # The input iterable raised: the consumer gets it,
+                    # unchanged, where the input ended.
+                    result._set(i, (False, e))
+                    i += 1
+                    break
+                if not bodies:
+                    break
+                slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
+                batch = max(1, batch // 2) if slow else min(batch * 2, 256)
+                try:
+                    submit_many(result._job, i, mode, func, bodies)
+                except Exception:
                     if self._state == TERMINATE:
                         break
-                    try:
-                        self._core.submit(result._job, i, mode, func, body)
-                    except Exception as e:
-                        if self._state == TERMINATE:
-                            break
-                        # As multiprocessing: this item fails, the rest go on.
-                        result._set(i, (False, e))
-                else:
-                    i += 1
-            except Exception as e:
-                # The input iterable raised: the consumer gets it, unchanged,
-                # at the position where the input ended.
+                    # Find the item(s) that cannot be sent: as multiprocessing,
+                    # they fail, the rest go on.
+                    for k, body in enumerate(bodies):
+                        try:
+                            self._core.submit(result._job, i + k, mode, func, body)
+                        except Exception as e:
+                            if self._state == TERMINATE:
+                                break
+                            result._set(i + k, (False, e))
+                i += len(bodies)
+            if self._state == TERMINATE:
+                result._set(i, (False, PoolTerminatedError(
+                    "the pool was terminated before item %d was sent" % i)))
                 i += 1
-                result._set(i, (False, e))
-                i += 1
-            else:
-                if self._state == TERMINATE and i >= 0:
-                    result._set(i, (False, PoolTerminatedError(
-                        "the pool was terminated before item %d was sent" % i)))
-                    i += 1
-            result._set_length(max(i, 0))
+            result._set_length(i)
         finally:
             with self._feed_lock:
                 self._feeders.pop(threading.current_thread(), None)
@@ -450,7 +530,7 @@ class Pool:
             waiting = list(self._feeders.values())
         for result in waiting:
             # Wake a feeder that waits for room; it sees TERMINATE and stops.
-            result._sem.release()
+            result._stop_feeding()
 
     def join(self):
         """Wait for the workers to exit (after close() or terminate())."""

@@ -984,6 +984,25 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     return 0;
 }
 
+/* After queueing: leave nothing that only the collector can move without
+ * telling it (a half-sent message, or work with nothing in flight). */
+static void
+wake_if_needed(Core *c)
+{
+    int wake = 0;
+    for (int i = 0; i < c->nslots; i++)
+        if (c->slots[i].out_buf)
+            wake = 1;
+    if (c->pending.len && !wake) {
+        wake = 1;
+        for (int i = 0; i < c->nslots; i++)
+            if (c->slots[i].fifo.len)
+                wake = 0;
+    }
+    if (wake && c->asleep)
+        ring_doorbell(c);
+}
+
 PyDoc_STRVAR(Core_submit_doc,
 "submit(job, index, mode, func, body)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
@@ -1024,19 +1043,7 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (pump(c) < 0)
         return NULL;
-    /* Leave nothing only the collector can move without telling it. */
-    int wake = 0;
-    for (int i = 0; i < c->nslots; i++)
-        if (c->slots[i].out_buf)
-            wake = 1;
-    if (c->pending.len && !wake) {
-        wake = 1;
-        for (int i = 0; i < c->nslots; i++)
-            if (c->slots[i].fifo.len)
-                wake = 0;
-    }
-    if (wake)
-        ring_doorbell(c);
+    wake_if_needed(c);
     Py_RETURN_NONE;
 }
 
@@ -1176,6 +1183,66 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     s->mb_ready = 0;
     PyObject *res = Py_BuildValue("(NN)", PyBool_FromLong(ok), value);
     return res;
+}
+
+PyDoc_STRVAR(Core_submit_many_doc,
+"submit_many(job, first_index, mode, func, bodies)\n--\n\n"
+"submit() for each body of the list, with indexes from first_index.  All\n"
+"are pickled before any is queued: on a pickling error none is queued.");
+
+static PyObject *
+Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyList_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "submit_many(job, first_index, mode, func, list)");
+        return NULL;
+    }
+    unsigned long long job = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long long first = PyLong_AsUnsignedLongLong(args[1]);
+    int mode = (int)PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (mode < CP_MODE_APPLY || mode > CP_MODE_CALL1) {
+        PyErr_SetString(PyExc_ValueError, "bad mode");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    if (c->state > CORE_CLOSING) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
+    PyObject *bodies = args[4];
+    Py_ssize_t n = PyList_GET_SIZE(bodies);
+    cp_task *ts = PyMem_Calloc((size_t)(n ? n : 1), sizeof(cp_task));
+    if (ts == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t k;
+    for (k = 0; k < n; k++) {
+        if (make_task(c, &ts[k], job, first + (uint64_t)k, mode, args[3],
+                      PyList_GET_ITEM(bodies, k)) < 0)
+            break;
+    }
+    if (k < n) {
+        while (k-- > 0)
+            task_clear(&ts[k]);
+        PyMem_Free(ts);
+        return NULL;
+    }
+    for (k = 0; k < n; k++) {
+        if (fifo_push_back(&c->pending, &ts[k]) < 0) {
+            for (Py_ssize_t j = k; j < n; j++)
+                task_clear(&ts[j]);
+            PyMem_Free(ts);
+            return PyErr_NoMemory();
+        }
+    }
+    PyMem_Free(ts);
+    if (pump(c) < 0)
+        return NULL;
+    wake_if_needed(c);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1411,6 +1478,8 @@ Core_dealloc(Core *c)
 static PyMethodDef Core_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
+    {"submit_many", (PyCFunction)(void (*)(void))Core_submit_many, METH_FASTCALL,
+     Core_submit_many_doc},
     {"collect", (PyCFunction)Core_collect, METH_NOARGS,
      "Run the collector loop until the pool is done (call from its own thread)."},
     {"close", (PyCFunction)Core_close, METH_NOARGS,
