@@ -172,28 +172,31 @@ class MapResult(_mp.MapResult):
                 self._finish(self._error_callback)
 
 
-class _Bounded:
-    """Mixin for the imap iterators: bounds how far the feeder may read the
-    input ahead of the consumer.  While the pool runs, room is given back
-    when the consumer takes a result, so an endless input with a slow
-    consumer uses constant memory.  Once the pool is closed, room is given
-    back as tasks complete instead, so close(); join() finishes all the work
-    even if nobody iterates (as with multiprocessing)."""
+class IMapIterator(_mp.IMapIterator):
+    """multiprocessing's IMapIterator, with a bound on how far the feeder may
+    read the input ahead of the consumer.
+
+    While the pool runs, room is given back when the consumer takes a
+    result, so an endless input with a slow consumer uses constant memory.
+    Once the pool is closed, room is given back as tasks complete instead, so
+    close(); join() finishes all the work even if nobody iterates (as with
+    multiprocessing).  One lock guards items and room alike."""
 
     _by_consumer = True
 
     def _init_bound(self, n):
-        self._gate = threading.Condition(threading.Lock())
+        self._room_cond = threading.Condition(self._cond._lock)
         self._room = n
         self._n_done = 0
         self._n_taken = 0
         self._stopped = False
 
+    # -- feeder side
     def _take_room(self, most):
-        """Feeder: wait for room, take up to `most` places (0: stop)."""
-        with self._gate:
+        """Wait for room and take up to `most` places; 0 means stop."""
+        with self._room_cond:
             while self._room <= 0 and not self._stopped:
-                self._gate.wait()
+                self._room_cond.wait()
             if self._stopped:
                 return 0
             n = min(self._room, most)
@@ -201,30 +204,57 @@ class _Bounded:
             return n
 
     def _give_room(self, n):
-        # with self._gate held
+        # self._cond's lock held
         self._room += n
-        self._gate.notify()
+        if self._room_cond._waiters:
+            self._room_cond.notify()
 
     def _stop_feeding(self):
-        with self._gate:
+        with self._room_cond:
             self._stopped = True
-            self._gate.notify_all()
-
-    def _set(self, i, obj):
-        super()._set(i, obj)
-        with self._gate:
-            self._n_done += 1
-            if not self._by_consumer:
-                self._give_room(1)
+            self._room_cond.notify_all()
 
     def _release_on_completion(self):
-        with self._gate:
+        with self._cond:
             if self._by_consumer:
                 self._by_consumer = False
                 owed = self._n_done - self._n_taken
                 if owed > 0:
                     self._give_room(owed)
 
+    # -- collector side
+    def _arrived(self, obj):
+        # self._cond's lock held: one more result can be consumed.
+        self._items.append(obj)
+        self._index += 1
+
+    def _set(self, i, obj):
+        with self._cond:
+            if self._index == i:
+                self._arrived(obj)
+                unsorted = self._unsorted
+                while self._index in unsorted:
+                    self._arrived(unsorted.pop(self._index))
+                if self._cond._waiters:
+                    self._cond.notify()
+            else:
+                self._unsorted[i] = obj
+            self._n_done += 1
+            if not self._by_consumer:
+                self._give_room(1)
+            if self._index == self._length:
+                self._cache.pop(self._job, None)
+                self._pool = None
+
+    def _set_length(self, length):
+        with self._cond:
+            self._length = length
+            if self._index == self._length:
+                self._cond.notify()
+                self._cache.pop(self._job, None)
+                self._pool = None
+
+    # -- consumer side
     def next(self, timeout=None):
         with self._cond:
             try:
@@ -241,7 +271,6 @@ class _Bounded:
                         self._pool = None
                         raise StopIteration from None
                     raise TimeoutError from None
-        with self._gate:
             self._n_taken += 1
             if self._by_consumer:
                 self._give_room(1)
@@ -253,12 +282,30 @@ class _Bounded:
     __next__ = next
 
 
-class IMapIterator(_Bounded, _mp.IMapIterator):
-    pass
+class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
+    """Results in the order they complete."""
+
+    def _set(self, i, obj):
+        with self._cond:
+            self._arrived(obj)
+            if self._cond._waiters:
+                self._cond.notify()
+            self._n_done += 1
+            if not self._by_consumer:
+                self._give_room(1)
+            if self._index == self._length:
+                self._cache.pop(self._job, None)
+                self._pool = None
 
 
-class IMapUnorderedIterator(_Bounded, _mp.IMapUnorderedIterator):
-    pass
+def _sliced(seq, size):
+    """Chunks of a sized input.  A range is cut into ranges and a list or
+    tuple into slices (C speed, and a range chunk pickles in a few bytes);
+    the worker iterates each chunk the same way, so the function sees the
+    same items as with multiprocessing's tuples."""
+    if isinstance(seq, (range, list, tuple)):
+        return (seq[k:k + size] for k in range(0, len(seq), size))
+    return _chunks(seq, size)
 
 
 def _chunks(iterable, size):
@@ -406,8 +453,17 @@ class Pool:
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
         if chunksize > 0:
-            for i, chunk in enumerate(_chunks(iterable, chunksize)):
-                self._submit(result, i, mode, func, chunk)
+            nchunks = result._number_left
+            sent = 0
+            try:
+                for i, chunk in enumerate(_sliced(iterable, chunksize)):
+                    self._submit(result, i, mode, func, chunk)
+                    sent = i + 1
+            except Exception as e:
+                # Iterating the input failed: the map fails with that error
+                # (multiprocessing would wait forever for the missing chunks).
+                for k in range(sent, nchunks):
+                    result._set(k, (False, e))
         return result
 
     # -------------------------------------------------------------- imap
