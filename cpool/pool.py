@@ -514,7 +514,6 @@ class Pool:
         still go out one by one as they come."""
         i = 0
         batch = 1
-        submit_many = self._core.submit_many
         try:
             if chunksize == 1:
                 mode, tasks = _core.MODE_CALL1, iter(iterable)
@@ -525,33 +524,28 @@ class Pool:
                 if self._state == TERMINATE or room == 0:
                     break
                 t0 = time.perf_counter()
+                bodies = []
+                failed = None
                 try:
-                    bodies = list(itertools.islice(tasks, room))
+                    for _ in range(room):
+                        bodies.append(next(tasks))
+                except StopIteration:
+                    pass
                 except Exception as e:
+                    failed = e
+                if bodies:
+                    slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
+                    batch = max(1, batch // 2) if slow else min(batch * 2, 256)
+                    self._submit_batch(result, i, mode, func, bodies)
+                    i += len(bodies)
+                if failed is not None:
                     # The input iterable raised: the consumer gets it,
-                    # unchanged, where the input ended.
-                    result._set(i, (False, e))
+                    # unchanged, after the items read before it.
+                    result._set(i, (False, failed))
                     i += 1
                     break
-                if not bodies:
+                if len(bodies) < room:
                     break
-                slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
-                batch = max(1, batch // 2) if slow else min(batch * 2, 256)
-                try:
-                    submit_many(result._job, i, mode, func, bodies)
-                except Exception:
-                    if self._state == TERMINATE:
-                        break
-                    # Find the item(s) that cannot be sent: as multiprocessing,
-                    # they fail, the rest go on.
-                    for k, body in enumerate(bodies):
-                        try:
-                            self._core.submit(result._job, i + k, mode, func, body)
-                        except Exception as e:
-                            if self._state == TERMINATE:
-                                break
-                            result._set(i + k, (False, e))
-                i += len(bodies)
             if self._state == TERMINATE:
                 result._set(i, (False, PoolTerminatedError(
                     "the pool was terminated before item %d was sent" % i)))
@@ -563,6 +557,22 @@ class Pool:
                 done = not self._feeders
             if done and self._state == CLOSE:
                 self._core.close()
+
+    def _submit_batch(self, result, first, mode, func, bodies):
+        try:
+            self._core.submit_many(result._job, first, mode, func, bodies)
+        except Exception:
+            if self._state == TERMINATE:
+                return
+            # Find the item(s) that cannot be sent: as with multiprocessing,
+            # they fail and the rest go on.
+            for k, body in enumerate(bodies):
+                try:
+                    self._core.submit(result._job, first + k, mode, func, body)
+                except Exception as e:
+                    if self._state == TERMINATE:
+                        return
+                    result._set(first + k, (False, e))
 
     # ---------------------------------------------------------- lifetime
 

@@ -135,15 +135,17 @@ static void
 deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
 {
     if (job & CP_SYNC_JOB) {
-        cp_slot *s = &c->slots[(job & 0xffff) % (uint64_t)c->nslots];
-        if (s->mb_job != job || s->mb_ready) {
-            Py_DECREF(value);    /* its caller gave up (Ctrl-C) */
-            return;
+        for (int i = 0; i < c->ncalls; i++) {
+            cp_call *k = c->calls[i];
+            if (k->job == job && !k->ready) {
+                k->value = value;
+                k->ok = ok;
+                cp_store_release(&k->ready, 1);
+                cp_futex_wake(&k->ready);
+                return;
+            }
         }
-        s->mb_value = value;
-        s->mb_ok = ok;
-        cp_store_release(&s->mb_ready, 1);
-        cp_futex_wake(&s->mb_ready);
+        Py_DECREF(value);    /* its caller gave up (Ctrl-C) */
         return;
     }
     PyObject *key = PyLong_FromUnsignedLongLong(job);
@@ -252,7 +254,7 @@ continue_send(cp_slot *s)
     int done = cp_ring_send_some(&s->tq, &s->out_hdr,
                                  (const uint8_t *)PyBytes_AS_STRING(s->out_buf),
                                  (uint64_t)PyBytes_GET_SIZE(s->out_buf),
-                                 &s->out_off);
+                                 &s->out_off, NULL, NULL);
     if (done)
         Py_CLEAR(s->out_buf);
     if (s->out_off != before || done)
@@ -307,7 +309,7 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     uint64_t total = (uint64_t)PyBytes_GET_SIZE(t->payload), off = 0;
     int done = cp_ring_send_some(&s->tq, &hdr,
                                  (const uint8_t *)PyBytes_AS_STRING(t->payload),
-                                 total, &off);
+                                 total, &off, &t->rec, &t->rec_pos);
     if (!done && off == 0) {
         /* Nothing of the task fits: take back the unpublished FUNC too. */
         s->tq.pos = saved;
@@ -346,6 +348,56 @@ update_credit(cp_slot *s, uint32_t run_us)
 }
 
 /*
+ * Take back queued, unclaimed tasks from busy workers when others are idle
+ * and nothing is pending: a task must never wait behind a long (or stuck)
+ * one while a worker is free, as with multiprocessing's shared queue.  Only
+ * whole messages at the back of a worker's queue are taken, never its
+ * oldest task (it may be running); the CAS on the record's state decides
+ * against the worker's own claim.  Returns how many were moved to pending.
+ */
+static int
+steal_for_idle(Core *c)
+{
+    int idle = 0, moved = 0;
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (slot_accepts(c, s) && s->fifo.len == 0)
+            idle++;
+    }
+    for (int i = 0; i < c->nslots && moved < idle; i++) {
+        cp_slot *d = &c->slots[i];
+        if (!d->live || d->owner || d->corrupt || d->out_buf != NULL)
+            continue;
+        while (d->fifo.len >= 2 && moved < idle) {
+            cp_task *t = fifo_at(&d->fifo, d->fifo.len - 1);
+            if (t->rec == NULL ||
+                cp_load_acquire(&d->tq.h->head) > t->rec_pos)
+                break;
+            uint32_t expect = CP_T_QUEUED;
+            if (!__atomic_compare_exchange_n(&t->rec->state, &expect,
+                                             CP_T_STOLEN, 0, __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE))
+                break;
+            cp_task st = fifo_pop_back(&d->fifo);
+            st.rec = NULL;
+            st.seq = 0;
+            d->sent--;
+            if (d->retiring && (uint64_t)c->maxtasks > d->sent)
+                d->retiring = 0;
+            if (fifo_push_front(&c->pending, &st) < 0) {
+                PyErr_Clear();
+                PyObject *exc = PyErr_NoMemory();
+                (void)exc;
+                deliver(c, st.job, st.index, 0, cp_err_take());
+                task_clear(&st);
+            }
+            moved++;
+        }
+    }
+    return moved;
+}
+
+/*
  * Give pending tasks to workers that have credit and room.  Starts dormant
  * slots (not live, e.g. after an initializer failure) when there is work.
  * Returns 1 if anything was sent, 0 if not, -1 with an exception set.
@@ -358,6 +410,7 @@ pump(Core *c)
 
     if (c->state > CORE_CLOSING)
         return 0;
+again:
     while (c->pending.len) {
         cp_slot *best = NULL;
         int bi = -1;
@@ -399,6 +452,8 @@ pump(Core *c)
             best->retiring = 1;
         progress = 1;
     }
+    if (c->pending.len == 0 && steal_for_idle(c) > 0)
+        goto again;
     return progress;
 }
 
@@ -1080,6 +1135,17 @@ PyDoc_STRVAR(Core_call_doc,
 "read its result directly.  Returns None when no worker is idle (use the\n"
 "asynchronous path then).  Raises what pickling or the wait raises.");
 
+static void
+call_unregister(Core *c, cp_call *k)
+{
+    for (int i = 0; i < c->ncalls; i++) {
+        if (c->calls[i] == k) {
+            c->calls[i] = c->calls[--c->ncalls];
+            return;
+        }
+    }
+}
+
 static PyObject *
 Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1093,7 +1159,7 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "Pool not running");
         return NULL;
     }
-    if (c->pending.len || !c->collecting)
+    if (c->pending.len || !c->collecting || c->ncalls >= CP_MAX_CALLS)
         Py_RETURN_NONE;
     cp_slot *s = NULL;
     for (int i = 0; i < c->nslots; i++) {
@@ -1106,14 +1172,13 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (s == NULL)
         Py_RETURN_NONE;
-    int si = (int)(s - c->slots);
 
+    cp_call call = {.job = CP_SYNC_JOB | ++c->next_seq};
     PyObject *body = PyTuple_Pack(2, args[1], args[2]);
     if (body == NULL)
         return NULL;
-    uint64_t job = CP_SYNC_JOB | (++c->next_seq << 16) | (uint64_t)si;
     cp_task t;
-    int rc = make_task(c, &t, job, 0, CP_MODE_APPLY, args[0], body);
+    int rc = make_task(c, &t, call.job, 0, CP_MODE_APPLY, args[0], body);
     Py_DECREF(body);
     if (rc < 0)
         return NULL;
@@ -1135,19 +1200,18 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (c->maxtasks > 0 && s->sent >= (uint64_t)c->maxtasks)
         s->retiring = 1;
     s->owner = 1;
-    s->mb_job = job;
-    s->mb_ready = 0;
+    c->calls[c->ncalls++] = &call;
 
     /* Phase 1: spin on the result ring ourselves, and drain it. */
     long budget = call_spin_ns(c, s);
     uint64_t start = cp_now_ns();
-    while (s->owner && !cp_load_acquire(&s->mb_ready)) {
+    while (s->owner && !cp_load_acquire(&call.ready)) {
         int seen = 0;
         Py_BEGIN_ALLOW_THREADS
         unsigned n = 0;
         for (;;) {
             if (cp_load_acquire(&s->rq.h->tail) != cp_load_relaxed(&s->rq.pos) ||
-                cp_load_acquire(&s->mb_ready)) {
+                cp_load_acquire(&call.ready)) {
                 seen = 1;
                 break;
             }
@@ -1158,31 +1222,26 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
         Py_END_ALLOW_THREADS
         if (!seen)
             break;
-        if (s->owner && s->live && !cp_load_acquire(&s->mb_ready))
+        if (s->owner && s->live && !cp_load_acquire(&call.ready))
             drain(c, s, DRAIN_BUDGET);
     }
     if (s->owner)
         release_slot(c, s);
 
     /* Phase 2: a long task; the collector delivers it to the mailbox. */
-    while (!cp_load_acquire(&s->mb_ready)) {
+    while (!cp_load_acquire(&call.ready)) {
         Py_BEGIN_ALLOW_THREADS
-        cp_futex_wait(&s->mb_ready, 0, 50 * 1000 * 1000);
+        cp_futex_wait(&call.ready, 0, 50 * 1000 * 1000);
         Py_END_ALLOW_THREADS
-        if (cp_load_acquire(&s->mb_ready))
+        if (cp_load_acquire(&call.ready))
             break;
         if (PyErr_CheckSignals() < 0) {
-            s->mb_job = 0;      /* drop the result when it comes */
+            call_unregister(c, &call);   /* its result is dropped */
             return NULL;
         }
     }
-    PyObject *value = s->mb_value;
-    int ok = s->mb_ok;
-    s->mb_value = NULL;
-    s->mb_job = 0;
-    s->mb_ready = 0;
-    PyObject *res = Py_BuildValue("(NN)", PyBool_FromLong(ok), value);
-    return res;
+    call_unregister(c, &call);
+    return Py_BuildValue("(NN)", PyBool_FromLong(call.ok), call.value);
 }
 
 PyDoc_STRVAR(Core_submit_many_doc,

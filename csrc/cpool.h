@@ -80,7 +80,13 @@ typedef struct cp_rec {
     uint64_t job;
     uint64_t index;
     uint64_t total;
+    uint32_t state;   /* TASK: CP_T_* (claim vs. steal, decided by CAS) */
+    uint32_t pad;
 } cp_rec;
+
+/* A queued task's record is claimed by its worker or taken back by the
+ * parent (to give to an idle worker), whichever CAS wins. */
+enum { CP_T_QUEUED = 0, CP_T_CLAIMED = 1, CP_T_STOLEN = 2 };
 
 #define CP_REC_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
 
@@ -118,7 +124,8 @@ void cp_ring_release(cp_ring *r, const cp_rec *hdr, int publish);
 void cp_ring_release_flush(cp_ring *r);
 
 int cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
-                      uint64_t total, uint64_t *off);
+                      uint64_t total, uint64_t *off, cp_rec **first,
+                      uint64_t *first_pos);
 uint64_t cp_ring_next_need(cp_ring *r, uint64_t left);
 
 int cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns);
@@ -201,6 +208,8 @@ typedef struct cp_task {
     PyObject *func;       /* the callable, for error messages */
     uint32_t fid;
     uint32_t mode;
+    cp_rec *rec;          /* its first record in the task ring, once sent */
+    uint64_t rec_pos;     /* ring position of that record */
 } cp_task;
 
 /* A FIFO of tasks (a growable circular array). */
@@ -240,14 +249,18 @@ typedef struct cp_slot {
     /* Synchronous apply() fast path: a caller owns the (idle) slot, sends one
      * task and reads its result ring itself; the collector keeps off it. */
     int owner;
-    uint64_t mb_job;       /* the call's job id (CP_SYNC_JOB | ...) */
-    uint32_t mb_ready;     /* futex word: the mailbox holds the result */
-    int mb_ok;
-    PyObject *mb_value;
 } cp_slot;
 
-/* Job ids of synchronous calls: the slot index in the low 16 bits. */
+/* A synchronous call's mailbox, on its caller's stack while it waits. */
+typedef struct cp_call {
+    uint64_t job;          /* CP_SYNC_JOB | sequence */
+    uint32_t ready;        /* futex word: value is there */
+    int ok;
+    PyObject *value;
+} cp_call;
+
 #define CP_SYNC_JOB (UINT64_C(1) << 63)
+#define CP_MAX_CALLS 256
 
 typedef struct Core {
     PyObject_HEAD
@@ -261,6 +274,8 @@ typedef struct Core {
     pid_t zpid;
     int state;             /* CORE_* */
     int collecting;        /* the collector loop is running */
+    cp_call *calls[CP_MAX_CALLS];  /* synchronous calls waiting */
+    int ncalls;
     int asleep;            /* the collector is in collector_sleep() */
     uint64_t next_seq;
     cp_fifo pending;       /* tasks not yet given to a worker */

@@ -101,7 +101,7 @@ Ring_send(Ring *r, PyObject *args)
     cp_rec tmpl = {.kind = CP_K_RESULT};
     uint64_t o = off;
     if (o < (uint64_t)b.len || b.len == 0)
-        cp_ring_send_some(&r->prod, &tmpl, b.buf, (uint64_t)b.len, &o);
+        cp_ring_send_some(&r->prod, &tmpl, b.buf, (uint64_t)b.len, &o, NULL, NULL);
     cp_ring_flush(&r->prod);
     PyBuffer_Release(&b);
     return PyLong_FromUnsignedLongLong(o);

@@ -255,6 +255,9 @@ cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
     if (pid == 0) {
         PyOS_AfterFork_Child();
         close(sock_parent);
+        /* The table may hold another zygote's children if this process is
+         * itself a worker (a pool made inside a task): start empty. */
+        n_children = 0;
         zygote_main(sock_child, fn, arg);
         _exit(0);
     }

@@ -361,7 +361,8 @@ cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns)
  */
 int
 cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
-                  uint64_t total, uint64_t *off)
+                  uint64_t total, uint64_t *off, cp_rec **first,
+                  uint64_t *first_pos)
 {
     do {
         uint64_t left = total - *off;
@@ -378,6 +379,12 @@ cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
         rec->job = tmpl->job;
         rec->index = tmpl->index;
         rec->total = total;
+        rec->state = CP_T_QUEUED;
+        rec->pad = 0;
+        if (*off == 0 && first != NULL) {
+            *first = rec;
+            *first_pos = r->pos;
+        }
         if (n)
             memcpy((uint8_t *)rec + sizeof(cp_rec), data + *off, n);
         cp_ring_commit(r, rec);

@@ -63,7 +63,7 @@ send_msg(wctx *w, const cp_rec *tmpl, const uint8_t *data, uint64_t total)
 {
     uint64_t off = 0;
     for (;;) {
-        if (cp_ring_send_some(&w->rq, tmpl, data, total, &off))
+        if (cp_ring_send_some(&w->rq, tmpl, data, total, &off, NULL, NULL))
             break;
         cp_ring_flush(&w->rq);
         uint64_t need = cp_ring_next_need(&w->rq, total - off);
@@ -365,6 +365,21 @@ cp_worker_main(void *arg, int slot)
         }
         if (h.kind != CP_K_TASK)
             worker_exit(72);
+
+        /* Claim it, unless the parent took it back for an idle worker. */
+        cp_rec *shared = (cp_rec *)(payload - sizeof(cp_rec));
+        uint32_t expect = CP_T_QUEUED;
+        if (!__atomic_compare_exchange_n(&shared->state, &expect, CP_T_CLAIMED,
+                                         0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            for (;;) {
+                int more = h.flags & CP_F_MORE;
+                cp_ring_release(&w.tq, &h, 1);
+                if (!more)
+                    break;
+                next_record(&w, &h, &payload);
+            }
+            continue;
+        }
 
         /* Whoever finds us dead from here on knows which task we held. */
         cp_store_release(&w.ctl->running, h.seq);

@@ -14,6 +14,8 @@ import logging
 import pytest
 
 import crash_tasks as T
+
+pytestmark = pytest.mark.cpool_only
 from cpool import Pool, PoolTerminatedError, WorkerLostError
 from multiprocessing import ProcessError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
@@ -236,8 +238,8 @@ def _gone(pids, timeout):
                 with open("/proc/%d/stat" % p) as f:
                     if f.read().split(")")[-1].split()[0] != "Z":
                         alive.append(p)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, ProcessLookupError):
+                pass   # gone (reaped), or gone while we read
         if not alive:
             return True
         time.sleep(0.02)

@@ -8,6 +8,8 @@ import pytest
 
 from cpool import _core
 
+pytestmark = pytest.mark.cpool_only
+
 CAP = 4096
 
 

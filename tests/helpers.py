@@ -1,0 +1,336 @@
+"""Task functions and helper objects for the cpool test suite.
+
+Tasks are pickled *by reference* (module + qualified name), so everything a
+worker has to run lives here, at module level, in a module importable as
+``helpers`` (conftest.py puts this directory on sys.path and PYTHONPATH).
+
+Cross-process synchronisation uses files (``Gate``): a gated task blocks
+until the parent creates the gate file, so tests never rely on sleeping for
+a "long enough" time.  Every gated task has a fallback deadline
+(GATE_TIMEOUT) so a broken implementation fails a test instead of hanging
+the run.
+"""
+import os
+import threading
+import time
+
+# A gated task that nobody opens gives up after this many seconds.  In a
+# passing run gates are always opened (or the worker is terminated), so
+# this is never waited for.
+GATE_TIMEOUT = 20.0
+# How long the *parent* waits for a worker to report that it started.
+START_TIMEOUT = 20.0
+_POLL = 0.002
+
+
+# ---------------------------------------------------------------- plain tasks
+
+def square(x):
+    return x * x
+
+
+def mul(x, y):
+    return x * y
+
+
+def identity(x):
+    return x
+
+
+def echo_args(*args, **kwds):
+    return args, kwds
+
+
+def const_42():
+    return 42
+
+
+def power(base, exp):
+    return base ** exp
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def square_and_pid(x):
+    return x * x, os.getpid()
+
+
+def raise_value_error(x=None):
+    raise ValueError("bad value", x)
+
+
+def square_unless(x, bad):
+    if x == bad:
+        raise ValueError("bad item", x)
+    return x * x
+
+
+def fail_at(x, bad=5):
+    """Single-argument task usable with map(): fails for x == bad."""
+    if x == bad:
+        raise KeyError(x)
+    return x * x
+
+
+def raise_key_error():
+    raise KeyError("key")
+
+
+def raise_runtime_error_with_comment():
+    raise RuntimeError(123)  # marker-comment-in-worker-source
+
+
+# ------------------------------------------------------- picklable "callables"
+
+class Multiplier:
+    """Picklable object whose bound method is used as a task."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def mul(self, x):
+        return x * self.factor
+
+    @classmethod
+    def cls_name(cls, x):
+        return "%s:%s" % (cls.__name__, x)
+
+    @staticmethod
+    def negate(x):
+        return -x
+
+
+# --------------------------------------------------------------- initializer
+
+_init_calls = 0
+_init_tag = None
+
+
+def init_worker(*args):
+    global _init_calls, _init_tag
+    _init_calls += 1
+    _init_tag = args
+
+
+def init_state(_=None):
+    """Return what the initializer left in this worker."""
+    return os.getpid(), _init_calls, _init_tag
+
+
+def init_state_gated(gate_path, started_path):
+    gated(None, gate_path, started_path)
+    return init_state()
+
+
+# ------------------------------------------------------------------- errors
+
+class SayWhenError(ValueError):
+    pass
+
+
+def exception_throwing_generator(total, when):
+    """Yield 0..total-1, raising SayWhenError at position `when` (-1: at once)."""
+    if when == -1:
+        raise SayWhenError("Somebody said when")
+    for i in range(total):
+        if i == when:
+            raise SayWhenError("Somebody said when", i)
+        yield i
+
+
+def generator_raising(exc, total, when):
+    """Yield 0..total-1 and raise the given exception *object* at `when`."""
+    for i in range(total):
+        if i == when:
+            raise exc
+        yield i
+
+
+class SizedRaisingIterable:
+    """An iterable *with* __len__ whose iteration raises at position `when`."""
+
+    def __init__(self, length, when):
+        self.length = length
+        self.when = when
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        for i in range(self.length):
+            if i == self.when:
+                raise SayWhenError("sized iterable said when", i)
+            yield i
+
+
+class TwoArgError(Exception):
+    """Exception with a custom two-argument __init__ that calls super()."""
+
+    def __init__(self, a, b):
+        super().__init__(a, b)
+        self.a = a
+        self.b = b
+
+
+class AttrOnlyError(Exception):
+    """Custom __init__ that never calls super().__init__ (args come from __new__)."""
+
+    def __init__(self, code, detail):
+        self.code = code
+        self.detail = detail
+
+    def __str__(self):
+        return "code=%s detail=%s" % (self.code, self.detail)
+
+
+def raise_two_arg_error(a, b):
+    raise TwoArgError(a, b)
+
+
+def raise_attr_only_error(code, detail):
+    raise AttrOnlyError(code, detail)
+
+
+class LockedError(Exception):
+    """An exception whose instance cannot be pickled (holds a lock)."""
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+def raise_locked_error(msg):
+    raise LockedError(msg)
+
+
+class Unpicklable:
+    """Instances refuse to be pickled with a distinctive RuntimeError."""
+
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle Unpicklable")
+
+
+def return_lambda():
+    return lambda: 42
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def return_unpicklable_in_list(x):
+    """Fine for most x, unpicklable result for x == 3."""
+    if x == 3:
+        return threading.Lock()
+    return x
+
+
+# ---------------------------------------------------------------- gating
+
+def _write_atomically(path, text):
+    tmp = "%s.tmp.%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def wait_for_path(path, timeout):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError("%s did not appear within %.1fs" % (path, timeout))
+        time.sleep(_POLL)
+
+
+def gated(value, gate_path, started_path=None):
+    """Report start (pid) to `started_path`, block until `gate_path` exists,
+    then return `value`."""
+    if started_path is not None:
+        _write_atomically(started_path, str(os.getpid()))
+    wait_for_path(gate_path, GATE_TIMEOUT)
+    return value
+
+
+def maybe_gated(value, gate_path=None):
+    """Return immediately unless a gate is given."""
+    if gate_path is not None:
+        wait_for_path(gate_path, GATE_TIMEOUT)
+    return value
+
+
+def gated_item(item):
+    """Single-argument form for map/imap: item is (value, gate_path_or_None)."""
+    value, gate_path = item
+    return maybe_gated(value, gate_path)
+
+
+class Gate:
+    """Parent-side handle for a file gate in a temporary directory."""
+
+    def __init__(self, directory, name="gate"):
+        self.path = os.path.join(str(directory), name)
+        self._started_count = 0
+        self._dir = str(directory)
+        self._name = name
+
+    def started_path(self, n=None):
+        if n is None:
+            n = self._started_count
+            self._started_count += 1
+        return os.path.join(self._dir, "%s.started.%d" % (self._name, n))
+
+    def open(self):
+        if not os.path.exists(self.path):
+            _write_atomically(self.path, "open")
+
+    def wait_started(self, started_path, timeout=START_TIMEOUT):
+        """Block until the gated task has started; return its worker pid."""
+        wait_for_path(started_path, timeout)
+        with open(started_path) as f:
+            return int(f.read())
+
+
+# -------------------------------------------------------------- nested pools
+
+def nested_cpool_map(n):
+    import cpool
+    with cpool.Pool(2) as p:
+        return p.map(square, range(n)), os.getpid()
+
+
+# ------------------------------------------------------- parent-side helpers
+
+def call_within(fn, timeout, *args):
+    """Run fn(*args) in a helper thread; fail if it does not finish in time.
+
+    Used for blocking calls that have no timeout parameter (e.g. next() on
+    the generator imap returns for chunksize > 1).  Returns fn's result or
+    re-raises its exception.
+    """
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError("%r did not finish within %.1fs" % (fn, timeout))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def process_gone(pid):
+    """True if no process (not even a zombie) with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

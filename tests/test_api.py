@@ -1,0 +1,856 @@
+"""Conformance tests: cpool.Pool must behave like multiprocessing.Pool.
+
+Every test taking the ``Pool`` fixture runs against both cpool.Pool and
+multiprocessing's fork-context Pool.
+"""
+import functools
+import gc
+import itertools
+import math
+import multiprocessing
+import multiprocessing.pool
+import operator
+import os
+import pickle
+import threading
+import time
+import types
+import warnings
+
+import pytest
+
+import helpers
+from helpers import START_TIMEOUT
+
+T = START_TIMEOUT  # generous upper bound for results that should come quickly
+
+
+def module_level_task(x):
+    """A task defined in the test module itself (pickled as test_api.module_level_task)."""
+    return ("module", x)
+
+
+class IterOnly:
+    """Iterable without __len__."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+# ------------------------------------------------------------------ apply
+
+def test_apply_args_and_kwds(Pool):
+    with Pool(2) as p:
+        assert p.apply(helpers.square, (5,)) == 25
+        assert p.apply(helpers.square, (), {"x": 3}) == 9
+        assert p.apply(helpers.square, kwds={"x": 4}) == 16
+        assert p.apply(helpers.const_42) == 42
+        assert p.apply(helpers.echo_args, (1, "two"), {"k": [3]}) == ((1, "two"), {"k": [3]})
+        # list args are accepted like tuples
+        assert p.apply(helpers.mul, [6, 7]) == 42
+
+
+def test_apply_runs_in_a_worker_process(Pool):
+    with Pool(2) as p:
+        pid = p.apply(helpers.getpid)
+    assert pid != os.getpid()
+
+
+def test_apply_async_returns_result(Pool):
+    with Pool(2) as p:
+        r = p.apply_async(helpers.power, (2, 10))
+        assert r.get(timeout=T) == 1024
+        r = p.apply_async(helpers.echo_args, (1,), {"a": 2})
+        assert r.get(timeout=T) == ((1,), {"a": 2})
+
+
+def test_apply_async_callback_in_parent_other_thread(Pool):
+    calls = []
+
+    def cb(value):
+        calls.append((value, os.getpid(), threading.get_ident()))
+
+    def ecb(exc):
+        calls.append(("error", exc))
+
+    with Pool(2) as p:
+        r = p.apply_async(helpers.square, (9,), callback=cb, error_callback=ecb)
+        assert r.get(timeout=T) == 81
+        # multiprocessing runs the callback before the result becomes ready
+        assert len(calls) == 1
+        value, pid, tid = calls[0]
+        assert value == 81
+        assert pid == os.getpid()
+        assert tid != threading.get_ident()
+
+
+def test_apply_async_error_callback(Pool):
+    calls = []
+
+    def cb(value):
+        calls.append(("value", value))
+
+    def ecb(exc):
+        calls.append(("error", exc, os.getpid(), threading.get_ident()))
+
+    with Pool(2) as p:
+        r = p.apply_async(helpers.raise_value_error, (7,), callback=cb, error_callback=ecb)
+        with pytest.raises(ValueError) as ei:
+            r.get(timeout=T)
+        assert len(calls) == 1
+        kind, exc, pid, tid = calls[0]
+        assert kind == "error"
+        assert type(exc) is ValueError
+        assert exc.args == ("bad value", 7)
+        assert exc is ei.value
+        assert pid == os.getpid()
+        assert tid != threading.get_ident()
+
+
+def test_idle_worker_takes_work_while_another_is_blocked(Pool, gate):
+    # A busy worker must not hold on to queued tasks: the idle one runs them.
+    with Pool(2) as p:
+        sp = gate.started_path()
+        blocked = p.apply_async(helpers.gated, ("late", gate.path, sp))
+        gate.wait_started(sp)
+        assert p.apply_async(helpers.square, (7,)).get(timeout=T) == 49
+        assert p.map_async(helpers.square, range(20), chunksize=1).get(timeout=T) == \
+            [i * i for i in range(20)]
+        assert not blocked.ready()
+        gate.open()
+        assert blocked.get(timeout=T) == "late"
+
+
+# -------------------------------------------------------------- map family
+
+@pytest.mark.parametrize("chunksize", [None, 1, 3, 7, 1000])
+@pytest.mark.parametrize("n", [1, 10, 101])
+def test_map_in_order(Pool, n, chunksize):
+    with Pool(2) as p:
+        assert p.map(helpers.square, range(n), chunksize) == [i * i for i in range(n)]
+        assert p.map(helpers.square, list(range(n)), chunksize=chunksize) == \
+            [i * i for i in range(n)]
+
+
+def test_map_order_with_out_of_order_completion(Pool, gate):
+    items = [(0, gate.path)] + [(i, None) for i in range(1, 30)]
+    with Pool(2) as p:
+        r = p.map_async(helpers.gated_item, items, chunksize=1)
+        # queued behind the map's tasks: done => the fast items very likely finished
+        assert p.apply_async(helpers.const_42).get(timeout=T) == 42
+        assert not r.ready()
+        gate.open()
+        assert r.get(timeout=T) == list(range(30))
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 4])
+def test_map_async(Pool, chunksize):
+    got = []
+    with Pool(2) as p:
+        r = p.map_async(helpers.square, range(50), chunksize=chunksize, callback=got.append)
+        assert isinstance(r, multiprocessing.pool.MapResult)
+        assert r.get(timeout=T) == [i * i for i in range(50)]
+        # callback gets the whole result list, once, before the result is ready
+        assert got == [[i * i for i in range(50)]]
+
+
+def test_map_async_error_callback(Pool):
+    got = []
+    errs = []
+    with Pool(2) as p:
+        r = p.map_async(int, ["1", "x", "3"], chunksize=1,
+                        callback=got.append, error_callback=errs.append)
+        with pytest.raises(ValueError):
+            r.get(timeout=T)
+        assert got == []
+        assert len(errs) == 1
+        assert type(errs[0]) is ValueError
+        assert "'x'" in str(errs[0])
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 5])
+def test_starmap(Pool, chunksize):
+    pairs = list(zip(range(40), range(39, -1, -1)))
+    with Pool(2) as p:
+        assert p.starmap(helpers.mul, pairs, chunksize) == list(itertools.starmap(helpers.mul, pairs))
+        assert p.starmap(operator.add, pairs, chunksize=chunksize) == [39] * 40
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 5])
+def test_starmap_async(Pool, chunksize):
+    pairs = [(i, i + 1) for i in range(30)]
+    got = []
+    errs = []
+    with Pool(2) as p:
+        r = p.starmap_async(helpers.mul, pairs, chunksize, got.append, errs.append)
+        assert isinstance(r, multiprocessing.pool.MapResult)
+        expected = [a * b for a, b in pairs]
+        assert r.get(timeout=T) == expected
+        assert got == [expected]
+        assert errs == []
+        r = p.starmap_async(helpers.square_unless, [(1, 2), (2, 2)], chunksize=chunksize,
+                            callback=got.append, error_callback=errs.append)
+        with pytest.raises(ValueError):
+            r.get(timeout=T)
+        assert len(errs) == 1 and type(errs[0]) is ValueError
+        assert errs[0].args == ("bad item", 2)
+
+
+def test_map_large_chunksize_one(Pool):
+    n = 10 ** 5
+    with Pool(2) as p:
+        out = p.map(abs, range(-n // 2, n // 2), chunksize=1)
+    assert out == [abs(i) for i in range(-n // 2, n // 2)]
+
+
+# ---------------------------------------------------------------- imap
+
+@pytest.mark.parametrize("chunksize", [1, 2, 7, 1000])
+def test_imap(Pool, chunksize):
+    with Pool(2) as p:
+        it = p.imap(helpers.square, range(100), chunksize)
+        assert list(it) == [i * i for i in range(100)]
+        it = p.imap(helpers.square, range(10), chunksize=chunksize)
+        for i in range(10):
+            assert next(it) == i * i
+        with pytest.raises(StopIteration):
+            next(it)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 7, 1000])
+def test_imap_unordered(Pool, chunksize):
+    with Pool(2) as p:
+        it = p.imap_unordered(helpers.square, range(100), chunksize)
+        out = list(it)
+    assert sorted(out) == [i * i for i in range(100)]
+
+
+def test_imap_result_types(Pool):
+    with Pool(2) as p:
+        it = p.imap(helpers.square, range(5))
+        assert isinstance(it, multiprocessing.pool.IMapIterator)
+        assert list(it) == [0, 1, 4, 9, 16]
+        it = p.imap_unordered(helpers.square, range(5))
+        assert isinstance(it, multiprocessing.pool.IMapUnorderedIterator)
+        assert isinstance(it, multiprocessing.pool.IMapIterator)
+        assert sorted(it) == [0, 1, 4, 9, 16]
+        # chunksize > 1: a plain generator, exactly like multiprocessing
+        g = p.imap(helpers.square, range(5), chunksize=2)
+        assert isinstance(g, types.GeneratorType)
+        assert list(g) == [0, 1, 4, 9, 16]
+        g = p.imap_unordered(helpers.square, range(5), chunksize=2)
+        assert isinstance(g, types.GeneratorType)
+        assert sorted(g) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [0, -1])
+def test_imap_bad_chunksize(Pool, method, chunksize):
+    with Pool(1) as p:
+        with pytest.raises(ValueError):
+            getattr(p, method)(helpers.square, range(5), chunksize)
+        assert p.apply(helpers.square, (3,)) == 9
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_next_timeout(Pool, method, gate):
+    with Pool(2) as p:
+        it = getattr(p, method)(helpers.gated_item, [(5, gate.path)])
+        with pytest.raises(multiprocessing.TimeoutError) as ei:
+            it.next(timeout=0.05)
+        assert ei.type is multiprocessing.TimeoutError
+        gate.open()
+        assert it.next(timeout=T) == 5
+        with pytest.raises(StopIteration):
+            it.next(timeout=T)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_imap_streams_results(Pool, gate, chunksize):
+    # The first results must be delivered while the last item is still blocked.
+    items = [(0, None), (1, None), (2, None), (3, gate.path)]
+    with Pool(2) as p:
+        it = p.imap(helpers.gated_item, items, chunksize)
+        first = helpers.call_within(next, T, it)
+        assert first == 0
+        assert not os.path.exists(gate.path)  # so item 3 has certainly not finished
+        gate.open()
+        assert helpers.call_within(list, T, it) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_imap_unordered_streams_results(Pool, gate, chunksize):
+    items = [(0, gate.path)] + [(i, None) for i in range(1, 6)]
+    with Pool(2) as p:
+        it = p.imap_unordered(helpers.gated_item, items, chunksize)
+        first = helpers.call_within(next, T, it)
+        assert first in range(1, 6)
+        gate.open()
+        rest = helpers.call_within(list, T, it)
+        assert sorted([first] + rest) == list(range(6))
+
+
+# --------------------------------------------------- empty / lazy iterables
+
+@pytest.mark.parametrize("flavour", [
+    "map", "map_async", "starmap", "starmap_async",
+    "imap", "imap_cs3", "imap_unordered", "imap_unordered_cs3",
+])
+@pytest.mark.parametrize("empty", [[], (), "gen"], ids=["list", "tuple", "generator"])
+def test_empty_iterables(Pool, flavour, empty):
+    def it():
+        return (x for x in []) if empty == "gen" else empty
+
+    with Pool(1) as p:
+        func = helpers.mul if flavour.startswith("starmap") else helpers.square
+        if flavour in ("map", "starmap"):
+            out = getattr(p, flavour)(func, it())
+        elif flavour in ("map_async", "starmap_async"):
+            out = getattr(p, flavour)(func, it(), chunksize=1).get(timeout=T)
+        elif flavour.endswith("_cs3"):
+            out = list(getattr(p, flavour[:-4])(func, it(), chunksize=3))
+        else:
+            out = list(getattr(p, flavour)(func, it()))
+        assert out == []
+        assert p.apply(helpers.square, (2,)) == 4
+
+
+def test_map_async_empty_never_calls_callback(Pool):
+    # multiprocessing quirk: an empty map_async is ready at once and its
+    # callback is never invoked.
+    got = []
+    with Pool(1) as p:
+        r = p.map_async(helpers.square, [], callback=got.append)
+        assert r.ready()
+        assert r.get(timeout=T) == []
+        assert p.apply(helpers.square, (2,)) == 4
+        p.close()
+        p.join()
+    assert got == []
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: (i for i in range(n)),
+    lambda n: iter(list(range(n))),
+    lambda n: IterOnly(n),
+    lambda n: map(int, range(n)),
+], ids=["generator", "iterator", "iter-only-class", "map-object"])
+def test_iterables_without_len(Pool, make):
+    n = 57
+    sq = [i * i for i in range(n)]
+    with Pool(2) as p:
+        assert p.map(helpers.square, make(n)) == sq
+        assert p.map(helpers.square, make(n), chunksize=4) == sq
+        assert p.map_async(helpers.square, make(n)).get(timeout=T) == sq
+        assert list(p.imap(helpers.square, make(n))) == sq
+        assert list(p.imap(helpers.square, make(n), chunksize=5)) == sq
+        assert sorted(p.imap_unordered(helpers.square, make(n))) == sq
+        assert sorted(p.imap_unordered(helpers.square, make(n), chunksize=5)) == sq
+        pairs = ((i, 2) for i in make(n))
+        assert p.starmap(helpers.mul, pairs) == [2 * i for i in range(n)]
+        pairs = ((i, 3) for i in make(n))
+        assert p.starmap_async(helpers.mul, pairs, chunksize=3).get(timeout=T) == \
+            [3 * i for i in range(n)]
+
+
+# ------------------------------------------------------- close/join/terminate
+
+def test_close_join_completes_submitted_work(Pool, gate):
+    with Pool(2) as p:
+        sp = gate.started_path()
+        blocker = p.apply_async(helpers.gated, ("done", gate.path, sp))
+        gate.wait_started(sp)
+        asyncs = [p.apply_async(helpers.square, (i,)) for i in range(50)]
+        m = p.map_async(helpers.square, range(100), chunksize=7)
+        sm = p.starmap_async(helpers.mul, [(i, 2) for i in range(30)])
+        it = p.imap(helpers.square, range(40))
+        itu = p.imap_unordered(helpers.square, range(40), chunksize=3)
+        p.close()
+        assert not blocker.ready()
+        gate.open()
+        p.join()
+        assert blocker.ready() and blocker.get(timeout=0) == "done"
+        assert all(r.ready() for r in asyncs)
+        assert [r.get(timeout=0) for r in asyncs] == [i * i for i in range(50)]
+        assert m.ready() and m.get(timeout=0) == [i * i for i in range(100)]
+        assert sm.ready() and sm.get(timeout=0) == [2 * i for i in range(30)]
+        assert list(it) == [i * i for i in range(40)]
+        assert sorted(itu) == [i * i for i in range(40)]
+
+
+def test_close_is_idempotent_and_join_repeatable(Pool):
+    p = Pool(2)
+    try:
+        r = p.map_async(helpers.square, range(10))
+        p.close()
+        p.close()
+        p.join()
+        p.join()
+        assert r.get(timeout=0) == [i * i for i in range(10)]
+    finally:
+        p.terminate()
+        p.join()
+
+
+def _pending_result_after_terminate(impl, r):
+    """multiprocessing leaves a result pending at terminate() unresolved
+    forever; cpool fails it with PoolTerminatedError."""
+    if impl == "mp":
+        assert not r.ready()
+    else:
+        import cpool
+        with pytest.raises(cpool.PoolTerminatedError):
+            r.get(timeout=T)
+
+
+def test_terminate_kills_busy_workers(Pool, impl, gate):
+    p = Pool(2)
+    try:
+        sps = [gate.started_path() for _ in range(2)]
+        rs = [p.apply_async(helpers.gated, (i, gate.path, sp)) for i, sp in enumerate(sps)]
+        queued = p.map_async(helpers.square, range(100), chunksize=1)
+        pids = [gate.wait_started(sp) for sp in sps]
+        assert len(set(pids)) == 2
+    finally:
+        p.terminate()
+        p.join()
+    # the gate was never opened: the workers were killed, not drained
+    assert all(helpers.process_gone(pid) for pid in pids)
+    for r in rs:
+        _pending_result_after_terminate(impl, r)
+    _pending_result_after_terminate(impl, queued)
+    with pytest.raises(ValueError):
+        p.apply(helpers.square, (1,))
+
+
+def test_terminate_idle_and_twice(Pool):
+    p = Pool(2)
+    assert p.apply(helpers.square, (3,)) == 9
+    p.terminate()
+    p.terminate()
+    p.join()
+    with pytest.raises(ValueError):
+        p.map(helpers.square, [1])
+
+
+def test_close_then_terminate(Pool):
+    p = Pool(2)
+    r = p.map_async(helpers.square, range(10))
+    assert r.get(timeout=T) == [i * i for i in range(10)]
+    p.close()
+    p.terminate()
+    p.join()
+
+
+def test_context_manager_returns_pool(Pool):
+    p = Pool(1)
+    with p as entered:
+        assert entered is p
+        assert entered.apply(helpers.square, (4,)) == 16
+    p.join()
+
+
+def test_context_manager_exit_terminates(Pool, impl, gate):
+    with Pool(2) as p:
+        sp = gate.started_path()
+        r = p.apply_async(helpers.gated, ("never", gate.path, sp))
+        pid = gate.wait_started(sp)
+    p.join()
+    assert helpers.process_gone(pid)
+    _pending_result_after_terminate(impl, r)
+    with pytest.raises(ValueError):
+        p.apply_async(helpers.square, (1,))
+    # bpo-35477: entering a pool that is not running fails
+    with pytest.raises(ValueError):
+        with p:
+            pass
+
+
+def test_context_manager_propagates_exception(Pool):
+    with pytest.raises(KeyError):
+        with Pool(1) as p:
+            assert p.apply(helpers.square, (2,)) == 4
+            raise KeyError("from body")
+    p.join()
+    with pytest.raises(ValueError):
+        p.apply(helpers.square, (1,))
+
+
+def test_pool_cannot_be_pickled(Pool):
+    with Pool(1) as p:
+        with pytest.raises(NotImplementedError):
+            pickle.dumps(p)
+        # passing the pool to a task fails at the caller the same way
+        with pytest.raises(NotImplementedError):
+            p.apply_async(helpers.identity, (p,)).get(timeout=T)
+        assert p.apply(helpers.square, (5,)) == 25
+
+
+def _make_and_drop_running_pool(Pool):
+    p = Pool(1)
+    assert p.apply(helpers.square, (3,)) == 9
+    # returning drops the only reference while the pool is running
+
+
+def _cleanup_warning_sources(records):
+    for w in records:
+        src = getattr(w, "source", None)
+        if src is not None and hasattr(src, "terminate"):
+            src.terminate()
+            src.join()
+
+
+def test_resource_warning_for_running_pool(Pool):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _make_and_drop_running_pool(Pool)
+        gc.collect()
+    try:
+        pool_warnings = [w for w in caught
+                         if issubclass(w.category, ResourceWarning)
+                         and "pool" in str(w.message).lower()]
+        assert len(pool_warnings) == 1, [str(w.message) for w in caught]
+    finally:
+        _cleanup_warning_sources(caught)
+
+
+@pytest.mark.parametrize("how", ["close", "terminate", "with"])
+def test_no_resource_warning_for_stopped_pool(Pool, how):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if how == "with":
+            with Pool(1) as p:
+                assert p.apply(helpers.square, (3,)) == 9
+        else:
+            p = Pool(1)
+            assert p.apply(helpers.square, (3,)) == 9
+            getattr(p, how)()
+        p.join()
+        del p
+        gc.collect()
+    try:
+        assert [w for w in caught if issubclass(w.category, ResourceWarning)
+                and "pool" in str(w.message).lower()] == []
+    finally:
+        _cleanup_warning_sources(caught)
+
+
+# ------------------------------------------------------------ result objects
+
+def test_apply_result_api(Pool, gate):
+    with Pool(2) as p:
+        r = p.apply_async(helpers.gated, ("v", gate.path))
+        assert isinstance(r, multiprocessing.pool.ApplyResult)
+        assert isinstance(r, multiprocessing.pool.AsyncResult)
+        assert not r.ready()
+        with pytest.raises(ValueError):
+            r.successful()
+        with pytest.raises(multiprocessing.TimeoutError) as ei:
+            r.get(timeout=0.05)
+        assert ei.type is multiprocessing.TimeoutError
+        assert r.wait(0.05) is None
+        assert not r.ready()
+        gate.open()
+        assert r.wait(T) is None
+        assert r.ready()
+        assert r.successful() is True
+        assert r.get(timeout=0) == "v"
+        assert r.get() == "v"  # repeatable
+
+        bad = p.apply_async(helpers.raise_value_error, (1,))
+        bad.wait(T)
+        assert bad.ready()
+        assert bad.successful() is False
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                bad.get(timeout=0)
+
+
+def test_map_result_api(Pool, gate):
+    items = [(i, None) for i in range(5)] + [(5, gate.path)]
+    with Pool(2) as p:
+        r = p.map_async(helpers.gated_item, items, chunksize=1)
+        assert isinstance(r, multiprocessing.pool.MapResult)
+        assert isinstance(r, multiprocessing.pool.ApplyResult)
+        assert not r.ready()
+        with pytest.raises(ValueError):
+            r.successful()
+        with pytest.raises(multiprocessing.TimeoutError):
+            r.get(timeout=0.05)
+        assert r.wait(0.05) is None
+        gate.open()
+        r.wait(T)
+        assert r.ready() and r.successful() is True
+        assert r.get(timeout=0) == list(range(6))
+
+        r = p.starmap_async(helpers.mul, [(1, 2)])
+        assert isinstance(r, multiprocessing.pool.MapResult)
+        assert r.get(timeout=T) == [2]
+
+
+# ------------------------------------------------------------- constructor
+
+@pytest.mark.parametrize("processes", [0, -1])
+def test_bad_processes(Pool, processes):
+    with pytest.raises(ValueError):
+        Pool(processes)
+    with pytest.raises(ValueError):
+        Pool(processes=processes)
+
+
+@pytest.mark.parametrize("value", [0, -1, "x", 0.5, "12"])
+def test_bad_maxtasksperchild(Pool, value):
+    with pytest.raises(ValueError):
+        Pool(1, maxtasksperchild=value)
+
+
+@pytest.mark.parametrize("value", [3, "f"])
+def test_non_callable_initializer(Pool, value):
+    with pytest.raises(TypeError):
+        Pool(1, initializer=value)
+
+
+def test_default_process_count(Pool, impl):
+    cpu = os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0))
+    if impl == "mp" or cpu == affinity:
+        # Python 3.11's multiprocessing uses os.cpu_count()
+        expected = cpu
+    else:
+        expected = affinity
+    with Pool() as p:
+        assert p._processes == expected
+        assert p.apply(helpers.square, (2,)) == 4
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_explicit_process_count(Pool, n, tmp_path):
+    gate = helpers.Gate(tmp_path)
+    with Pool(n) as p:
+        assert p._processes == n
+        # n tasks blocked at the same time must run in n distinct workers
+        sps = [gate.started_path() for _ in range(n)]
+        rs = [p.apply_async(helpers.gated, (i, gate.path, sp)) for i, sp in enumerate(sps)]
+        pids = {gate.wait_started(sp) for sp in sps}
+        assert len(pids) == n
+        gate.open()
+        assert [r.get(timeout=T) for r in rs] == list(range(n))
+
+
+# --------------------------------------------------------------- initializer
+
+def test_initializer_runs_once_in_every_worker(Pool, gate):
+    with Pool(2, initializer=helpers.init_worker, initargs=("tag", 2)) as p:
+        sps = [gate.started_path() for _ in range(2)]
+        rs = [p.apply_async(helpers.init_state_gated, (gate.path, sp)) for sp in sps]
+        pids = [gate.wait_started(sp) for sp in sps]
+        assert len(set(pids)) == 2
+        gate.open()
+        states = [r.get(timeout=T) for r in rs]
+        assert sorted(s[0] for s in states) == sorted(pids)
+        assert all(s[1:] == (1, ("tag", 2)) for s in states)
+        more = p.map(helpers.init_state, range(40), chunksize=1)
+        assert {s[0] for s in more} <= set(pids)
+        assert all(s[1:] == (1, ("tag", 2)) for s in more)
+    # never in the parent
+    assert helpers._init_calls == 0 and helpers._init_tag is None
+
+
+def test_initializer_without_args_and_in_replacement_workers(Pool):
+    with Pool(1, initializer=helpers.init_worker, maxtasksperchild=1) as p:
+        states = p.map(helpers.init_state, range(6), chunksize=1)
+    assert len({s[0] for s in states}) == 6
+    assert all(s[1:] == (1, ()) for s in states)
+
+
+# ----------------------------------------------------------- maxtasksperchild
+
+@pytest.mark.parametrize("maxtasks", [1, 2])
+def test_maxtasksperchild_replaces_workers(Pool, maxtasks):
+    n = 24
+    with Pool(2, maxtasksperchild=maxtasks) as p:
+        rs = [p.apply_async(helpers.square_and_pid, (i,)) for i in range(n)]
+        out = [r.get(timeout=T) for r in rs]
+        assert [v for v, _ in out] == [i * i for i in range(n)]
+        assert len({pid for _, pid in out}) >= math.ceil(n / maxtasks)
+        assert os.getpid() not in {pid for _, pid in out}
+
+        out = p.map(helpers.square_and_pid, range(n), chunksize=1)
+        assert [v for v, _ in out] == [i * i for i in range(n)]
+        assert len({pid for _, pid in out}) >= math.ceil(n / maxtasks)
+
+        out = list(p.imap(helpers.square_and_pid, range(n)))
+        assert [v for v, _ in out] == [i * i for i in range(n)]
+        assert len({pid for _, pid in out}) >= math.ceil(n / maxtasks)
+
+
+def test_maxtasksperchild_early_close_does_not_hang(Pool):
+    # bpo-10332
+    p = Pool(3, maxtasksperchild=1)
+    try:
+        rs = [p.apply_async(helpers.square, (i,)) for i in range(12)]
+        p.close()
+        p.join()
+        assert [r.get(timeout=0) for r in rs] == [i * i for i in range(12)]
+    finally:
+        p.terminate()
+        p.join()
+
+
+# ------------------------------------------------------------- concurrency
+
+def test_many_threads_share_one_pool(Pool):
+    nthreads = 8
+    barrier = threading.Barrier(nthreads)
+    errors = []
+    done = []
+
+    def worker(k):
+        try:
+            barrier.wait(T)
+            for rep in range(5):
+                base = k * 1000 + rep * 100
+                assert p.apply(helpers.mul, (base, 2)) == base * 2
+                assert p.map(helpers.square, range(base, base + 50), chunksize=3) == \
+                    [i * i for i in range(base, base + 50)]
+                r = p.apply_async(helpers.power, (k, rep))
+                assert list(p.imap(helpers.square, range(base, base + 20))) == \
+                    [i * i for i in range(base, base + 20)]
+                assert sorted(p.imap_unordered(helpers.square, range(base, base + 20), 4)) == \
+                    [i * i for i in range(base, base + 20)]
+                assert p.starmap(helpers.mul, [(base, j) for j in range(10)]) == \
+                    [base * j for j in range(10)]
+                assert r.get(timeout=T) == k ** rep
+            done.append(k)
+        except BaseException as e:  # reported below
+            errors.append((k, e))
+
+    with Pool(2) as p:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), errors
+    assert errors == []
+    assert sorted(done) == list(range(nthreads))
+
+
+@pytest.mark.cpool_only
+def test_nested_pool_inside_worker(cpool_Pool):
+    # multiprocessing cannot do this: its workers are daemonic
+    # ("daemonic processes are not allowed to have children").
+    with cpool_Pool(2) as p:
+        out, pid = p.apply_async(helpers.nested_cpool_map, (20,)).get(timeout=T)
+        assert out == [i * i for i in range(20)]
+        assert pid != os.getpid()
+        outs = p.map(helpers.nested_cpool_map, [5, 6], chunksize=1)
+        assert [o for o, _ in outs] == [[i * i for i in range(5)], [i * i for i in range(6)]]
+
+
+# ------------------------------------------------------------ callables
+
+CALLABLES = [
+    pytest.param(module_level_task, (7,), ("module", 7), id="test-module-function"),
+    pytest.param(helpers.square, (7,), 49, id="helpers-function"),
+    pytest.param(abs, (-7,), 7, id="builtin-abs"),
+    pytest.param(len, ("seven",), 5, id="builtin-len"),
+    pytest.param(operator.add, (3, 4), 7, id="operator-add"),
+    pytest.param(pow, (2, 5), 32, id="builtin-pow"),
+    pytest.param(functools.partial(helpers.power, 2), (6,), 64, id="partial"),
+    pytest.param(functools.partial(pow, exp=3), (2,), 8, id="partial-kw-builtin"),
+    pytest.param(helpers.Multiplier(3).mul, (5,), 15, id="bound-method"),
+    pytest.param(helpers.Multiplier.cls_name, (1,), "Multiplier:1", id="classmethod"),
+    pytest.param(helpers.Multiplier.negate, (4,), -4, id="staticmethod"),
+    pytest.param("-".join, (["a", "b"],), "a-b", id="builtin-bound-method"),
+    pytest.param(str.upper, ("abc",), "ABC", id="method-descriptor"),
+]
+
+
+@pytest.mark.parametrize("func,args,expected", CALLABLES)
+def test_callable_kinds(Pool, func, args, expected):
+    with Pool(2) as p:
+        assert p.apply(func, args) == expected
+        assert p.apply_async(func, args).get(timeout=T) == expected
+        assert p.starmap(func, [args] * 5) == [expected] * 5
+        if len(args) == 1:
+            assert p.map(func, [args[0]] * 5) == [expected] * 5
+            assert list(p.imap(func, [args[0]] * 3)) == [expected] * 3
+            assert list(p.imap_unordered(func, [args[0]] * 3, chunksize=2)) == [expected] * 3
+
+
+def test_class_as_task_returns_instance(Pool):
+    with Pool(1) as p:
+        m = p.apply(helpers.Multiplier, (4,))
+        assert type(m) is helpers.Multiplier and m.factor == 4
+        assert [o.factor for o in p.map(helpers.Multiplier, range(3))] == [0, 1, 2]
+
+
+def _make_closure():
+    captured = 10
+
+    def closure(x=1):
+        return x + captured
+    return closure
+
+
+def _pickling_error_type(obj):
+    try:
+        pickle.dumps(obj)
+    except Exception as e:
+        return type(e)
+    raise AssertionError("%r unexpectedly picklable" % (obj,))
+
+
+SUBMITTERS = {
+    "apply": lambda p, f: p.apply(f, (1,)),
+    "apply_async": lambda p, f: p.apply_async(f, (1,)).get(timeout=T),
+    "map": lambda p, f: p.map(f, [1, 2, 3]),
+    "map_cs2": lambda p, f: p.map(f, [1, 2, 3], chunksize=2),
+    "map_async": lambda p, f: p.map_async(f, [1, 2, 3]).get(timeout=T),
+    "starmap": lambda p, f: p.starmap(f, [(1,), (2,)]),
+    "starmap_async": lambda p, f: p.starmap_async(f, [(1,), (2,)]).get(timeout=T),
+    "imap": lambda p, f: list(p.imap(f, [1, 2, 3])),
+    "imap_cs2": lambda p, f: list(p.imap(f, [1, 2, 3], chunksize=2)),
+    "imap_unordered": lambda p, f: list(p.imap_unordered(f, [1, 2, 3])),
+    "imap_unordered_cs2": lambda p, f: list(p.imap_unordered(f, [1, 2, 3], chunksize=2)),
+}
+
+
+@pytest.mark.parametrize("submit", sorted(SUBMITTERS))
+@pytest.mark.parametrize("kind", ["closure", "lambda"])
+def test_unpicklable_function_raises_at_caller(Pool, submit, kind):
+    func = _make_closure() if kind == "closure" else (lambda x=1: x)
+    expected_type = _pickling_error_type(func)
+    with Pool(2) as p:
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)) as ei:
+            SUBMITTERS[submit](p, func)
+        assert isinstance(ei.value, expected_type), (ei.type, expected_type)
+        # the pool keeps working
+        assert p.map(helpers.square, range(10)) == [i * i for i in range(10)]
+        assert p.apply(helpers.square, (3,)) == 9
+
+
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_buffersize_argument(cpool_Pool, method, chunksize):
+    # API_SPEC: imap/imap_unordered(func, iterable, chunksize=1, buffersize=None)
+    with cpool_Pool(2) as p:
+        out = list(getattr(p, method)(helpers.square, range(50), chunksize, buffersize=4))
+        if method == "imap":
+            assert out == [i * i for i in range(50)]
+        else:
+            assert sorted(out) == [i * i for i in range(50)]
+        it = getattr(p, method)(helpers.square, itertools.count(), chunksize=chunksize,
+                                buffersize=2)
+        first = [helpers.call_within(next, T, it) for _ in range(10)]
+        if method == "imap":
+            assert first == [i * i for i in range(10)]
+        else:
+            assert len(set(first)) == 10
+            assert all(math.isqrt(v) ** 2 == v for v in first)

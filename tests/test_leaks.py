@@ -1,0 +1,196 @@
+"""Resource-leak tests (cpool only).
+
+Release builds have no sys.gettotalrefcount, so leaks are detected by
+running two equal batches of calls after a warm-up and requiring that the
+number of gc-tracked objects and the tracemalloc-traced memory do not grow
+between the end of the first and the end of the second batch beyond a small
+bound (a per-call leak of even one small object exceeds it).
+Pool lifecycle tests check that fds, threads and child processes return to
+their baseline after creating and shutting down many pools.
+"""
+import gc
+import os
+import threading
+import tracemalloc
+
+import pytest
+
+import helpers
+
+pytestmark = pytest.mark.cpool_only
+
+T = helpers.START_TIMEOUT
+N_CALLS = 2000
+# Allowed growth between two equal batches of N_CALLS calls.
+MAX_OBJECT_GROWTH = 100          # gc-tracked objects (a leak is >= N_CALLS)
+MAX_TRACED_GROWTH = 12 * 1024    # bytes (6-24 bytes per call, by kind)
+WINDOW = 100                     # outstanding apply_async results at most
+
+
+def _batch(p, kind, n):
+    if kind == "apply":
+        for i in range(n // 2):
+            assert p.apply(helpers.square, (i,)) == i * i
+            assert p.apply(helpers.echo_args, (i,), {"k": i}) == ((i,), {"k": i})
+    elif kind == "apply_async":
+        # in windows, so the pool's result cache (a dict, whose table size
+        # depends on its history) stays small: its resizing is not a leak
+        for start in range(0, n, WINDOW):
+            rs = [p.apply_async(helpers.square, (i,)) for i in range(start, start + WINDOW)]
+            assert [r.get(timeout=T) for r in rs] == [i * i for i in range(start, start + WINDOW)]
+        del rs
+    elif kind == "apply_async_callback":
+        for start in range(0, n, WINDOW):
+            got = []
+            rs = [p.apply_async(helpers.square, (i,), callback=got.append)
+                  for i in range(start, start + WINDOW)]
+            for r in rs:
+                r.wait(T)
+            assert sorted(got) == [i * i for i in range(start, start + WINDOW)]
+        del rs, got
+    elif kind == "map":
+        for i in range(n // 4):
+            assert p.map(helpers.square, range(i, i + 10)) == [x * x for x in range(i, i + 10)]
+    elif kind == "map_cs1":
+        assert p.map(helpers.square, range(n), chunksize=1) == [x * x for x in range(n)]
+    elif kind == "starmap":
+        for i in range(n // 4):
+            assert p.starmap(helpers.mul, [(i, x) for x in range(10)]) == [i * x for x in range(10)]
+    elif kind == "imap":
+        for i in range(n // 4):
+            assert list(p.imap(helpers.square, range(i, i + 10))) == [x * x for x in range(i, i + 10)]
+    elif kind == "imap_cs4":
+        for i in range(n // 4):
+            assert list(p.imap(helpers.square, range(i, i + 10), 4)) == \
+                [x * x for x in range(i, i + 10)]
+    elif kind == "imap_unordered":
+        for i in range(n // 4):
+            assert sorted(p.imap_unordered(helpers.square, range(i, i + 10))) == \
+                [x * x for x in range(i, i + 10)]
+    elif kind == "apply_error":
+        for i in range(n // 4):
+            try:
+                p.apply(helpers.raise_value_error, (i,))
+            except ValueError as e:
+                assert e.args == ("bad value", i)
+            else:
+                raise AssertionError("no exception")
+    elif kind == "large_payload":
+        blob = b"x" * 100_000
+        for i in range(n // 10):
+            assert p.apply(len, (blob,)) == 100_000
+    else:
+        raise AssertionError(kind)
+
+
+def _settle():
+    for _ in range(3):
+        gc.collect()
+
+
+KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "large_payload"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_growth_between_equal_batches(cpool_Pool, kind):
+    with cpool_Pool(2) as p:
+        _batch(p, kind, N_CALLS // 4)  # warm-up, untraced
+        tracemalloc.start()
+        try:
+            # traced warm-up: free lists and internal caches reach their
+            # high-water mark with traced allocations
+            _batch(p, kind, N_CALLS // 2)
+            _settle()
+            _batch(p, kind, N_CALLS)
+            _settle()
+            mem1, objs1 = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
+            _batch(p, kind, N_CALLS)
+            _settle()
+            mem2, objs2 = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
+        finally:
+            tracemalloc.stop()
+    assert objs2 - objs1 <= MAX_OBJECT_GROWTH, (objs1, objs2)
+    assert mem2 - mem1 <= MAX_TRACED_GROWTH, (mem1, mem2)
+
+
+# ------------------------------------------------------------ pool lifecycle
+
+def _fds():
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def _children():
+    kids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                kids.update(int(x) for x in f.read().split())
+        except FileNotFoundError:  # thread exited meanwhile
+            pass
+    return kids
+
+
+def _resources():
+    _settle()
+    return len(_fds()), threading.active_count(), _children()
+
+
+def _cycle(Pool, how):
+    if how == "close-join":
+        p = Pool(2)
+        assert p.map(helpers.square, range(8)) == [i * i for i in range(8)]
+        p.close()
+        p.join()
+    elif how == "terminate":
+        p = Pool(2)
+        assert p.apply_async(helpers.square, (3,)).get(timeout=T) == 9
+        p.terminate()
+        p.join()
+    elif how == "terminate-no-join":
+        p = Pool(2)
+        assert p.apply(helpers.square, (3,)) == 9
+        p.terminate()
+    elif how == "with":
+        with Pool(2) as p:
+            assert list(p.imap(helpers.square, range(4))) == [0, 1, 4, 9]
+    elif how == "with-join":
+        with Pool(2) as p:
+            assert p.apply(helpers.square, (3,)) == 9
+        p.join()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["close-join", "terminate", "terminate-no-join", "with",
+                                 "with-join"])
+def test_pool_lifecycle_releases_fds_threads_processes(cpool_Pool, how):
+    _cycle(cpool_Pool, how)  # warm-up: one-time lazy resources
+    nfds, nthreads, kids = _resources()
+    for _ in range(50):
+        _cycle(cpool_Pool, how)
+    after_fds, after_threads, after_kids = _resources()
+    assert after_fds == nfds
+    assert after_threads == nthreads
+    assert after_kids == kids
+
+
+def test_pool_lifecycle_with_busy_workers_terminated(cpool_Pool, tmp_path):
+    gate = helpers.Gate(tmp_path)
+
+    def cycle():
+        p = cpool_Pool(2)
+        try:
+            sp = gate.started_path()
+            r = p.apply_async(helpers.gated, (1, gate.path, sp))
+            gate.wait_started(sp)
+        finally:
+            p.terminate()
+            p.join()
+        return r
+
+    cycle()
+    nfds, nthreads, kids = _resources()
+    for _ in range(20):
+        cycle()
+    assert _resources() == (nfds, nthreads, kids)
