@@ -1201,6 +1201,8 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
         s->retiring = 1;
     s->owner = 1;
     c->calls[c->ncalls++] = &call;
+    /* A task larger than the room in the ring is finished by the collector. */
+    wake_if_needed(c);
 
     /* Phase 1: spin on the result ring ourselves, and drain it. */
     long budget = call_spin_ns(c, s);
