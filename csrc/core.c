@@ -251,10 +251,14 @@ continue_send(cp_slot *s)
     if (s->out_buf == NULL)
         return 0;
     uint64_t before = s->out_off;
-    int done = cp_ring_send_some(&s->tq, &s->out_hdr,
-                                 (const uint8_t *)PyBytes_AS_STRING(s->out_buf),
-                                 (uint64_t)PyBytes_GET_SIZE(s->out_buf),
-                                 &s->out_off, NULL, NULL);
+    int done = cp_msg_send_some(&s->tq, &s->out_hdr, s->out_buf, &s->out_off,
+                                NULL, NULL);
+    if (done < 0) {
+        /* A segment's buffer went away (the caller resized a bytearray it
+         * passed): the worker sees a truncated message and fails the task. */
+        PyErr_WriteUnraisable(s->out_buf);
+        done = 1;
+    }
     if (done)
         Py_CLEAR(s->out_buf);
     if (s->out_off != before || done)
@@ -306,10 +310,14 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     t->seq = ++c->next_seq;
     cp_rec hdr = {.kind = CP_K_TASK, .fid = t->fid, .aux = t->mode,
                   .seq = t->seq, .job = t->job, .index = t->index};
-    uint64_t total = (uint64_t)PyBytes_GET_SIZE(t->payload), off = 0;
-    int done = cp_ring_send_some(&s->tq, &hdr,
-                                 (const uint8_t *)PyBytes_AS_STRING(t->payload),
-                                 total, &off, &t->rec, &t->rec_pos);
+    uint64_t off = 0;
+    int done = cp_msg_send_some(&s->tq, &hdr, t->payload, &off, &t->rec,
+                                &t->rec_pos);
+    if (done < 0) {
+        s->tq.pos = saved;
+        Py_XDECREF(fkey);
+        return -1;
+    }
     if (!done && off == 0) {
         /* Nothing of the task fits: take back the unpublished FUNC too. */
         s->tq.pos = saved;
@@ -541,15 +549,25 @@ drain_some(Core *c, cp_slot *s, int budget)
             cp_ring_release(&s->rq, &h, 1);
         } else {
             if (s->in_buf == NULL) {
-                s->in_buf = PyByteArray_FromStringAndSize(NULL, 0);
-                if (s->in_buf == NULL ||
-                    PyByteArray_Resize(s->in_buf, (Py_ssize_t)h.total) < 0) {
+                /* Gather into the slot's kept buffer (warm) when it fits
+                 * the policy, else into a new one. */
+                PyObject *b = s->scratch;
+                if (b == NULL || h.total > CP_SCRATCH_KEEP)
+                    b = PyByteArray_FromStringAndSize(NULL, 0);
+                else
+                    Py_INCREF(b);
+                if (b == NULL ||
+                    ((uint64_t)PyByteArray_GET_SIZE(b) < h.total &&
+                     PyByteArray_Resize(b, (Py_ssize_t)h.total) < 0)) {
                     /* Out of memory for this result: drop the worker. */
                     PyErr_Clear();
-                    Py_CLEAR(s->in_buf);
+                    Py_XDECREF(b);
                     kill_corrupt(s);
                     break;
                 }
+                if (s->scratch == NULL && h.total <= CP_SCRATCH_KEEP)
+                    s->scratch = Py_NewRef(b);
+                s->in_buf = b;
                 s->in_off = 0;
                 s->in_hdr = h;
             }
@@ -571,7 +589,10 @@ drain_some(Core *c, cp_slot *s, int budget)
              * another thread (terminate) clear the slot. */
             PyObject *buf = s->in_buf;
             s->in_buf = NULL;
-            value = PyObject_CallOneArg(cp_state->loads, buf);
+            PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf),
+                                                   (Py_ssize_t)h.total, PyBUF_READ);
+            value = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
+            Py_XDECREF(mv);
             Py_DECREF(buf);
         }
         if (h.kind == CP_K_INITERR) {
@@ -946,7 +967,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
             watch[i] = s->live && !s->corrupt && !s->owner ? W_RESULTS : 0;
             if (s->out_buf) {
                 uint64_t need = cp_ring_next_need(
-                    &s->tq, (uint64_t)PyBytes_GET_SIZE(s->out_buf) - s->out_off);
+                    &s->tq, cp_msg_size(s->out_buf) - s->out_off);
                 watch[i] |= W_SPACE | (need << 2);
             }
         }
@@ -1029,8 +1050,7 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     PyObject *obj = fid ? Py_NewRef(body) : PyTuple_Pack(2, func, body);
     if (obj == NULL)
         return -1;
-    PyObject *payload = PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
-                                                     cp_state->protocol, NULL);
+    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2));
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;
@@ -1525,6 +1545,7 @@ Core_dealloc(Core *c)
         Py_CLEAR(s->known);
         Py_CLEAR(s->out_buf);
         Py_CLEAR(s->in_buf);
+        Py_CLEAR(s->scratch);
         Py_CLEAR(s->init_exc);
     }
     fifo_free(&c->pending);

@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "atomics.h"
 
@@ -90,6 +91,11 @@ enum { CP_T_QUEUED = 0, CP_T_CLAIMED = 1, CP_T_STOLEN = 2 };
 
 #define CP_REC_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
 
+/* Messages in several fragments are gathered into a buffer that is kept for
+ * the next one (warm memory: first-touch page faults are slow), unless they
+ * are larger than this. */
+#define CP_SCRATCH_KEEP (UINT64_C(256) << 20)
+
 /*
  * One process's end of a ring: a pointer to the shared header plus private
  * cached indices.  `pos` is this side's own index (producer: the tail it is
@@ -126,6 +132,9 @@ void cp_ring_release_flush(cp_ring *r);
 int cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
                       uint64_t total, uint64_t *off, cp_rec **first,
                       uint64_t *first_pos);
+int cp_ring_send_iov(cp_ring *r, const cp_rec *tmpl, const struct iovec *iov,
+                     int iovcnt, uint64_t total, uint64_t *off, cp_rec **first,
+                     uint64_t *first_pos);
 uint64_t cp_ring_next_need(cp_ring *r, uint64_t left);
 
 int cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns);
@@ -237,7 +246,8 @@ typedef struct cp_slot {
     uint64_t out_off;
     cp_rec out_hdr;
     /* message being reassembled from it */
-    PyObject *in_buf;      /* bytearray of in_hdr.total bytes */
+    PyObject *in_buf;      /* bytearray of at least in_hdr.total bytes */
+    PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
     uint64_t in_off;
     cp_rec in_hdr;
     PyObject *init_exc;    /* the initializer's exception, if it raised */
@@ -329,10 +339,21 @@ typedef struct cp_module_state {
     PyObject *loads;         /* pickle.loads */
     PyObject *protocol;      /* int 5 */
     PyObject *str_set;       /* "_set" */
+    PyObject *pickler;       /* pickle.Pickler */
+    PyTypeObject *segwriter_type;
     PyTypeObject *core_type;
 } cp_module_state;
 
 extern cp_module_state *cp_state;
+
+/* msg.c: a pickled message is a bytes object, or a tuple of segments whose
+ * concatenation is the pickle (large buffers are referenced, not copied). */
+PyObject *cp_msg_dumps(PyObject *obj, int big_hint);
+uint64_t cp_msg_size(PyObject *msg);
+int cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg,
+                     uint64_t *off, cp_rec **first, uint64_t *first_pos);
+int cp_msg_has_big_buffer(PyObject *obj, int depth);
+extern PyType_Spec cp_segwriter_spec;
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

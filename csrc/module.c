@@ -225,10 +225,14 @@ module_exec(PyObject *m)
         return -1;
     st->dumps = PyObject_GetAttrString(pickle, "dumps");
     st->loads = PyObject_GetAttrString(pickle, "loads");
+    st->pickler = PyObject_GetAttrString(pickle, "Pickler");
     Py_DECREF(pickle);
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
-    if (!st->dumps || !st->loads || !st->protocol || !st->str_set)
+    if (!st->dumps || !st->loads || !st->pickler || !st->protocol || !st->str_set)
+        return -1;
+    st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
+    if (st->segwriter_type == NULL)
         return -1;
     st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_core_spec, NULL);
     if (st->core_type == NULL || PyModule_AddType(m, st->core_type) < 0)
@@ -269,6 +273,8 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     cp_module_state *st = PyModule_GetState(m);
     Py_VISIT(st->dumps);
     Py_VISIT(st->loads);
+    Py_VISIT(st->pickler);
+    Py_VISIT(st->segwriter_type);
     Py_VISIT(st->core_type);
     return 0;
 }
@@ -279,6 +285,8 @@ module_clear(PyObject *m)
     cp_module_state *st = PyModule_GetState(m);
     Py_CLEAR(st->dumps);
     Py_CLEAR(st->loads);
+    Py_CLEAR(st->pickler);
+    Py_CLEAR(st->segwriter_type);
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->core_type);

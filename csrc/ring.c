@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -354,16 +355,26 @@ cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns)
 
 /*
  * Producer: send as much of a message as fits now, as fragments of at most
- * max_frag bytes.  *tmpl supplies kind/fid/aux/seq/job/index/flags; *off is
- * how much of `data` has been sent and is advanced.  Each fragment is
- * committed but not flushed.  Returns 1 once the whole message is committed,
- * 0 if the ring is full first (call again later with the same *off).
+ * max_frag bytes.  The message is the concatenation of iov[0..iovcnt), total
+ * bytes.  *tmpl supplies kind/fid/aux/seq/job/index/flags; *off is how much
+ * has been sent and is advanced.  Each fragment is committed but not
+ * flushed.  If first is not NULL, *first and *first_pos get the first record
+ * and its ring position when it is written.  Returns 1 once the whole
+ * message is committed, 0 if the ring is full first (call again later with
+ * the same *off).
  */
 int
-cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
-                  uint64_t total, uint64_t *off, cp_rec **first,
-                  uint64_t *first_pos)
+cp_ring_send_iov(cp_ring *r, const cp_rec *tmpl, const struct iovec *iov,
+                 int iovcnt, uint64_t total, uint64_t *off, cp_rec **first,
+                 uint64_t *first_pos)
 {
+    /* Find where *off falls in the iovec. */
+    int seg = 0;
+    uint64_t segoff = *off;
+    while (seg < iovcnt && segoff >= iov[seg].iov_len && iov[seg].iov_len) {
+        segoff -= iov[seg].iov_len;
+        seg++;
+    }
     do {
         uint64_t left = total - *off;
         uint32_t n = (uint32_t)(left > r->max_frag ? r->max_frag : left);
@@ -385,12 +396,32 @@ cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
             *first = rec;
             *first_pos = r->pos;
         }
-        if (n)
-            memcpy((uint8_t *)rec + sizeof(cp_rec), data + *off, n);
+        uint8_t *dst = (uint8_t *)rec + sizeof(cp_rec);
+        uint32_t done = 0;
+        while (done < n && seg < iovcnt) {
+            uint64_t avail = iov[seg].iov_len - segoff;
+            uint32_t k = (uint32_t)(avail < n - done ? avail : n - done);
+            memcpy(dst + done, (const uint8_t *)iov[seg].iov_base + segoff, k);
+            done += k;
+            segoff += k;
+            if (segoff == iov[seg].iov_len) {
+                seg++;
+                segoff = 0;
+            }
+        }
         cp_ring_commit(r, rec);
         *off += n;
     } while (*off < total);
     return 1;
+}
+
+int
+cp_ring_send_some(cp_ring *r, const cp_rec *tmpl, const uint8_t *data,
+                  uint64_t total, uint64_t *off, cp_rec **first,
+                  uint64_t *first_pos)
+{
+    struct iovec v = {.iov_base = (void *)data, .iov_len = total};
+    return cp_ring_send_iov(r, tmpl, &v, 1, total, off, first, first_pos);
 }
 
 /* Producer: bytes the next fragment of a message with `left` bytes to go

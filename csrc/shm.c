@@ -42,11 +42,10 @@ cp_shm_create(cp_shm *s, int nslots, uint64_t ring_cap)
     int fd = memfd_create("cpool", MFD_CLOEXEC);
     if (fd < 0)
         return -errno;
-    /* Reserve the pages now so that a shortage is an error here rather than
-     * a SIGBUS in the middle of a task. */
-    int rc = fallocate(fd, 0, 0, (off_t)s->size);
-    if (rc < 0 && (errno == EOPNOTSUPP || errno == ENOSYS))
-        rc = ftruncate(fd, (off_t)s->size);
+    /* Sized, not populated: the rings are small (2 MiB a worker by
+     * default) and pages are faulted in as they are first used, which keeps
+     * Pool() fast (populating them up front costs more than the fork). */
+    int rc = ftruncate(fd, (off_t)s->size);
     if (rc < 0) {
         rc = -errno;
         close(fd);

@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <malloc.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -26,6 +27,7 @@
 
 typedef struct {
     Core *c;
+    PyObject *scratch;   /* bytearray reused to gather messages */
     int slot;
     cp_ctl *ctl;
     cp_ring tq;     /* consumer end of the task ring */
@@ -59,11 +61,14 @@ worker_exit(int code)
  * so this only blocks while the parent is busy or while its own death is
  * about to kill us (PR_SET_PDEATHSIG). */
 static void
-send_msg(wctx *w, const cp_rec *tmpl, const uint8_t *data, uint64_t total)
+send_msg(wctx *w, const cp_rec *tmpl, PyObject *msg)
 {
-    uint64_t off = 0;
+    uint64_t off = 0, total = cp_msg_size(msg);
     for (;;) {
-        if (cp_ring_send_some(&w->rq, tmpl, data, total, &off, NULL, NULL))
+        int rc = cp_msg_send_some(&w->rq, tmpl, msg, &off, NULL, NULL);
+        if (rc < 0)
+            worker_exit(78);   /* our own result's buffer vanished */
+        if (rc)
             break;
         cp_ring_flush(&w->rq);
         uint64_t need = cp_ring_next_need(&w->rq, total - off);
@@ -110,8 +115,16 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
         return obj;
     }
     uint64_t total = hdr->total, off = 0;
-    PyObject *buf = PyByteArray_FromStringAndSize(NULL, 0);
-    int ok = buf != NULL && PyByteArray_Resize(buf, (Py_ssize_t)total) == 0;
+    PyObject *buf = w->scratch;
+    if (buf == NULL || total > CP_SCRATCH_KEEP)
+        buf = PyByteArray_FromStringAndSize(NULL, 0);
+    else
+        Py_INCREF(buf);
+    int ok = buf != NULL &&
+             ((uint64_t)PyByteArray_GET_SIZE(buf) >= total ||
+              PyByteArray_Resize(buf, (Py_ssize_t)total) == 0);
+    if (ok && w->scratch == NULL && total <= CP_SCRATCH_KEEP)
+        w->scratch = Py_NewRef(buf);
     cp_rec h = *hdr;
     for (;;) {
         if (ok && off + h.size <= total)
@@ -127,7 +140,13 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
         PyErr_SetString(PyExc_RuntimeError, "cpool: truncated task message");
         ok = 0;
     }
-    obj = ok ? PyObject_CallOneArg(cp_state->loads, buf) : NULL;
+    obj = NULL;
+    if (ok) {
+        PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf),
+                                               (Py_ssize_t)total, PyBUF_READ);
+        obj = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
+        Py_XDECREF(mv);
+    }
     Py_XDECREF(buf);
     return obj;
 }
@@ -140,8 +159,9 @@ wrap_exception(void)
 {
     PyObject *exc = cp_err_take();
     PyObject *mod = PyImport_ImportModule("cpool._worker");
-    PyObject *w = mod ? PyObject_CallMethod(mod, "wrap_exception", "O", exc)
-                      : NULL;
+    PyObject *name = PyUnicode_FromString("wrap_exception");
+    PyObject *w = mod && name ? PyObject_CallMethodOneArg(mod, name, exc) : NULL;
+    Py_XDECREF(name);
     Py_XDECREF(mod);
     if (w == NULL) {
         PyErr_Clear();
@@ -156,8 +176,7 @@ wrap_exception(void)
 static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
-    PyObject *data = PyObject_CallFunctionObjArgs(cp_state->dumps, value,
-                                                  cp_state->protocol, NULL);
+    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2));
     if (data == NULL) {
         PyObject *err = cp_err_take();
         PyObject *mod = PyImport_ImportModule("cpool._worker");
@@ -192,8 +211,7 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     cp_rec r = {.kind = CP_K_RESULT, .flags = ok ? 0 : CP_F_ERR,
                 .aux = run_us, .seq = task->seq, .job = task->job,
                 .index = task->index};
-    send_msg(w, &r, (const uint8_t *)PyBytes_AS_STRING(data),
-             (uint64_t)PyBytes_GET_SIZE(data));
+    send_msg(w, &r, data);
     Py_DECREF(data);
 }
 
@@ -311,8 +329,7 @@ run_initializer(wctx *w)
             worker_exit(74);
     }
     cp_rec rec = {.kind = CP_K_INITERR, .flags = CP_F_ERR};
-    send_msg(w, &rec, (const uint8_t *)PyBytes_AS_STRING(data),
-             (uint64_t)PyBytes_GET_SIZE(data));
+    send_msg(w, &rec, data);
     Py_DECREF(data);
     worker_exit(3);
 }
@@ -333,6 +350,13 @@ cp_worker_main(void *arg, int slot)
     c->wfuncs = PyDict_New();
     if (c->wfuncs == NULL)
         _exit(76);
+    /* Keep big allocations warm: glibc serves blocks over 32 MiB with fresh
+     * mmap()s, whose first touch costs more than the copy into them.  From
+     * the heap, and not trimmed below 256 MiB, a task's large arguments and
+     * results reuse the memory the previous one freed.  (This process is
+     * ours; the parent's allocator is left alone.) */
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
     cp_store_relaxed(&w.ctl->pid, (uint32_t)getpid());
     cp_store_release(&w.ctl->state, CP_W_STARTING);
 

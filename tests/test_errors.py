@@ -51,7 +51,7 @@ def test_apply_exception_type_args_and_remote_traceback(Pool):
         assert p.apply(helpers.square, (4,)) == 16
 
 
-def test_remote_traceback_printed_by_excepthook(Pool, capsys):
+def test_remote_traceback_printed_by_excepthook(Pool, impl, capsys):
     with Pool(1) as p:
         with pytest.raises(RuntimeError) as ei:
             p.apply(helpers.raise_runtime_error_with_comment)
@@ -60,8 +60,14 @@ def test_remote_traceback_printed_by_excepthook(Pool, capsys):
     except RuntimeError:
         sys.excepthook(*sys.exc_info())
     err = capsys.readouterr().err
-    assert "marker-comment-in-worker-source" in err
+    assert "RemoteTraceback" in err
     assert "raise_runtime_error_with_comment" in err
+    if impl == "cpool":
+        # The worker's source line is in the remote traceback.  (Not checked
+        # for multiprocessing: after some of the other tests have run in this
+        # process, its workers intermittently print the frame without its
+        # source line.)
+        assert "marker-comment-in-worker-source" in err
 
 
 @pytest.mark.parametrize("chunksize", [None, 1, 3, 100])
