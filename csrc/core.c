@@ -39,6 +39,7 @@
 #define CREDIT_START 4
 #define QUEUED_WORK_US 2000.0   /* aim for this much queued work per worker */
 #define DRAIN_BUDGET 256        /* records per slot per collector round */
+#define COLLECTOR_SPIN_NS 10000
 
 /* ----------------------------------------------------------------- fifo */
 
@@ -886,12 +887,15 @@ collector_sleep(Core *c, const uint64_t *watch)
 {
     uint64_t start = cp_now_ns();
     unsigned n = 0;
-    while (c->spin_ns > 0) {
+    /* A short spin: the collector is one of three parties (caller, collector,
+     * workers) and there may be only two cores. */
+    long spin = c->spin_ns < COLLECTOR_SPIN_NS ? c->spin_ns : COLLECTOR_SPIN_NS;
+    while (spin > 0) {
         cp_cpu_relax();
         if ((++n & 15) == 0) {
             if (results_waiting(c, watch))
                 return;
-            if ((long)(cp_now_ns() - start) > c->spin_ns)
+            if ((long)(cp_now_ns() - start) > spin)
                 break;
         }
     }
@@ -1143,7 +1147,8 @@ call_spin_ns(Core *c, cp_slot *s)
     /* Spin for about a few run times of a typical task here, within bounds:
      * the caller's core is better spent elsewhere on long tasks. */
     long ns = (long)(s->avg_us * 3000.0);
-    long lo = c->spin_ns > 20000 ? c->spin_ns : 20000;
+    long lo = 20000;
+    (void)c;
     if (s->avg_us > 1000.0 || ns < lo)
         ns = lo;
     return ns > 200000 ? 200000 : ns;
@@ -1220,6 +1225,8 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (c->maxtasks > 0 && s->sent >= (uint64_t)c->maxtasks)
         s->retiring = 1;
     s->owner = 1;
+    /* We watch this ring now: the worker need not wake the collector. */
+    cp_store_relaxed(&s->rq.h->cons_sleep, 0);
     c->calls[c->ncalls++] = &call;
     /* A task larger than the room in the ring is finished by the collector. */
     wake_if_needed(c);

@@ -21,6 +21,7 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include "cpool.h"
@@ -284,8 +285,13 @@ cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns)
         cp_cpu_relax();
         if (cp_ring_has_data(r))
             return 0;
-        if ((++i & 63) == 0 && elapsed(start) > spin_ns)
-            break;
+        if ((++i & 63) == 0) {
+            if (elapsed(start) > spin_ns)
+                break;
+            /* Spin politely: if the process we wait for shares this core,
+             * let it run. */
+            sched_yield();
+        }
     }
     for (;;) {
         long left = -1;
