@@ -92,12 +92,25 @@ fifo_at(cp_fifo *f, size_t i)
     return &f->v[(f->head + i) % f->cap];
 }
 
+/* A queue that held a burst gives its memory back once it is empty. */
+static void
+fifo_maybe_shrink(cp_fifo *f)
+{
+    if (f->len == 0 && f->cap > 256) {
+        PyMem_Free(f->v);
+        f->v = NULL;
+        f->cap = 0;
+        f->head = 0;
+    }
+}
+
 static cp_task
 fifo_pop_front(cp_fifo *f)
 {
     cp_task t = f->v[f->head];
     f->head = (f->head + 1) % f->cap;
     f->len--;
+    fifo_maybe_shrink(f);
     return t;
 }
 
@@ -105,7 +118,9 @@ static cp_task
 fifo_pop_back(cp_fifo *f)
 {
     f->len--;
-    return f->v[(f->head + f->len) % f->cap];
+    cp_task t = f->v[(f->head + f->len) % f->cap];
+    fifo_maybe_shrink(f);
+    return t;
 }
 
 static void
@@ -1543,9 +1558,13 @@ Core_dealloc(Core *c)
     PyObject_GC_UnTrack(c);
     if (c->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)c);
-    if (c->owner == getpid() && c->state != CORE_DONE && c->zpid > 0)
-        kill_everything(c);
-    close_fds(c);
+    if (c->owner == getpid()) {
+        if (c->state != CORE_DONE && c->zpid > 0)
+            kill_everything(c);
+        close_fds(c);
+    }
+    /* In a child forked from the owner, these fds were closed at fork
+     * (cp_proc_register_fd) and their numbers may have been reused. */
     for (int i = 0; c->slots && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         fifo_free(&s->fifo);

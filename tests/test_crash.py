@@ -357,3 +357,25 @@ def test_a_thousand_pools_leave_nothing_behind():
     after = (fds(), threading.active_count(), children(), rss_kb())
     assert after[:3] == base[:3]
     assert after[3] - base[3] < 20_000     # kB
+
+
+def test_pool_in_a_forked_child_refuses_and_parent_goes_on(pool):
+    assert pool.apply(T.square, (3,)) == 9
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: the pool is its parent's
+        try:
+            pool.apply(T.square, (2,))
+            os.write(w, b"used")
+        except RuntimeError:
+            os.write(w, b"refused")
+        except BaseException:
+            os.write(w, b"other")
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read()
+    os.waitpid(pid, 0)
+    assert said == b"refused"
+    # The child closed nothing of ours; the pool still works.
+    assert pool.map(T.square, range(5)) == [0, 1, 4, 9, 16]
