@@ -209,6 +209,17 @@ fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
 /* ----------------------------------------------------------------- slots */
 
 static void
+gather_drop(cp_slot *s)
+{
+    if (s->in_g != NULL) {
+        cp_gather_clear(s->in_g);
+        PyMem_Free(s->in_g);
+        s->in_g = NULL;
+    }
+    Py_CLEAR(s->in_err);
+}
+
+static void
 slot_reset(Core *c, int i)
 {
     cp_slot *s = &c->slots[i];
@@ -223,8 +234,7 @@ slot_reset(Core *c, int i)
     s->credit = CREDIT_START;
     Py_CLEAR(s->out_buf);
     s->out_off = 0;
-    Py_CLEAR(s->in_buf);
-    s->in_off = 0;
+    gather_drop(s);
     if (s->known)
         PySet_Clear(s->known);
 }
@@ -324,7 +334,8 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     }
 
     t->seq = ++c->next_seq;
-    cp_rec hdr = {.kind = CP_K_TASK, .fid = t->fid, .aux = t->mode,
+    cp_rec hdr = {.kind = CP_K_TASK, .flags = (uint16_t)t->mflags,
+                  .fid = t->fid, .aux = t->mode,
                   .seq = t->seq, .job = t->job, .index = t->index};
     uint64_t off = 0;
     int done = cp_msg_send_some(&s->tq, &hdr, t->payload, &off, &t->rec,
@@ -560,56 +571,50 @@ drain_some(Core *c, cp_slot *s, int budget)
         }
         progress = 1;
         PyObject *value;
-        if (s->in_buf == NULL && !(h.flags & CP_F_MORE)) {
+        if (s->in_g == NULL && !(h.flags & (CP_F_MORE | CP_F_OOB))) {
             value = loads_buffer(p, h.size);
             cp_ring_release(&s->rq, &h, 1);
         } else {
-            if (s->in_buf == NULL) {
-                /* Gather into the slot's kept buffer (warm) when it fits
-                 * the policy, else into a new one. */
-                PyObject *b = s->scratch;
-                if (b == NULL || h.total > CP_SCRATCH_KEEP)
-                    b = PyByteArray_FromStringAndSize(NULL, 0);
-                else
-                    Py_INCREF(b);
-                if (b == NULL ||
-                    ((uint64_t)PyByteArray_GET_SIZE(b) < h.total &&
-                     PyByteArray_Resize(b, (Py_ssize_t)h.total) < 0)) {
+            if (s->in_g == NULL) {
+                s->in_g = PyMem_Malloc(sizeof(cp_gather));
+                if (s->in_g == NULL ||
+                    cp_gather_init(s->in_g, h.total, (h.flags & CP_F_OOB) != 0,
+                                   &s->scratch) < 0) {
+                    if (s->in_g == NULL)
+                        PyErr_NoMemory();
+                    else
+                        cp_gather_clear(s->in_g);
+                    PyMem_Free(s->in_g);
+                    s->in_g = NULL;
                     /* Out of memory for this result: drop the worker. */
                     PyErr_Clear();
-                    Py_XDECREF(b);
                     kill_corrupt(s);
                     break;
                 }
-                if (s->scratch == NULL && h.total <= CP_SCRATCH_KEEP)
-                    s->scratch = Py_NewRef(b);
-                s->in_buf = b;
-                s->in_off = 0;
                 s->in_hdr = h;
             }
-            if (h.seq != s->in_hdr.seq || h.total != s->in_hdr.total ||
-                s->in_off + h.size > h.total) {
+            if (h.seq != s->in_hdr.seq || h.total != s->in_hdr.total) {
                 kill_corrupt(s);
                 break;
             }
-            memcpy(PyByteArray_AS_STRING(s->in_buf) + s->in_off, p, h.size);
-            s->in_off += h.size;
+            if (s->in_err == NULL && cp_gather_feed(s->in_g, p, h.size) < 0)
+                s->in_err = cp_err_take();
             cp_ring_release(&s->rq, &h, 1);
             if (h.flags & CP_F_MORE)
                 continue;
-            if (s->in_off != h.total) {
-                kill_corrupt(s);
-                break;
-            }
             /* Take it off the slot first: loads() may run code that lets
              * another thread (terminate) clear the slot. */
-            PyObject *buf = s->in_buf;
-            s->in_buf = NULL;
-            PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf),
-                                                   (Py_ssize_t)h.total, PyBUF_READ);
-            value = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
-            Py_XDECREF(mv);
-            Py_DECREF(buf);
+            cp_gather *g = s->in_g;
+            PyObject *err = s->in_err;
+            s->in_g = NULL;
+            s->in_err = NULL;
+            value = err == NULL ? cp_gather_finish(g) : NULL;
+            cp_gather_clear(g);
+            PyMem_Free(g);
+            if (err != NULL) {
+                PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+                Py_DECREF(err);
+            }
         }
         if (h.kind == CP_K_INITERR) {
             if (value == NULL)
@@ -714,7 +719,7 @@ fail_all(Core *c, int kind)
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         Py_CLEAR(s->out_buf);
-        Py_CLEAR(s->in_buf);
+        gather_drop(s);
         while (s->fifo.len) {
             cp_task t = fifo_pop_front(&s->fifo);
             fail_task(c, &t, kind, s->pid, 0);
@@ -1069,12 +1074,14 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     PyObject *obj = fid ? Py_NewRef(body) : PyTuple_Pack(2, func, body);
     if (obj == NULL)
         return -1;
-    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2));
+    int oob;
+    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2), &oob);
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;
     *t = (cp_task){.job = job, .index = index, .payload = payload,
-                   .func = Py_NewRef(func), .fid = fid, .mode = (uint32_t)mode};
+                   .func = Py_NewRef(func), .fid = fid, .mode = (uint32_t)mode,
+                   .mflags = oob ? CP_F_OOB : 0};
     return 0;
 }
 
@@ -1570,7 +1577,7 @@ Core_dealloc(Core *c)
         fifo_free(&s->fifo);
         Py_CLEAR(s->known);
         Py_CLEAR(s->out_buf);
-        Py_CLEAR(s->in_buf);
+        gather_drop(s);
         Py_CLEAR(s->scratch);
         Py_CLEAR(s->init_exc);
     }

@@ -61,6 +61,7 @@ enum {
 /* Record flags. */
 #define CP_F_MORE 0x1   /* more fragments of this message follow */
 #define CP_F_ERR  0x2   /* RESULT: the payload is a pickled exception */
+#define CP_F_OOB  0x4   /* the message carries out-of-band buffers (msg.c) */
 
 /* Task modes (cp_rec.aux of a TASK record). */
 enum { CP_MODE_APPLY = 0, CP_MODE_MAP = 1, CP_MODE_STARMAP = 2, CP_MODE_CALL1 = 3 };
@@ -217,6 +218,7 @@ typedef struct cp_task {
     PyObject *func;       /* the callable, for error messages */
     uint32_t fid;
     uint32_t mode;
+    uint32_t mflags;      /* CP_F_OOB if the payload has out-of-band buffers */
     cp_rec *rec;          /* its first record in the task ring, once sent */
     uint64_t rec_pos;     /* ring position of that record */
 } cp_task;
@@ -245,11 +247,11 @@ typedef struct cp_slot {
     PyObject *out_buf;
     uint64_t out_off;
     cp_rec out_hdr;
-    /* message being reassembled from it */
-    PyObject *in_buf;      /* bytearray of at least in_hdr.total bytes */
-    PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
-    uint64_t in_off;
+    /* message being gathered from it */
+    struct cp_gather *in_g;
+    PyObject *in_err;      /* the gather failed: the error, for the end */
     cp_rec in_hdr;
+    PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
     PyObject *init_exc;    /* the initializer's exception, if it raised */
     int corrupt;           /* its result ring held garbage: it was killed */
     int draining;          /* drain() is running on it (it may call Python) */
@@ -348,7 +350,31 @@ extern cp_module_state *cp_state;
 
 /* msg.c: a pickled message is a bytes object, or a tuple of segments whose
  * concatenation is the pickle (large buffers are referenced, not copied). */
-PyObject *cp_msg_dumps(PyObject *obj, int big_hint);
+#define CP_MAX_OOB 64
+
+/* Receiving a message in fragments (msg.c). */
+typedef struct cp_gather {
+    uint64_t total, off;
+    int oob;
+    PyObject **scratch;          /* where the kept pickle buffer lives */
+    uint8_t pre[16 + 8 * CP_MAX_OOB];
+    uint32_t pre_need, pre_have;
+    uint32_t nbuf;
+    uint64_t lens[CP_MAX_OOB];
+    PyObject *pickle;            /* bytearray, at least pickle_len bytes */
+    uint64_t pickle_len;
+    PyObject *bufs[CP_MAX_OOB];  /* bytearrays for the out-of-band buffers */
+    uint32_t cur;
+    uint64_t cur_off;
+} cp_gather;
+
+int cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch);
+int cp_gather_begin_pickle(cp_gather *g, uint64_t n);
+int cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n);
+PyObject *cp_gather_finish(cp_gather *g);
+void cp_gather_clear(cp_gather *g);
+
+PyObject *cp_msg_dumps(PyObject *obj, int big_hint, int *oob);
 uint64_t cp_msg_size(PyObject *msg);
 int cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg,
                      uint64_t *off, cp_rec **first, uint64_t *first_pos);

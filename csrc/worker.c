@@ -97,16 +97,17 @@ next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
 }
 
 /*
- * Read a message whose first fragment is *hdr and unpickle it.  Single
- * fragments are unpickled in place; larger messages are gathered into a
- * bytearray first.  Returns a new reference, or NULL with an exception set
- * (the message has been consumed either way).
+ * Read a message whose first fragment is *hdr and unpickle it.  A single
+ * fragment is unpickled in place in the ring; larger messages, and messages
+ * with out-of-band buffers, are gathered first (cp_gather).  Returns a new
+ * reference, or NULL with an exception set; the message has been consumed
+ * either way.
  */
 static PyObject *
 read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
 {
     PyObject *obj;
-    if (!(hdr->flags & CP_F_MORE)) {
+    if (!(hdr->flags & (CP_F_MORE | CP_F_OOB))) {
         PyObject *mv = PyMemoryView_FromMemory((char *)payload, hdr->size,
                                                PyBUF_READ);
         obj = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
@@ -114,40 +115,28 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
         cp_ring_release(&w->tq, hdr, 1);
         return obj;
     }
-    uint64_t total = hdr->total, off = 0;
-    PyObject *buf = w->scratch;
-    if (buf == NULL || total > CP_SCRATCH_KEEP)
-        buf = PyByteArray_FromStringAndSize(NULL, 0);
-    else
-        Py_INCREF(buf);
-    int ok = buf != NULL &&
-             ((uint64_t)PyByteArray_GET_SIZE(buf) >= total ||
-              PyByteArray_Resize(buf, (Py_ssize_t)total) == 0);
-    if (ok && w->scratch == NULL && total <= CP_SCRATCH_KEEP)
-        w->scratch = Py_NewRef(buf);
+    cp_gather g;
+    int ok = cp_gather_init(&g, hdr->total, (hdr->flags & CP_F_OOB) != 0,
+                            &w->scratch) == 0;
+    PyObject *err = ok ? NULL : cp_err_take();
     cp_rec h = *hdr;
     for (;;) {
-        if (ok && off + h.size <= total)
-            memcpy(PyByteArray_AS_STRING(buf) + off, payload, h.size);
-        off += h.size;
+        if (ok && cp_gather_feed(&g, payload, h.size) < 0) {
+            ok = 0;
+            err = cp_err_take();
+        }
         int more = h.flags & CP_F_MORE;
         cp_ring_release(&w->tq, &h, 1);
         if (!more)
             break;
         next_record(w, &h, &payload);
     }
-    if (ok && off != total) {
-        PyErr_SetString(PyExc_RuntimeError, "cpool: truncated task message");
-        ok = 0;
+    obj = ok ? cp_gather_finish(&g) : NULL;
+    cp_gather_clear(&g);
+    if (err != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+        Py_DECREF(err);
     }
-    obj = NULL;
-    if (ok) {
-        PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(buf),
-                                               (Py_ssize_t)total, PyBUF_READ);
-        obj = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
-        Py_XDECREF(mv);
-    }
-    Py_XDECREF(buf);
     return obj;
 }
 
@@ -176,7 +165,8 @@ wrap_exception(void)
 static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
-    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2));
+    int oob;
+    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2), &oob);
     if (data == NULL) {
         PyObject *err = cp_err_take();
         PyObject *mod = PyImport_ImportModule("cpool._worker");
@@ -208,7 +198,8 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
         }
         ok = 0;
     }
-    cp_rec r = {.kind = CP_K_RESULT, .flags = ok ? 0 : CP_F_ERR,
+    cp_rec r = {.kind = CP_K_RESULT,
+                .flags = (uint16_t)((ok ? 0 : CP_F_ERR) | (oob ? CP_F_OOB : 0)),
                 .aux = run_us, .seq = task->seq, .job = task->job,
                 .index = task->index};
     send_msg(w, &r, data);

@@ -66,3 +66,37 @@ def test_argument_and_result_over_4_gib(pool):
     del data
     out = pool.apply(bytes, (n,))
     assert len(out) == n
+
+
+def make_bytearrays(sizes):
+    return [bytearray(os.urandom(n)) for n in sizes]
+
+
+def concat(parts):
+    return b"".join(bytes(p) for p in parts)
+
+
+@pytest.mark.parametrize("sizes", [[300_000], [1 << 20, 5, 3 << 20], [256 << 10] * 5])
+def test_out_of_band_buffers_both_ways(pool, sizes):
+    # bytearrays pickle (protocol 5) through PickleBuffers: they travel out
+    # of band and come back as writable bytearrays.
+    parts = make_bytearrays(sizes)
+    assert pool.apply(concat, (parts,)) == b"".join(parts)
+    out = pool.apply(make_bytearrays, (sizes,))
+    assert [len(x) for x in out] == sizes
+    assert all(type(x) is bytearray for x in out)
+    out[0][0:1] = b"!"           # writable, as the original was
+    r = pool.apply_async(helpers.identity, (parts,))
+    assert r.get(timeout=T) == parts
+
+
+def test_numpy_arrays_round_trip(pool):
+    np = pytest.importorskip("numpy")
+    a = np.arange(1 << 20, dtype=np.float64)
+    b = pool.apply(helpers.identity, (a,))
+    assert b.dtype == a.dtype and b.shape == a.shape and (b == a).all()
+    b[0] = 42.0                  # writable
+    sl = a[::2]                  # not contiguous: pickled in-band
+    assert (pool.apply(helpers.identity, (sl,)) == sl).all()
+    outs = pool.map(helpers.identity, [a, a[:10], a * 2], chunksize=1)
+    assert (outs[2] == a * 2).all() and (outs[1] == a[:10]).all()
