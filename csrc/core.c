@@ -466,6 +466,9 @@ again:
         }
         if (best == NULL)
             break;
+        /* Room to track it first: once sent, it must not be lost. */
+        if (best->fifo.len == best->fifo.cap && fifo_grow(&best->fifo) < 0)
+            return -1;
         cp_task *t = fifo_front(&c->pending);
         int rc = try_send(c, best, t);
         if (rc < 0)
@@ -665,8 +668,8 @@ handle_death(Core *c, int i, pid_t pid, int status)
         s->dead_status = status;
         return;
     }
-    if (s->pid == 0)
-        s->pid = pid;
+    /* It is reaped: its pid may be anyone's now, never signal it. */
+    s->pid = 0;
     /* Everything it published is complete (tail moves only after a whole
      * record): deliver that first. */
     s->draining = 1;
@@ -750,15 +753,33 @@ zygote_events(Core *c)
             return 1;
         }
         progress = 1;
+        if (m.type == CP_Z_READY) {
+            c->zygote_ready = 1;
+            continue;
+        }
         if (m.slot < 0 || m.slot >= c->nslots)
             continue;
         cp_slot *s = &c->slots[m.slot];
         if (m.type == CP_Z_SPAWNED) {
             s->pid = m.pid;
+            if (s->corrupt)
+                kill(m.pid, SIGKILL);   /* found corrupt before we knew it */
         } else if (m.type == CP_Z_EXITED) {
             handle_death(c, m.slot, m.pid, m.status);
         } else if (m.type == CP_Z_SPAWNFAIL) {
+            /* pump() may have queued tasks to the slot before the failure
+             * was known: give them back (newest first keeps their order). */
+            while (s->fifo.len) {
+                cp_task q = fifo_pop_back(&s->fifo);
+                q.rec = NULL;
+                q.seq = 0;
+                if (fifo_push_front(&c->pending, &q) < 0) {
+                    PyErr_Clear();
+                    fail_task(c, &q, CP_E_LOST, 0, 0);
+                }
+            }
             s->live = 0;
+            slot_reset(c, m.slot);
             /* Make progress rather than retrying forever: the oldest pending
              * task gets the error. */
             if (c->pending.len) {
@@ -785,6 +806,18 @@ any_in_flight(Core *c)
     return 0;
 }
 
+/* SIGKILL the zygote, through its pidfd when there is one (a pid could have
+ * been reaped and reused meanwhile; a pidfd cannot). */
+static void
+kill_zygote(Core *c)
+{
+    if (c->zpidfd >= 0 && syscall(SYS_pidfd_send_signal, c->zpidfd, SIGKILL,
+                                  NULL, 0) == 0)
+        return;
+    if (c->zpid > 0)
+        kill(c->zpid, SIGKILL);
+}
+
 /* Wait up to timeout_ms for the zygote to exit; SIGKILL it after that.
  * Releases the GIL while waiting. */
 static void
@@ -800,14 +833,15 @@ reap_zygote(Core *c, int timeout_ms)
             rc = poll(&p, 1, timeout_ms);
         } while (rc < 0 && errno == EINTR);
         if (rc == 0)
-            kill(c->zpid, SIGKILL);
+            kill_zygote(c);
     } else {
-        kill(c->zpid, SIGKILL);
+        kill_zygote(c);
     }
-    while (waitpid(c->zpid, NULL, 0) < 0 && errno == EINTR)
+    pid_t z = c->zpid;
+    c->zpid = 0;     /* before the wait: it is ours to reap, once */
+    while (waitpid(z, NULL, 0) < 0 && errno == EINTR)
         ;
     Py_END_ALLOW_THREADS
-    c->zpid = 0;
 }
 
 static void
@@ -837,9 +871,9 @@ kill_everything(Core *c)
     if (c->zpid > 0 && c->zsock >= 0) {
         cp_zmsg m = {.type = CP_Z_KILL};
         if (cp_proc_send(c->zsock, &m) < 0)
-            kill(c->zpid, SIGKILL);
+            kill_zygote(c);
     } else if (c->zpid > 0) {
-        kill(c->zpid, SIGKILL);
+        kill_zygote(c);
     }
     reap_zygote(c, 1000);
 }
@@ -856,7 +890,8 @@ shutdown_step(Core *c)
             cp_rec *rec = cp_ring_reserve(&s->tq, 0);
             if (rec == NULL) {
                 /* Cannot happen with nothing in flight; make sure anyway. */
-                kill(s->pid, SIGKILL);
+                if (s->pid > 0)
+                    kill(s->pid, SIGKILL);
             } else {
                 memset((uint8_t *)rec + 4, 0, sizeof *rec - 4);
                 rec->kind = CP_K_STOP;
@@ -903,7 +938,7 @@ results_waiting(Core *c, const uint64_t *watch)
 /* Sleep until a worker publishes, frees room we wait for, the zygote
  * speaks, or someone rings the doorbell.  Called without the GIL. */
 static void
-collector_sleep(Core *c, const uint64_t *watch)
+collector_sleep(Core *c, const uint64_t *watch, int timeout_ms)
 {
     uint64_t start = cp_now_ns();
     unsigned n = 0;
@@ -930,7 +965,7 @@ collector_sleep(Core *c, const uint64_t *watch)
     if (!results_waiting(c, watch)) {
         struct pollfd p[2] = {{.fd = c->efd, .events = POLLIN},
                               {.fd = c->zsock, .events = POLLIN}};
-        if (poll(p, 2, -1) > 0 && p[0].revents) {
+        if (poll(p, 2, timeout_ms) > 0 && p[0].revents) {
             uint64_t v;
             while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
                 ;
@@ -995,9 +1030,20 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
                 watch[i] |= W_SPACE | (need << 2);
             }
         }
+        int timeout_ms = -1;
+        if (!c->zygote_ready) {
+            uint64_t age = cp_now_ns() - c->created_ns;
+            if (age >= CP_ZYGOTE_START_NS) {
+                /* It never started its loop: nothing can run. */
+                kill_zygote(c);
+                c->state = CORE_BROKEN;
+                continue;
+            }
+            timeout_ms = (int)((CP_ZYGOTE_START_NS - age) / 1000000) + 1;
+        }
         c->asleep = 1;
         Py_BEGIN_ALLOW_THREADS
-        collector_sleep(c, watch);
+        collector_sleep(c, watch, timeout_ms);
         Py_END_ALLOW_THREADS
         c->asleep = 0;
     }
@@ -1138,12 +1184,20 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     cp_task t;
     if (make_task(c, &t, job, index, mode, args[3], args[4]) < 0)
         return NULL;
+    if (c->state > CORE_CLOSING) {
+        /* Terminated or shut down while pickling (which runs Python). */
+        task_clear(&t);
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
     if (fifo_push_back(&c->pending, &t) < 0) {
         task_clear(&t);
         return PyErr_NoMemory();
     }
+    /* The task is queued: a failure to dispatch now (out of memory) is not
+     * this caller's; the collector retries. */
     if (pump(c) < 0)
-        return NULL;
+        PyErr_WriteUnraisable((PyObject *)c);
     wake_if_needed(c);
     Py_RETURN_NONE;
 }
@@ -1220,36 +1274,41 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (s == NULL)
         Py_RETURN_NONE;
 
+    /* Take a mailbox before pickling: pickling runs Python code, and other
+     * threads may make calls (or terminate) meanwhile. */
     cp_call call = {.job = CP_SYNC_JOB | ++c->next_seq};
+    c->calls[c->ncalls++] = &call;
     PyObject *body = PyTuple_Pack(2, args[1], args[2]);
-    if (body == NULL)
-        return NULL;
     cp_task t;
-    int rc = make_task(c, &t, call.job, 0, CP_MODE_APPLY, args[0], body);
-    Py_DECREF(body);
-    if (rc < 0)
+    int rc = body ? make_task(c, &t, call.job, 0, CP_MODE_APPLY, args[0], body) : -1;
+    Py_XDECREF(body);
+    if (rc < 0) {
+        call_unregister(c, &call);
         return NULL;
-    rc = try_send(c, s, &t);
-    if (rc <= 0) {
+    }
+    if (c->state != CORE_RUN) {
         task_clear(&t);
-        if (rc < 0)
+        call_unregister(c, &call);
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
+    /* The slot may have been taken while we pickled. */
+    if (!slot_accepts(c, s) || s->fifo.len || s->draining || s->death_pending ||
+        (s->fifo.len == s->fifo.cap && fifo_grow(&s->fifo) < 0) ||
+        (rc = try_send(c, s, &t)) <= 0) {
+        task_clear(&t);
+        call_unregister(c, &call);
+        if (PyErr_Occurred())
             return NULL;
         Py_RETURN_NONE;
     }
-    if (fifo_push_back(&s->fifo, &t) < 0) {
-        /* Cannot track it: it is in the ring already, so kill the worker
-         * rather than let its result go astray. */
-        task_clear(&t);
-        kill_corrupt(s);
-        return PyErr_NoMemory();
-    }
+    fifo_push_back(&s->fifo, &t);   /* room was made above */
     s->sent++;
     if (c->maxtasks > 0 && s->sent >= (uint64_t)c->maxtasks)
         s->retiring = 1;
     s->owner = 1;
     /* We watch this ring now: the worker need not wake the collector. */
     cp_store_relaxed(&s->rq.h->cons_sleep, 0);
-    c->calls[c->ncalls++] = &call;
     /* A task larger than the room in the ring is finished by the collector. */
     wake_if_needed(c);
 
@@ -1334,7 +1393,10 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
                       PyList_GET_ITEM(bodies, k)) < 0)
             break;
     }
-    if (k < n) {
+    if (k == n && c->state > CORE_CLOSING) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+    }
+    if (k < n || PyErr_Occurred()) {
         while (k-- > 0)
             task_clear(&ts[k]);
         PyMem_Free(ts);
@@ -1349,8 +1411,10 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     PyMem_Free(ts);
+    /* The task is queued: a failure to dispatch now (out of memory) is not
+     * this caller's; the collector retries. */
     if (pump(c) < 0)
-        return NULL;
+        PyErr_WriteUnraisable((PyObject *)c);
     wake_if_needed(c);
     Py_RETURN_NONE;
 }
@@ -1445,7 +1509,12 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "processes must be between 1 and 4096");
         return -1;
     }
+    if (ring_bytes > (UINT64_C(1) << 34)) {
+        PyErr_SetString(PyExc_ValueError, "ring_bytes must be at most 2**34");
+        return -1;
+    }
     c->owner = getpid();
+    c->created_ns = cp_now_ns();
     c->nslots = n;
     c->maxtasks = maxtasks > 0 ? maxtasks : 0;
     c->spin_ns = spin_ns;
@@ -1496,16 +1565,18 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     cp_proc_register_fd(c->efd);
     if (c->zpidfd >= 0)
         cp_proc_register_fd(c->zpidfd);
-    for (int i = 0; i < n; i++) {
-        rc = slot_spawn(c, i);
-        if (rc < 0) {
-            kill_everything(c);
-            c->state = CORE_DONE;
-            errno = -rc;
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
+    /* One message for all: n single ones could fill the socket. */
+    cp_zmsg m = {.type = CP_Z_SPAWN, .slot = 0, .pid = n};
+    rc = cp_proc_send(c->zsock, &m);
+    if (rc < 0) {
+        kill_everything(c);
+        c->state = CORE_DONE;
+        errno = -rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
+    for (int i = 0; i < n; i++)
+        c->slots[i].live = 1;
     return 0;
 }
 

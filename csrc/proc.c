@@ -217,6 +217,9 @@ zygote_main(int sock, cp_worker_fn fn, void *arg)
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
         _exit(71);
+    cp_zmsg ready = {.type = CP_Z_READY, .slot = -1};
+    if (cp_proc_send(sock, &ready) < 0)
+        _exit(0);
 
     for (;;) {
         struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
@@ -233,8 +236,10 @@ zygote_main(int sock, cp_worker_fn fn, void *arg)
             int rc = cp_proc_recv(sock, &m);
             if (rc <= 0)            /* EOF: the parent is gone */
                 kill_all_and_exit();
-            if (m.type == CP_Z_SPAWN)
-                spawn(sock, &oldmask, sfd, fn, arg, m.slot);
+            if (m.type == CP_Z_SPAWN) {
+                for (int k = 0; k < (m.pid > 0 ? m.pid : 1); k++)
+                    spawn(sock, &oldmask, sfd, fn, arg, m.slot + k);
+            }
             else
                 kill_all_and_exit();   /* CP_Z_KILL, CP_Z_QUIT */
         }

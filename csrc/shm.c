@@ -32,7 +32,8 @@ int
 cp_shm_create(cp_shm *s, int nslots, uint64_t ring_cap)
 {
     memset(s, 0, sizeof *s);
-    if (nslots < 1 || ring_cap < 4096 || (ring_cap & (ring_cap - 1)))
+    if (nslots < 1 || ring_cap < 4096 || ring_cap > (UINT64_C(1) << 34) ||
+        (ring_cap & (ring_cap - 1)))
         return -EINVAL;
     s->nslots = nslots;
     s->ring_cap = ring_cap;

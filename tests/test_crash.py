@@ -253,6 +253,9 @@ def test_parent_sigkill_takes_every_helper_process_with_it():
         import crash_tasks as T
         p = Pool(3)
         pids = [p.apply(T.pid) for _ in range(30)]
+        deadline = time.monotonic() + 10
+        while len(p._core.pids()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)   # the zygote's reports may still be on their way
         print(p._core.zygote_pid, *sorted(set(p._core.pids())), flush=True)
         time.sleep(60)
     """
@@ -379,3 +382,40 @@ def test_pool_in_a_forked_child_refuses_and_parent_goes_on(pool):
     assert said == b"refused"
     # The child closed nothing of ours; the pool still works.
     assert pool.map(T.square, range(5)) == [0, 1, 4, 9, 16]
+
+
+class TerminateWhilePickled:
+    """Pickling this terminates the pool it is sent to (a pool can be
+    terminated by another thread at any moment, pickling included)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __reduce__(self):
+        self.pool.terminate()
+        return (int, (0,))
+
+
+@pytest.mark.parametrize("how", ["apply", "apply_async", "map", "imap"])
+def test_terminate_during_pickling_raises_instead_of_hanging(how):
+    p = Pool(2)
+    try:
+        arg = TerminateWhilePickled(p)
+        with pytest.raises((ValueError, PoolTerminatedError)):
+            if how == "apply":
+                p.apply(T.square, (arg,))
+            elif how == "apply_async":
+                p.apply_async(T.square, (arg,)).get(timeout=10)
+            elif how == "map":
+                p.map(T.square, [arg], chunksize=1)
+            else:
+                list(p.imap(T.square, [1, arg, 3]))
+    finally:
+        p.terminate()
+        p.join()
+    assert p._core.unfinished == 0
+
+
+def test_hundreds_of_workers():
+    with Pool(300) as p:
+        assert p.map(T.square, range(600)) == [x * x for x in range(600)]
