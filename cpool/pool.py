@@ -239,12 +239,16 @@ class IMapIterator(_mp.IMapIterator):
                     self._cond.notify()
             else:
                 self._unsorted[i] = obj
-            self._n_done += 1
-            if not self._by_consumer:
-                self._give_room(1)
-            if self._index == self._length:
-                self._cache.pop(self._job, None)
-                self._pool = None
+            self._completed()
+
+    def _completed(self):
+        # self._cond's lock held: one more task is done.
+        self._n_done += 1
+        if not self._by_consumer:
+            self._give_room(1)
+        if self._index == self._length:
+            self._cache.pop(self._job, None)
+            self._pool = None
 
     def _set_length(self, length):
         with self._cond:
@@ -290,12 +294,7 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             self._arrived(obj)
             if self._cond._waiters:
                 self._cond.notify()
-            self._n_done += 1
-            if not self._by_consumer:
-                self._give_room(1)
-            if self._index == self._length:
-                self._cache.pop(self._job, None)
-                self._pool = None
+            self._completed()
 
 
 def _sliced(seq, size):

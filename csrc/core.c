@@ -1150,6 +1150,30 @@ wake_if_needed(Core *c)
         ring_doorbell(c);
 }
 
+/* The (job, index, mode) arguments of submit()/submit_many(), checked, and
+ * whether this pool takes work now.  -1 with an exception set if not. */
+static int
+submit_args(Core *c, PyObject *const *args, unsigned long long *job,
+            unsigned long long *index, int *mode)
+{
+    *job = PyLong_AsUnsignedLongLong(args[0]);
+    *index = PyLong_AsUnsignedLongLong(args[1]);
+    *mode = (int)PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return -1;
+    if (*mode < CP_MODE_APPLY || *mode > CP_MODE_CALL1) {
+        PyErr_SetString(PyExc_ValueError, "bad mode");
+        return -1;
+    }
+    if (check_owner(c) < 0)
+        return -1;
+    if (c->state > CORE_CLOSING) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(Core_submit_doc,
 "submit(job, index, mode, func, body)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
@@ -1166,21 +1190,8 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "submit() takes 5 arguments");
         return NULL;
     }
-    job = PyLong_AsUnsignedLongLong(args[0]);
-    index = PyLong_AsUnsignedLongLong(args[1]);
-    mode = (int)PyLong_AsLong(args[2]);
-    if (PyErr_Occurred())
+    if (submit_args(c, args, &job, &index, &mode) < 0)
         return NULL;
-    if (mode < CP_MODE_APPLY || mode > CP_MODE_CALL1) {
-        PyErr_SetString(PyExc_ValueError, "bad mode");
-        return NULL;
-    }
-    if (check_owner(c) < 0)
-        return NULL;
-    if (c->state > CORE_CLOSING) {
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
-        return NULL;
-    }
     cp_task t;
     if (make_task(c, &t, job, index, mode, args[3], args[4]) < 0)
         return NULL;
@@ -1367,21 +1378,10 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
                         "submit_many(job, first_index, mode, func, list)");
         return NULL;
     }
-    unsigned long long job = PyLong_AsUnsignedLongLong(args[0]);
-    unsigned long long first = PyLong_AsUnsignedLongLong(args[1]);
-    int mode = (int)PyLong_AsLong(args[2]);
-    if (PyErr_Occurred())
+    unsigned long long job, first;
+    int mode;
+    if (submit_args(c, args, &job, &first, &mode) < 0)
         return NULL;
-    if (mode < CP_MODE_APPLY || mode > CP_MODE_CALL1) {
-        PyErr_SetString(PyExc_ValueError, "bad mode");
-        return NULL;
-    }
-    if (check_owner(c) < 0)
-        return NULL;
-    if (c->state > CORE_CLOSING) {
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
-        return NULL;
-    }
     PyObject *bodies = args[4];
     Py_ssize_t n = PyList_GET_SIZE(bodies);
     cp_task *ts = PyMem_Calloc((size_t)(n ? n : 1), sizeof(cp_task));
