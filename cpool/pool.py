@@ -241,6 +241,34 @@ class IMapIterator(_mp.IMapIterator):
                 self._unsorted[i] = obj
             self._completed()
 
+    def _set_many(self, items):
+        """Several (index, result) pairs at once (the collector batches the
+        results of one job that arrive together)."""
+        with self._cond:
+            unsorted = self._unsorted
+            before = self._index
+            for i, obj in items:
+                if self._index == i:
+                    self._arrived(obj)
+                    while self._index in unsorted:
+                        self._arrived(unsorted.pop(self._index))
+                else:
+                    unsorted[i] = obj
+            # Wake the consumer only if it has something to take: next()
+            # treats a wake-up without an item as its timeout.
+            if self._index != before and self._cond._waiters:
+                self._cond.notify()
+            self._completed_many(len(items))
+
+    def _completed_many(self, n):
+        # self._cond's lock held: n more tasks are done.
+        self._n_done += n
+        if not self._by_consumer:
+            self._give_room(n)
+        if self._index == self._length:
+            self._cache.pop(self._job, None)
+            self._pool = None
+
     def _completed(self):
         # self._cond's lock held: one more task is done.
         self._n_done += 1
@@ -295,6 +323,14 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             if self._cond._waiters:
                 self._cond.notify()
             self._completed()
+
+    def _set_many(self, items):
+        with self._cond:
+            for _, obj in items:
+                self._arrived(obj)
+            if self._cond._waiters:
+                self._cond.notify()
+            self._completed_many(len(items))
 
 
 def _sliced(seq, size):

@@ -192,6 +192,73 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
     Py_DECREF(r);
 }
 
+/*
+ * Results of one job that arrive together (imap's many small tasks) are
+ * handed over in one call, r._set_many([(index, (ok, value)), ...]), when
+ * the result object has that method: one lock round and one wake-up for the
+ * lot instead of one per result.
+ */
+typedef struct {
+    uint64_t job;
+    PyObject *r;       /* the result object, or NULL: no batch open */
+    PyObject *items;   /* list of (index, (ok, value)) */
+} cp_batch;
+
+static void
+batch_flush(cp_batch *b)
+{
+    if (b->r == NULL)
+        return;
+    PyObject *r = b->r, *items = b->items;
+    b->r = NULL;
+    b->items = NULL;
+    PyObject *res = PyObject_CallMethodOneArg(r, cp_state->str_set_many, items);
+    if (res == NULL)
+        PyErr_WriteUnraisable(r);
+    Py_XDECREF(res);
+    Py_DECREF(items);
+    Py_DECREF(r);
+}
+
+/* deliver(), batched when the job's result object takes batches.  Steals
+ * `value`. */
+static void
+deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
+                PyObject *value)
+{
+    if (b->r != NULL && b->job != job)
+        batch_flush(b);
+    if (b->r == NULL && !(job & CP_SYNC_JOB)) {
+        PyObject *key = PyLong_FromUnsignedLongLong(job);
+        PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
+        Py_XDECREF(key);
+        if (r == NULL)
+            PyErr_Clear();
+        else if (PyObject_HasAttr(r, cp_state->str_set_many) &&
+                 (b->items = PyList_New(0)) != NULL) {
+            b->r = Py_NewRef(r);
+            b->job = job;
+        }
+        PyErr_Clear();
+    }
+    if (b->r == NULL) {
+        deliver(c, job, index, ok, value);
+        return;
+    }
+    PyObject *item = Py_BuildValue("(K(NN))", (unsigned long long)index,
+                                   PyBool_FromLong(ok), value);
+    if (item == NULL || PyList_Append(b->items, item) < 0) {
+        /* Out of memory: hand over what we have, then this one alone. */
+        Py_XDECREF(item);
+        PyErr_Clear();
+        batch_flush(b);
+        PyErr_NoMemory();
+        deliver(c, job, index, 0, cp_err_take());
+        return;
+    }
+    Py_DECREF(item);
+}
+
 /* Fail a task with an error built by the pool's make_error(). */
 static void
 fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
@@ -531,7 +598,8 @@ kill_corrupt(cp_slot *s)
 
 /* A complete result message for the oldest task in flight on s. */
 static void
-on_result(Core *c, cp_slot *s, const cp_rec *h, PyObject *value, int ok)
+on_result(Core *c, cp_batch *b, cp_slot *s, const cp_rec *h, PyObject *value,
+          int ok)
 {
     /* Tasks run in ring order, so the result is for the oldest one; a seq
      * that does not match is a protocol error. */
@@ -548,7 +616,7 @@ on_result(Core *c, cp_slot *s, const cp_rec *h, PyObject *value, int ok)
         value = cp_err_take();
         ok = 0;
     }
-    deliver(c, t.job, t.index, ok, value);
+    deliver_batched(c, b, t.job, t.index, ok, value);
     task_clear(&t);
 }
 
@@ -562,6 +630,7 @@ static int
 drain_some(Core *c, cp_slot *s, int budget)
 {
     int progress = 0;
+    cp_batch batch = {0};
     while (budget-- > 0 && !s->corrupt && c->state < CORE_TERMINATED) {
         cp_rec h;
         const uint8_t *p;
@@ -625,8 +694,9 @@ drain_some(Core *c, cp_slot *s, int budget)
             Py_XSETREF(s->init_exc, value);
             continue;
         }
-        on_result(c, s, &h, value, !(h.flags & CP_F_ERR));
+        on_result(c, &batch, s, &h, value, !(h.flags & CP_F_ERR));
     }
+    batch_flush(&batch);
     return progress;
 }
 

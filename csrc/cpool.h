@@ -349,6 +349,7 @@ typedef struct cp_module_state {
     PyObject *loads;         /* pickle.loads */
     PyObject *protocol;      /* int 5 */
     PyObject *str_set;       /* "_set" */
+    PyObject *str_set_many;  /* "_set_many" */
     PyObject *pickler;       /* pickle.Pickler */
     PyTypeObject *segwriter_type;
     PyTypeObject *core_type;

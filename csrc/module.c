@@ -229,7 +229,9 @@ module_exec(PyObject *m)
     Py_DECREF(pickle);
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
-    if (!st->dumps || !st->loads || !st->pickler || !st->protocol || !st->str_set)
+    st->str_set_many = PyUnicode_InternFromString("_set_many");
+    if (!st->dumps || !st->loads || !st->pickler || !st->protocol || !st->str_set ||
+        !st->str_set_many)
         return -1;
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
     if (st->segwriter_type == NULL)
@@ -289,6 +291,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->segwriter_type);
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
+    Py_CLEAR(st->str_set_many);
     Py_CLEAR(st->core_type);
     return 0;
 }
