@@ -47,16 +47,16 @@ class PoolBrokenError(ProcessError):
 
 
 def describe_status(status):
-    """(text, exitcode) for a wait status."""
+    """(text, exitcode, hint) for a wait status."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             name = _signal.Signals(sig).name
         except ValueError:
             name = "signal %d" % sig
-        text = "was killed by %s (signal %d)" % (name, sig)
+        hint = ""
         if sig == _signal.SIGKILL:
-            text += "; the out-of-memory killer sends this"
-        return text, -sig
+            hint = " (the out-of-memory killer sends SIGKILL: memory may have run out)"
+        return "was killed by %s (signal %d)" % (name, sig), -sig, hint
     code = os.WEXITSTATUS(status)
-    return "exited with code %d" % code, code
+    return "exited with code %d" % code, code, ""

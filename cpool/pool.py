@@ -56,15 +56,15 @@ def _make_error(kind, pid, status, job, index, func):
     """Build the exception for a task the C core could not finish."""
     task = "%s (job %d, chunk %d)" % (_task_name(func), job, index)
     if kind == _core.E_LOST:
-        how, exitcode = describe_status(status)
+        how, exitcode, hint = describe_status(status)
         return WorkerLostError(
-            "worker process %d %s while running task %s" % (pid, how, task),
+            "worker process %d %s while running task %s%s" % (pid, how, task, hint),
             pid=pid, exitcode=exitcode, task=task)
     if kind == _core.E_STARTUP:
-        how, exitcode = describe_status(status)
+        how, exitcode, hint = describe_status(status)
         return WorkerLostError(
             "worker process %d %s while starting up (in the initializer), "
-            "before it could run task %s" % (pid, how, task),
+            "before it could run task %s%s" % (pid, how, task, hint),
             pid=pid, exitcode=exitcode, task=task)
     if kind == _core.E_TERMINATED:
         return PoolTerminatedError(
