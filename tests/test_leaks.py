@@ -105,13 +105,21 @@ def test_no_growth_between_equal_batches(cpool_Pool, kind):
             _batch(p, kind, N_CALLS)
             _settle()
             mem1, objs1 = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
-            _batch(p, kind, N_CALLS)
-            _settle()
-            mem2, objs2 = tracemalloc.get_traced_memory()[0], len(gc.get_objects())
+            # Two more batches; a leak grows with every one of them, while a
+            # transient (the collector thread still finishing its last
+            # bookkeeping when the caller wakes) shows in one at most: take
+            # the smaller of the two readings.
+            later = []
+            for _ in range(2):
+                _batch(p, kind, N_CALLS)
+                _settle()
+                later.append((tracemalloc.get_traced_memory()[0], len(gc.get_objects())))
+            mem2 = min(m for m, _ in later)
+            objs2 = min(o for _, o in later)
         finally:
             tracemalloc.stop()
-    assert objs2 - objs1 <= MAX_OBJECT_GROWTH, (objs1, objs2)
-    assert mem2 - mem1 <= MAX_TRACED_GROWTH, (mem1, mem2)
+    assert objs2 - objs1 <= MAX_OBJECT_GROWTH, (objs1, later)
+    assert mem2 - mem1 <= MAX_TRACED_GROWTH, (mem1, later)
 
 
 # ------------------------------------------------------------ pool lifecycle
