@@ -146,15 +146,13 @@ class FuturesBackend:
         return list(self.ex.map(f, items))
 
 
-class MpireBackend:
-    """mpire.WorkerPool (fork, workers kept alive between calls)."""
-
-    ops = {"apply", "submit", "imap", "imap_unordered", "map", "starmap", "map_each"}
+class MpireBackend(PoolBackend):
+    """mpire.WorkerPool (fork, workers kept alive between calls): the Pool
+    API with other keyword names."""
 
     def __init__(self, name, worker_pool):
-        self.name = name
+        super().__init__(name, None)
         self.worker_pool = worker_pool
-        self.pool = None
 
     def start(self, workers):
         self.pool = self.worker_pool(n_jobs=workers, start_method="fork", keep_alive=True)
@@ -163,20 +161,11 @@ class MpireBackend:
         self.pool.terminate()
         self.pool = None
 
-    def apply(self, f, *args):
-        return self.pool.apply(f, args)
-
-    def submit(self, f, *args):
-        return self.pool.apply_async(f, args).get
-
     def imap(self, f, items):
         return self.pool.imap(f, items, chunk_size=1)
 
     def imap_unordered(self, f, items):
         return self.pool.imap_unordered(f, items, chunk_size=1)
-
-    def map(self, f, items):
-        return self.pool.map(f, items)
 
     def starmap(self, f, pairs):
         return self.pool.map(f, pairs)  # mpire unpacks tuple items into arguments
