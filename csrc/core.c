@@ -144,6 +144,20 @@ fifo_free(cp_fifo *f)
 
 /* ------------------------------------------------------------- delivery */
 
+/* The result object of `job` (borrowed), or NULL if it is gone. */
+static PyObject *
+lookup_result(Core *c, uint64_t job)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(job);
+    PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
+    Py_XDECREF(key);
+    if (r == NULL && PyErr_Occurred())
+        PyErr_WriteUnraisable(c->cache);
+    return r;
+}
+
+static void deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value);
+
 /* Hand a result to the result object of `job`: cache[job]._set(index, (ok,
  * value)).  A result object that raises (a user callback) is reported as
  * unraisable; the collector goes on.  Steals `value`. */
@@ -164,15 +178,19 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
         Py_DECREF(value);    /* its caller gave up (Ctrl-C) */
         return;
     }
-    PyObject *key = PyLong_FromUnsignedLongLong(job);
-    PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
-    Py_XDECREF(key);
+    PyObject *r = lookup_result(c, job);
     if (r == NULL) {
-        if (PyErr_Occurred())
-            PyErr_WriteUnraisable(c->cache);
         Py_DECREF(value);
         return;
     }
+    deliver_to(r, index, ok, value);
+}
+
+/* r._set(index, (ok, value)).  A result object that raises (a user
+ * callback) is reported as unraisable.  Steals `value`. */
+static void
+deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
+{
     Py_INCREF(r);
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
@@ -220,6 +238,25 @@ batch_flush(cp_batch *b)
     Py_DECREF(r);
 }
 
+/* Does r have _set_many?  The answer is kept per type (the last of each
+ * kind seen), so the attribute lookup, which costs an exception when it
+ * misses, is not paid for every result. */
+static int
+takes_batches(Core *c, PyObject *r)
+{
+    PyObject *tp = (PyObject *)Py_TYPE(r);
+    if (tp == c->batch_yes)
+        return 1;
+    if (tp == c->batch_no)
+        return 0;
+    int yes = PyObject_HasAttr(tp, cp_state->str_set_many);
+    if (yes)
+        Py_XSETREF(c->batch_yes, Py_NewRef(tp));
+    else
+        Py_XSETREF(c->batch_no, Py_NewRef(tp));
+    return yes;
+}
+
 /* deliver(), batched when the job's result object takes batches.  Steals
  * `value`. */
 static void
@@ -228,22 +265,23 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
 {
     if (b->r != NULL && b->job != job)
         batch_flush(b);
-    if (b->r == NULL && !(job & CP_SYNC_JOB)) {
-        PyObject *key = PyLong_FromUnsignedLongLong(job);
-        PyObject *r = key ? PyDict_GetItemWithError(c->cache, key) : NULL;
-        Py_XDECREF(key);
-        if (r == NULL)
-            PyErr_Clear();
-        else if (PyObject_HasAttr(r, cp_state->str_set_many) &&
-                 (b->items = PyList_New(0)) != NULL) {
-            b->r = Py_NewRef(r);
-            b->job = job;
-        }
-        PyErr_Clear();
-    }
     if (b->r == NULL) {
-        deliver(c, job, index, ok, value);
-        return;
+        if (job & CP_SYNC_JOB) {
+            deliver(c, job, index, ok, value);
+            return;
+        }
+        PyObject *r = lookup_result(c, job);
+        if (r == NULL) {
+            Py_DECREF(value);
+            return;
+        }
+        if (!takes_batches(c, r) || (b->items = PyList_New(0)) == NULL) {
+            PyErr_Clear();
+            deliver_to(r, index, ok, value);
+            return;
+        }
+        b->r = Py_NewRef(r);
+        b->job = job;
     }
     PyObject *item = Py_BuildValue("(K(NN))", (unsigned long long)index,
                                    PyBool_FromLong(ok), value);
@@ -1674,6 +1712,8 @@ Core_traverse(Core *c, visitproc visit, void *arg)
     Py_VISIT(c->fids);
     Py_VISIT(c->fbytes);
     Py_VISIT(c->wfuncs);
+    Py_VISIT(c->batch_yes);
+    Py_VISIT(c->batch_no);
     for (int i = 0; c->slots && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         Py_VISIT(s->known);
@@ -1696,6 +1736,8 @@ Core_clear(Core *c)
     Py_CLEAR(c->fids);
     Py_CLEAR(c->fbytes);
     Py_CLEAR(c->wfuncs);
+    Py_CLEAR(c->batch_yes);
+    Py_CLEAR(c->batch_no);
     return 0;
 }
 

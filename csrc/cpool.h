@@ -304,6 +304,8 @@ typedef struct Core {
     PyObject *cache;       /* job -> result object with _set(i, (ok, value)) */
     PyObject *make_error;  /* callable(kind, pid, status, job, index, func) */
     PyObject *wfuncs;      /* worker only: fid -> callable */
+    PyObject *batch_yes;   /* a result type with _set_many (see takes_batches) */
+    PyObject *batch_no;    /* a result type without */
     PyObject *weakreflist;
 } Core;
 

@@ -8,8 +8,10 @@
  * threads (CPython gh-90622, gh-105464: forking a threaded parent deadlocks).
  *
  * What runs in the zygote after fork: only this file's C loop (poll, fork,
- * waitpid, send).  No Python code runs in it; it holds the GIL of its own
- * copy of the interpreter only so that PyOS_BeforeFork()/AfterFork work.
+ * waitpid, send).  The only Python code that runs in it is the
+ * os.register_at_fork() hooks that PyOS_BeforeFork()/AfterFork_Parent() run
+ * around each fork, as os.fork() would; it holds the GIL of its own copy of
+ * the interpreter for them.
  *
  * Lifetimes:
  *   - the zygote watches its socket to the parent: EOF means the parent is
