@@ -22,9 +22,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -342,6 +344,12 @@ slot_reset(Core *c, int i)
     gather_drop(s);
     if (s->known)
         PySet_Clear(s->known);
+    /* The new worker's result partition (its old one, unless the parent
+     * still holds arrays in it). */
+    s->part = c->arena ? cp_arena_assign(c->arena, i, s->part,
+                                         c->arena->part_size)
+                       : -1;
+    s->ctl->arena_part = s->part;
 }
 
 static int
@@ -689,7 +697,8 @@ drain_some(Core *c, cp_slot *s, int budget)
                 s->in_g = PyMem_Malloc(sizeof(cp_gather));
                 if (s->in_g == NULL ||
                     cp_gather_init(s->in_g, h.total, (h.flags & CP_F_OOB) != 0,
-                                   &s->scratch) < 0) {
+                                   &s->scratch,
+                                   &(cp_arena_use){c->arena, s->part, 0}) < 0) {
                     if (s->in_g == NULL)
                         PyErr_NoMemory();
                     else
@@ -784,6 +793,8 @@ handle_death(Core *c, int i, pid_t pid, int status)
     while (drain_some(c, s, DRAIN_BUDGET))
         ;
     s->draining = 0;
+    if (c->arena)
+        cp_arena_forget_holder(c->arena, 0, pid);
     uint64_t running = cp_load_acquire(&s->ctl->running);
     PyObject *init_exc = s->init_exc;
     s->init_exc = NULL;
@@ -1229,7 +1240,8 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     if (obj == NULL)
         return -1;
     int oob;
-    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2), &oob);
+    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2), &oob,
+                                     &(cp_arena_use){c->arena, 0, 1});
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;
@@ -1571,6 +1583,37 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
     return l;
 }
 
+/* [(use, live, brk, busy_bytes, busy_blocks)] per arena partition; use is
+ * a slot number, "args", "free" or "retired".  None without an arena. */
+static PyObject *
+Core_arena_info(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    cp_arena *a = c->arena;
+    if (a == NULL || a->pid != getpid())
+        Py_RETURN_NONE;
+    PyObject *l = PyList_New(a->nparts);
+    for (int p = 0; l != NULL && p < a->nparts; p++) {
+        uint64_t brk, busy, nbusy;
+        cp_arena_stats(a, p, &brk, &busy, &nbusy);
+        int32_t u = a->part_slot[p];
+        PyObject *use = u >= 0 ? PyLong_FromLong(u)
+                               : PyUnicode_FromString(u == CP_PART_ARGS ? "args"
+                                                      : u == CP_PART_FREE ? "free"
+                                                                          : "retired");
+        PyObject *t = use ? Py_BuildValue("(NKKKK)", use,
+                                          (unsigned long long)a->part_live[p],
+                                          (unsigned long long)brk,
+                                          (unsigned long long)busy,
+                                          (unsigned long long)nbusy)
+                          : NULL;
+        if (t == NULL)
+            Py_CLEAR(l);
+        else
+            PyList_SET_ITEM(l, p, t);
+    }
+    return l;
+}
+
 static PyObject *
 Core_get_state(Core *c, void *Py_UNUSED(closure))
 {
@@ -1590,6 +1633,49 @@ Core_get_pending(Core *c, void *Py_UNUSED(closure))
     for (int i = 0; i < c->nslots; i++)
         n += c->slots[i].fifo.len;
     return PyLong_FromSize_t(n);
+}
+
+/* The arena for large out-of-band buffers: partition 0 for arguments, one
+ * per worker for results, as many spares.  Address space only (a sparse
+ * memfd); without it (CPOOL_ARENA=0, or no room) buffers go through the
+ * rings. */
+static void
+arena_setup(Core *c)
+{
+    const char *env = getenv("CPOOL_ARENA");
+    if (env != NULL && strcmp(env, "0") == 0)
+        return;
+    int nparts = 1 + 2 * c->nslots;
+    uint64_t part = UINT64_C(4) << 30;
+    while (part > (UINT64_C(64) << 20) &&
+           part * (uint64_t)nparts > (UINT64_C(512) << 30))
+        part >>= 1;
+    if (cp_arena_create(&c->arena, nparts, part) < 0) {
+        c->arena = NULL;
+        return;
+    }
+    c->arena->part_slot[0] = CP_PART_ARGS;
+    env = getenv("CPOOL_ARENA_ARGS");
+    uint64_t limit = env ? strtoull(env, NULL, 10) : CP_ARENA_ARGS_LIMIT;
+    cp_arena_format(c->arena, 0, limit);
+}
+
+static void
+arena_release(Core *c)
+{
+    cp_arena *a = c->arena;
+    if (a == NULL)
+        return;
+    c->arena = NULL;
+    /* Partitions without arrays the user still holds are emptied now. */
+    if (a->pid == getpid())
+        for (int p = 0; p < a->nparts; p++)
+            if (a->part_live[p] == 0) {
+                madvise(a->base + (size_t)p * a->part_size, a->part_size,
+                        MADV_REMOVE);
+                a->part_slot[p] = CP_PART_RETIRED;
+            }
+    cp_arena_unref(a);
 }
 
 /* Core(processes, initializer, initargs, maxtasks, ring_bytes, cache,
@@ -1648,8 +1734,10 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    arena_setup(c);
     for (int i = 0; i < n; i++) {
         c->slots[i].ctl = cp_shm_ctl(&c->shm, i);
+        c->slots[i].part = -1;
         slot_reset(c, i);
     }
     c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1768,6 +1856,7 @@ Core_dealloc(Core *c)
     PyMem_Free(c->slots);
     c->slots = NULL;
     cp_shm_destroy(&c->shm);
+    arena_release(c);
     Core_clear(c);
     tp->tp_free(c);
     Py_DECREF(tp);
@@ -1785,6 +1874,9 @@ static PyMethodDef Core_methods[] = {
     {"terminate", (PyCFunction)Core_terminate, METH_NOARGS,
      "Kill every worker now and fail whatever is pending."},
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
+    {"arena_info", (PyCFunction)Core_arena_info, METH_NOARGS,
+     "Per arena partition: (use, blocks the parent wraps, brk, busy bytes, "
+     "busy blocks); None without an arena."},
     {NULL, NULL, 0, NULL},
 };
 

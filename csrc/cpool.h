@@ -6,6 +6,8 @@
  *             the futex/eventfd wake-ups around it.  No Python.
  *   shm.c     the memfd region holding every slot's control block and rings.
  *             No Python.
+ *   arena.c   shared memory for large out-of-band buffers (numpy arrays):
+ *             blocks one side fills and the other wraps in place.  No Python.
  *   proc.c    the zygote (fork server) and how it forks workers.
  *   worker.c  the worker loop: take a task record, run it, publish a result.
  *   core.c    the parent side: dispatch, the collector loop, crash handling.
@@ -154,6 +156,7 @@ typedef struct cp_ctl {
     _Alignas(CP_CACHELINE) uint64_t running;  /* seq of the task being run, 0 if none */
     uint32_t pid;
     uint32_t state;                            /* CP_W_* */
+    int32_t arena_part;                        /* its result partition, or -1 */
     _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
 } cp_ctl;
 
@@ -174,6 +177,59 @@ cp_ctl *cp_shm_ctl(cp_shm *s, int slot);
 void *cp_shm_task_ring(cp_shm *s, int slot);
 void *cp_shm_result_ring(cp_shm *s, int slot);
 void cp_shm_reset_slot(cp_shm *s, int slot);
+
+/* ----------------------------------------------------------------- arena */
+
+/* A block's header; its data follows (64-byte aligned). */
+typedef struct cp_blk {
+    uint32_t magic;
+    uint32_t lent;      /* CP_LENT_*, the only word the borrower writes */
+    uint64_t size;      /* whole block, a multiple of the page size */
+    uint32_t oref;      /* the owner still holds it */
+    int32_t holder;     /* pid of the borrower that took it */
+    uint64_t len;       /* data bytes */
+    uint8_t pad[32];
+} cp_blk;
+
+enum { CP_LENT_NO = 0, CP_LENT_OUT = 1, CP_LENT_HELD = 2 };
+
+/* part_slot[]: a worker slot, or one of these. */
+enum { CP_PART_FREE = -1, CP_PART_ARGS = -2, CP_PART_RETIRED = -3 };
+
+/* Out-of-band buffers this large go through the arena. */
+#define CP_ARENA_MIN (UINT64_C(1) << 20)
+/* This much of each partition stays populated once used. */
+#define CP_ARENA_KEEP (UINT64_C(256) << 20)
+/* Arguments of queued tasks hold at most this much of the arena. */
+#define CP_ARENA_ARGS_LIMIT (UINT64_C(1) << 30)
+
+typedef struct cp_arena {
+    uint8_t *base;
+    size_t size;
+    uint64_t part_size;
+    int nparts;
+    long refs;           /* process-local (GIL): Core and live wrappers */
+    pid_t pid;           /* the parent, which created it */
+    int32_t *part_slot;  /* parent only: what each partition is for */
+    uint64_t *part_live; /* parent only: blocks it wraps, per partition */
+} cp_arena;
+
+int cp_arena_create(cp_arena **out, int nparts, uint64_t part_size);
+void cp_arena_ref(cp_arena *a);
+void cp_arena_unref(cp_arena *a);
+void cp_arena_format(cp_arena *a, int p, uint64_t limit);
+cp_blk *cp_arena_alloc(cp_arena *a, int p, uint64_t len);
+uint8_t *cp_blk_data(cp_blk *b);
+uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);
+cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid);
+void cp_arena_give_back(cp_arena *a, int p, cp_blk *b);
+void cp_arena_drop(cp_blk *b, int unclaimed);
+void cp_arena_forget_holder(cp_arena *a, int p, pid_t pid);
+int cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit);
+void cp_arena_unlive(cp_arena *a, int p);
+void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy,
+                    uint64_t *nbusy);
+void cp_copy(void *dst, const void *src, uint64_t n);
 
 /* ------------------------------------------------------------------ proc */
 
@@ -253,6 +309,7 @@ typedef struct cp_slot {
     PyObject *in_err;      /* the gather failed: the error, for the end */
     cp_rec in_hdr;
     PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
+    int part;              /* its worker's arena partition (results), or -1 */
     PyObject *init_exc;    /* the initializer's exception, if it raised */
     int corrupt;           /* its result ring held garbage: it was killed */
     int draining;          /* drain() is running on it (it may call Python) */
@@ -279,6 +336,7 @@ typedef struct Core {
     PyObject_HEAD
     pid_t owner;           /* the process that built it */
     cp_shm shm;
+    cp_arena *arena;       /* large out-of-band buffers, or NULL */
     int nslots;
     cp_slot *slots;
     int efd;               /* eventfd: workers ring it when the collector sleeps */
@@ -354,6 +412,8 @@ typedef struct cp_module_state {
     PyObject *str_set_many;  /* "_set_many" */
     PyObject *pickler;       /* pickle.Pickler */
     PyTypeObject *segwriter_type;
+    PyTypeObject *shmbuf_type;
+    PyTypeObject *arenaref_type;
     PyTypeObject *core_type;
 } cp_module_state;
 
@@ -363,10 +423,21 @@ extern cp_module_state *cp_state;
  * concatenation is the pickle (large buffers are referenced, not copied). */
 #define CP_MAX_OOB 64
 
+/* Which part of the arena a message's large buffers go to (sending) or
+ * may come from (receiving).  a == NULL or part < 0: no arena. */
+typedef struct cp_arena_use {
+    cp_arena *a;
+    int part;
+    int args;     /* the parent sending arguments: the task holds the blocks */
+} cp_arena_use;
+
 /* Receiving a message in fragments (msg.c). */
 typedef struct cp_gather {
     uint64_t total, off;
     int oob;
+    cp_arena_use au;
+    uint64_t alen[CP_MAX_OOB];   /* arena buffers: data length, else 0 */
+    uint8_t desc[16];            /* an arena buffer's descriptor, arriving */
     PyObject **scratch;          /* where the kept pickle buffer lives */
     uint8_t pre[16 + 8 * CP_MAX_OOB];
     uint32_t pre_need, pre_have;
@@ -379,18 +450,22 @@ typedef struct cp_gather {
     uint64_t cur_off;
 } cp_gather;
 
-int cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch);
+int cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
+                   const cp_arena_use *au);
 int cp_gather_begin_pickle(cp_gather *g, uint64_t n);
 int cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n);
 PyObject *cp_gather_finish(cp_gather *g);
 void cp_gather_clear(cp_gather *g);
 
-PyObject *cp_msg_dumps(PyObject *obj, int big_hint, int *oob);
+PyObject *cp_msg_dumps(PyObject *obj, int big_hint, int *oob,
+                       const cp_arena_use *au);
 uint64_t cp_msg_size(PyObject *msg);
 int cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg,
                      uint64_t *off, cp_rec **first, uint64_t *first_pos);
 int cp_msg_has_big_buffer(PyObject *obj, int depth);
 extern PyType_Spec cp_segwriter_spec;
+extern PyType_Spec cp_shmbuf_spec;
+extern PyType_Spec cp_arenaref_spec;
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

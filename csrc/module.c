@@ -236,6 +236,10 @@ module_exec(PyObject *m)
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
     if (st->segwriter_type == NULL)
         return -1;
+    st->shmbuf_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_shmbuf_spec, NULL);
+    st->arenaref_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_arenaref_spec, NULL);
+    if (st->shmbuf_type == NULL || st->arenaref_type == NULL)
+        return -1;
     st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_core_spec, NULL);
     if (st->core_type == NULL || PyModule_AddType(m, st->core_type) < 0)
         return -1;
@@ -277,6 +281,8 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->loads);
     Py_VISIT(st->pickler);
     Py_VISIT(st->segwriter_type);
+    Py_VISIT(st->shmbuf_type);
+    Py_VISIT(st->arenaref_type);
     Py_VISIT(st->core_type);
     return 0;
 }
@@ -289,6 +295,8 @@ module_clear(PyObject *m)
     Py_CLEAR(st->loads);
     Py_CLEAR(st->pickler);
     Py_CLEAR(st->segwriter_type);
+    Py_CLEAR(st->shmbuf_type);
+    Py_CLEAR(st->arenaref_type);
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->str_set_many);

@@ -27,13 +27,26 @@
 #define MAX_SEGS 1024            /* beyond that, copy (keeps iovecs small) */
 #define OOB_MAGIC 0x424f5043u    /* "CPOB": a message with out-of-band buffers */
 
+#define OOB_ARENA (UINT64_C(1) << 63)  /* prefix length flag: in the arena */
+#define DESC_BYTES 16                   /* an arena buffer in the stream */
+
 typedef struct {
     PyObject_HEAD
-    PyObject *oob;       /* list of out-of-band PickleBuffers */
+    PyObject *oob;       /* list of out-of-band PickleBuffers (or descriptors) */
     PyObject *segs;      /* list of finished segments */
     PyObject *cur;       /* bytearray gathering small writes, or NULL */
     Py_ssize_t total;
+    cp_arena_use au;
+    uint64_t alen[CP_MAX_OOB];  /* oob[i] went to the arena: its length */
 } SegWriter;
+
+typedef struct {
+    PyObject_HEAD
+    cp_arena *a;
+    cp_blk *b;
+    pid_t pid;
+    uint64_t desc[2];   /* arena offset, length */
+} ArenaRef;
 
 static int
 seg_flush(SegWriter *w)
@@ -155,7 +168,7 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
  * referenced; the result is a tuple of segments.  Without, pickle.dumps (a
  * bytes object).  New reference, or NULL with the pickling error set. */
 PyObject *
-cp_msg_dumps(PyObject *obj, int big_hint, int *oob)
+cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
 {
     *oob = 0;
     if (!big_hint)
@@ -168,6 +181,8 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob)
     w->oob = PyList_New(0);
     w->cur = NULL;
     w->total = 0;
+    w->au = au ? *au : (cp_arena_use){.part = -1};
+    memset(w->alen, 0, sizeof w->alen);
     PyObject *res = NULL, *p = NULL, *r = NULL, *args = NULL, *kw = NULL,
              *cb = NULL, *name = NULL;
     if (w->segs == NULL || w->oob == NULL)
@@ -201,7 +216,8 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob)
     memcpy(q + 4, &nb, 4);
     memcpy(q + 8, &plen, 8);
     for (Py_ssize_t i = 0; i < nbuf; i++) {
-        uint64_t n = seg_len(PyList_GET_ITEM(w->oob, i));
+        uint64_t n = w->alen[i] ? w->alen[i] | OOB_ARENA
+                                : seg_len(PyList_GET_ITEM(w->oob, i));
         memcpy(q + 16 + 8 * i, &n, 8);
     }
     Py_ssize_t nseg = PyList_GET_SIZE(w->segs);
@@ -303,6 +319,46 @@ done:
  * warm scratch buffer: one copy per side, none through a pickle.
  */
 
+/* Copy a large buffer into an arena block; its descriptor (new reference)
+ * goes into the message instead.  NULL without an exception: no room (it
+ * stays an ordinary out-of-band buffer). */
+static PyObject *
+to_arena(SegWriter *w, Py_buffer *v)
+{
+    cp_arena *a = w->au.a;
+    cp_blk *b = cp_arena_alloc(a, w->au.part, (uint64_t)v->len);
+    if (b == NULL)
+        return NULL;
+    uint8_t *dst = cp_blk_data(b);
+    Py_BEGIN_ALLOW_THREADS
+    cp_copy(dst, v->buf, (uint64_t)v->len);
+    Py_END_ALLOW_THREADS
+    uint64_t desc[2] = {cp_arena_offset(a, b), (uint64_t)v->len};
+    PyObject *d;
+    if (w->au.args) {
+        /* The task keeps the block until it goes (ArenaRef). */
+        ArenaRef *r = PyObject_New(ArenaRef, cp_state->arenaref_type);
+        if (r != NULL) {
+            cp_arena_ref(a);
+            r->a = a;
+            r->b = b;
+            r->pid = getpid();
+            memcpy(r->desc, desc, sizeof desc);
+        }
+        d = (PyObject *)r;
+    } else {
+        d = PyBytes_FromStringAndSize((const char *)desc, sizeof desc);
+    }
+    if (d == NULL) {
+        cp_arena_drop(b, 0);
+        return NULL;
+    }
+    cp_store_release(&b->lent, CP_LENT_OUT);
+    if (!w->au.args)
+        cp_arena_drop(b, 0);   /* the receiver frees it */
+    return d;
+}
+
 static PyObject *
 SegWriter_oob(SegWriter *w, PyObject *pb)
 {
@@ -312,13 +368,137 @@ SegWriter_oob(SegWriter *w, PyObject *pb)
         Py_RETURN_TRUE;
     }
     Py_ssize_t n = v.len;
-    PyBuffer_Release(&v);
-    if (n < SEG_MIN || PyList_GET_SIZE(w->oob) >= CP_MAX_OOB)
+    Py_ssize_t i = PyList_GET_SIZE(w->oob);
+    if (n < SEG_MIN || i >= CP_MAX_OOB) {
+        PyBuffer_Release(&v);
         Py_RETURN_TRUE;
-    if (PyList_Append(w->oob, pb) < 0)
+    }
+    PyObject *item = NULL;
+    if (w->au.a != NULL && w->au.part >= 0 && (uint64_t)n >= CP_ARENA_MIN) {
+        item = to_arena(w, &v);
+        if (item == NULL && PyErr_Occurred()) {
+            PyBuffer_Release(&v);
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&v);
+    if (item != NULL)
+        w->alen[i] = (uint64_t)n;
+    else
+        item = Py_NewRef(pb);
+    int rc = PyList_Append(w->oob, item);
+    Py_DECREF(item);
+    if (rc < 0)
         return NULL;
     Py_RETURN_FALSE;
 }
+
+/* ------------------------------------------------- arena buffer objects */
+
+/*
+ * ArenaRef: the descriptor of an argument's arena block, as a 16-byte
+ * buffer (a segment of the task's message).  The task holds the block while
+ * it holds this; when it goes, a descriptor no worker took is withdrawn.
+ */
+static void
+ArenaRef_dealloc(ArenaRef *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    if (r->a != NULL) {
+        if (r->pid == getpid())
+            cp_arena_drop(r->b, 1);
+        cp_arena_unref(r->a);
+    }
+    tp->tp_free(r);
+    Py_DECREF(tp);
+}
+
+static int
+ArenaRef_getbuffer(ArenaRef *r, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)r, r->desc, sizeof r->desc, 1,
+                             flags);
+}
+
+static PyType_Slot ArenaRef_slots[] = {
+    {Py_tp_dealloc, ArenaRef_dealloc},
+    {Py_bf_getbuffer, ArenaRef_getbuffer},
+    {0, NULL},
+};
+
+PyType_Spec cp_arenaref_spec = {
+    .name = "cpool._core.ArenaRef",
+    .basicsize = sizeof(ArenaRef),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = ArenaRef_slots,
+};
+
+/*
+ * ShmBuf: a borrowed arena block, exported as a writable buffer: what an
+ * array rebuilt from a message wraps in place.  When the last view of it
+ * goes, the block goes back to its owner.
+ */
+typedef struct {
+    PyObject_HEAD
+    cp_arena *a;
+    cp_blk *b;
+    int part;
+    pid_t pid;
+} ShmBuf;
+
+static PyObject *
+shmbuf_new(const cp_arena_use *au, cp_blk *b)
+{
+    ShmBuf *s = PyObject_New(ShmBuf, cp_state->shmbuf_type);
+    if (s == NULL) {
+        cp_arena_give_back(au->a, au->part, b);
+        return NULL;
+    }
+    cp_arena_ref(au->a);
+    s->a = au->a;
+    s->b = b;
+    s->part = au->part;
+    s->pid = getpid();
+    if (s->pid == au->a->pid)
+        au->a->part_live[au->part]++;
+    return (PyObject *)s;
+}
+
+static void
+ShmBuf_dealloc(ShmBuf *s)
+{
+    PyTypeObject *tp = Py_TYPE(s);
+    /* Not in a process forked from the one that took it: there the block
+     * is not ours to give back. */
+    if (s->pid == getpid()) {
+        cp_arena_give_back(s->a, s->part, s->b);
+        if (s->pid == s->a->pid)
+            cp_arena_unlive(s->a, s->part);
+    }
+    cp_arena_unref(s->a);
+    tp->tp_free(s);
+    Py_DECREF(tp);
+}
+
+static int
+ShmBuf_getbuffer(ShmBuf *s, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)s, cp_blk_data(s->b),
+                             (Py_ssize_t)s->b->len, 0, flags);
+}
+
+static PyType_Slot ShmBuf_slots[] = {
+    {Py_tp_dealloc, ShmBuf_dealloc},
+    {Py_bf_getbuffer, ShmBuf_getbuffer},
+    {0, NULL},
+};
+
+PyType_Spec cp_shmbuf_spec = {
+    .name = "cpool._core.ShmBuf",
+    .basicsize = sizeof(ShmBuf),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = ShmBuf_slots,
+};
 
 /* ------------------------------------------------------------- gather */
 
@@ -326,11 +506,13 @@ SegWriter_oob(SegWriter *w, PyObject *pb)
  * pickle part goes into *scratch (kept for reuse when the policy allows),
  * each out-of-band buffer into its own bytearray. */
 int
-cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch)
+cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
+               const cp_arena_use *au)
 {
     memset(g, 0, sizeof *g);
     g->total = total;
     g->oob = oob;
+    g->au = au ? *au : (cp_arena_use){.part = -1};
     g->scratch = scratch;
     g->pre_need = oob ? 16 : 0;
     if (!oob)
@@ -369,6 +551,22 @@ bad_message(void)
     return -1;
 }
 
+/* Buffer i's descriptor is in: wrap the block it names. */
+static int
+take_block(cp_gather *g, uint32_t i)
+{
+    uint64_t off, len;
+    memcpy(&off, g->desc, 8);
+    memcpy(&len, g->desc + 8, 8);
+    if (len != g->alen[i])
+        return bad_message();
+    cp_blk *b = cp_arena_take(g->au.a, g->au.part, off, len, getpid());
+    if (b == NULL)
+        return bad_message();
+    g->bufs[i] = shmbuf_new(&g->au, b);
+    return g->bufs[i] == NULL ? -1 : 0;
+}
+
 /* Feed the next n bytes of the message.  -1 with an exception set on a
  * malformed message or no memory. */
 int
@@ -401,6 +599,12 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
                 sum = g->pre_need + plen;
                 for (uint32_t i = 0; i < g->nbuf; i++) {
                     memcpy(&g->lens[i], g->pre + 16 + 8 * i, 8);
+                    if (g->lens[i] & OOB_ARENA) {
+                        if (g->au.a == NULL || g->au.part < 0)
+                            return bad_message();
+                        g->alen[i] = g->lens[i] & ~OOB_ARENA;
+                        g->lens[i] = DESC_BYTES;
+                    }
                     sum += g->lens[i];
                     if (g->lens[i] > g->total)
                         return bad_message();
@@ -410,6 +614,8 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
                 if (cp_gather_begin_pickle(g, plen) < 0)
                     return -1;
                 for (uint32_t i = 0; i < g->nbuf; i++) {
+                    if (g->alen[i])
+                        continue;    /* made when its descriptor is in */
                     g->bufs[i] = PyByteArray_FromStringAndSize(NULL, 0);
                     if (g->bufs[i] == NULL ||
                         PyByteArray_Resize(g->bufs[i], (Py_ssize_t)g->lens[i]) < 0)
@@ -428,15 +634,21 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
         }
         if (g->cur > g->nbuf)
             return bad_message();
-        PyObject *dst = g->cur == 0 ? g->pickle : g->bufs[g->cur - 1];
-        uint64_t cap = g->cur == 0 ? g->pickle_len : g->lens[g->cur - 1];
+        uint32_t bi = g->cur - 1;
+        int arena = g->cur > 0 && g->alen[bi];
+        uint8_t *dst = arena ? g->desc
+                             : (uint8_t *)PyByteArray_AS_STRING(
+                                   g->cur == 0 ? g->pickle : g->bufs[bi]);
+        uint64_t cap = g->cur == 0 ? g->pickle_len : g->lens[bi];
         uint64_t k = cap - g->cur_off;
         if (k > n)
             k = n;
-        memcpy(PyByteArray_AS_STRING(dst) + g->cur_off, p, k);
+        memcpy(dst + g->cur_off, p, k);
         g->cur_off += k;
         p += k;
         n -= k;
+        if (arena && g->cur_off == DESC_BYTES && take_block(g, bi) < 0)
+            return -1;
     }
     return 0;
 }

@@ -29,6 +29,7 @@ typedef struct {
     Core *c;
     PyObject *scratch;   /* bytearray reused to gather messages */
     int slot;
+    int part;       /* arena partition for results, or -1 */
     cp_ctl *ctl;
     cp_ring tq;     /* consumer end of the task ring */
     cp_ring rq;     /* producer end of the result ring */
@@ -117,7 +118,8 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
     }
     cp_gather g;
     int ok = cp_gather_init(&g, hdr->total, (hdr->flags & CP_F_OOB) != 0,
-                            &w->scratch) == 0;
+                            &w->scratch,
+                            &(cp_arena_use){w->c->arena, 0, 0}) == 0;
     PyObject *err = ok ? NULL : cp_err_take();
     cp_rec h = *hdr;
     for (;;) {
@@ -166,7 +168,8 @@ static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
     int oob;
-    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2), &oob);
+    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2), &oob,
+                                  &(cp_arena_use){w->c->arena, w->part, 0});
     if (data == NULL) {
         PyObject *err = cp_err_take();
         PyObject *mod = PyImport_ImportModule("cpool._worker");
@@ -332,6 +335,7 @@ cp_worker_main(void *arg, int slot)
     Core *c = w.c;
 
     w.ctl = cp_shm_ctl(&c->shm, slot);
+    w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
     w.spin_ns = c->spin_ns;
     /* The worker wakes the parent through the eventfd, never a futex: the
      * parent's collector sleeps in poll() on it. */

@@ -79,6 +79,14 @@ def _batch(p, kind, n):
         blob = b"x" * 100_000
         for i in range(n // 10):
             assert p.apply(len, (blob,)) == 100_000
+    elif kind == "arena_arrays":
+        np = pytest.importorskip("numpy")
+        a = np.ones(1 << 17)      # 1 MiB: through the shared-memory arena
+        for i in range(n // 50):
+            assert p.apply(helpers.array_total, (a,)) == float(1 << 17)
+            out = p.apply(helpers.ones, (1 << 17, i))
+            assert out.shape == (1 << 17,) and out[-1] == i
+        del out
     else:
         raise AssertionError(kind)
 
@@ -89,7 +97,8 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "large_payload"]
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "large_payload",
+         "arena_arrays"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,389 @@
+/*
+ * arena.c - shared memory for large out-of-band buffers.
+ *
+ * A numpy array passed to or returned from a task is copied once, into a
+ * block of this arena, and the other side wraps the block where it lies (no
+ * second copy, no fresh pages: blocks are reused warm).  The arena is one
+ * sparse memfd mapped MAP_SHARED before the zygote is forked, cut into
+ * equal partitions:
+ *
+ *   partition 0        arguments; the parent allocates, workers borrow;
+ *   one per worker     its results; that worker allocates, the parent
+ *                      borrows (the user's result arrays live there);
+ *   spares             for replacement workers while the parent still holds
+ *                      blocks of a dead worker's partition.
+ *
+ * Only a partition's owner changes its layout (allocates, splits, merges).
+ * The other side only ever flips the `lent` word of a block it was given:
+ *
+ *   LENT_NO    not lent (free once the owner also dropped `oref`)
+ *   LENT_OUT   a descriptor of it is in a message
+ *   LENT_HELD  the borrower wraps it (CAS from LENT_OUT: wrapped once only)
+ *
+ * and the borrower stores LENT_NO when its wrapper goes away.  A block is
+ * free when oref == 0 and lent == LENT_NO; the owner merges free blocks when
+ * it next allocates.  Deaths: the parent clears the blocks a dead worker
+ * held in partition 0 (`holder` names it), and never lets a replacement
+ * reuse a partition in which it still holds blocks (it gets a spare; the old
+ * one is emptied when the parent lets go of its last block).
+ *
+ * Memory: the first CP_ARENA_KEEP bytes of a partition stay populated once
+ * used (warm for the next transfer); a borrower releasing a block beyond
+ * that gives its pages back (MADV_REMOVE).
+ *
+ * No Python here.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "cpool.h"
+
+#define PART_MAGIC 0x54524150u   /* "PART" */
+#define BLK_MAGIC 0x4b4c4243u    /* "CBLK" */
+#define PAGE 4096u
+#define PART_HDR PAGE            /* first block at this offset */
+#define MIN_SPLIT (64u * 1024)   /* don't split off smaller free blocks */
+#define PAR_COPY_MIN (UINT64_C(16) << 20)
+
+typedef struct cp_part_hdr {
+    uint32_t magic;
+    uint32_t id;
+    uint64_t brk;      /* end of the last block, from the partition start */
+    uint64_t limit;    /* blocks end at or below this offset */
+} cp_part_hdr;
+
+static uint64_t
+round_up(uint64_t n, uint64_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+static uint8_t *
+part_base(cp_arena *a, int p)
+{
+    return a->base + (size_t)p * a->part_size;
+}
+
+/* Create the arena: nparts partitions of part_size bytes (a multiple of the
+ * page size), reserved, not populated.  Returns 0 or -errno. */
+int
+cp_arena_create(cp_arena **out, int nparts, uint64_t part_size)
+{
+    *out = NULL;
+    if (nparts < 1 || part_size < (UINT64_C(1) << 20) || part_size % PAGE)
+        return -EINVAL;
+    cp_arena *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return -ENOMEM;
+    a->part_slot = calloc((size_t)nparts, sizeof *a->part_slot);
+    a->part_live = calloc((size_t)nparts, sizeof *a->part_live);
+    if (a->part_slot == NULL || a->part_live == NULL) {
+        cp_arena_unref(a);
+        return -ENOMEM;
+    }
+    a->nparts = nparts;
+    a->part_size = part_size;
+    a->size = (size_t)nparts * part_size;
+    a->refs = 1;
+    a->pid = getpid();
+    for (int i = 0; i < nparts; i++)
+        a->part_slot[i] = CP_PART_FREE;
+    int fd = memfd_create("cpool-arena", MFD_CLOEXEC);
+    if (fd < 0) {
+        int rc = -errno;
+        cp_arena_unref(a);
+        return rc;
+    }
+    int rc = 0;
+    if (ftruncate(fd, (off_t)a->size) < 0) {
+        rc = -errno;
+    } else {
+        void *m = mmap(NULL, a->size, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_NORESERVE, fd, 0);
+        if (m == MAP_FAILED)
+            rc = -errno;
+        else
+            a->base = m;
+    }
+    close(fd);
+    if (rc < 0) {
+        cp_arena_unref(a);
+        return rc;
+    }
+    *out = a;
+    return 0;
+}
+
+void
+cp_arena_ref(cp_arena *a)
+{
+    a->refs++;
+}
+
+/* Drop a reference; the last one unmaps.  (Callers hold the GIL, or are the
+ * only thread.) */
+void
+cp_arena_unref(cp_arena *a)
+{
+    if (a == NULL || --a->refs > 0)
+        return;
+    if (a->base != NULL)
+        munmap(a->base, a->size);
+    free(a->part_slot);
+    free(a->part_live);
+    free(a);
+}
+
+/* Make partition p empty, with allocations below `limit` bytes.  Only while
+ * nobody else uses it. */
+void
+cp_arena_format(cp_arena *a, int p, uint64_t limit)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    h->magic = PART_MAGIC;
+    h->id = (uint32_t)p;
+    h->brk = PART_HDR;
+    h->limit = limit < a->part_size ? limit : a->part_size;
+}
+
+static cp_blk *
+blk_at(cp_arena *a, int p, uint64_t off)
+{
+    return (cp_blk *)(part_base(a, p) + off);
+}
+
+static int
+blk_free(cp_blk *b)
+{
+    return cp_load_relaxed(&b->oref) == 0 &&
+           cp_load_acquire(&b->lent) == CP_LENT_NO;
+}
+
+/*
+ * Owner: a block for len data bytes in partition p, with oref = 1 and
+ * lent = LENT_NO; NULL if the partition has no room.  First fit, merging
+ * runs of free blocks on the way.
+ */
+cp_blk *
+cp_arena_alloc(cp_arena *a, int p, uint64_t len)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    if (h->magic != PART_MAGIC || len > a->part_size)
+        return NULL;
+    uint64_t need = round_up(len + sizeof(cp_blk), PAGE);
+    uint64_t off = PART_HDR;
+    cp_blk *found = NULL;
+    while (off < h->brk) {
+        cp_blk *b = blk_at(a, p, off);
+        if (blk_free(b)) {
+            while (off + b->size < h->brk && blk_free(blk_at(a, p, off + b->size)))
+                b->size += blk_at(a, p, off + b->size)->size;
+            if (off + b->size == h->brk) {
+                h->brk = off;      /* a free tail goes back to the top */
+                break;
+            }
+            if (b->size >= need) {
+                if (b->size - need >= MIN_SPLIT) {
+                    cp_blk *rest = blk_at(a, p, off + need);
+                    *rest = (cp_blk){.magic = BLK_MAGIC, .size = b->size - need};
+                    b->size = need;
+                }
+                found = b;
+                break;
+            }
+        }
+        off += b->size;
+    }
+    if (found == NULL) {
+        if (h->brk + need > h->limit)
+            return NULL;
+        found = blk_at(a, p, h->brk);
+        found->size = need;
+        h->brk += need;
+    }
+    found->magic = BLK_MAGIC;
+    found->oref = 1;
+    found->holder = 0;
+    found->len = len;
+    cp_store_release(&found->lent, CP_LENT_NO);
+    return found;
+}
+
+uint8_t *
+cp_blk_data(cp_blk *b)
+{
+    return (uint8_t *)b + sizeof(cp_blk);
+}
+
+/* Where block b is, as an offset from the arena's base (descriptors). */
+uint64_t
+cp_arena_offset(cp_arena *a, cp_blk *b)
+{
+    return (uint64_t)((uint8_t *)b - a->base);
+}
+
+/*
+ * Borrower: the block a descriptor names, which must lie in partition p, be
+ * a block of at least len bytes, and be LENT_OUT; it becomes LENT_HELD by
+ * `pid`.  NULL if the descriptor is bad (a corrupt or repeated message).
+ */
+cp_blk *
+cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid)
+{
+    if (p < 0 || p >= a->nparts)
+        return NULL;
+    uint64_t lo = (uint64_t)p * a->part_size, hi = lo + a->part_size;
+    if (off % PAGE || off < lo + PART_HDR || off >= hi ||
+        len > hi - off - sizeof(cp_blk))
+        return NULL;
+    cp_blk *b = (cp_blk *)(a->base + off);
+    uint64_t size = cp_load_relaxed(&b->size);
+    if (cp_load_relaxed(&b->magic) != BLK_MAGIC || size > hi - off ||
+        size < len + sizeof(cp_blk) || cp_load_relaxed(&b->len) != len)
+        return NULL;
+    cp_store_relaxed(&b->holder, (int32_t)pid);
+    uint32_t expect = CP_LENT_OUT;
+    if (!__atomic_compare_exchange_n(&b->lent, &expect, CP_LENT_HELD, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return NULL;
+    return b;
+}
+
+/* Borrower: done with block b (of partition p).  Pages beyond the kept
+ * part of the partition go back to the system first. */
+void
+cp_arena_give_back(cp_arena *a, int p, cp_blk *b)
+{
+    uint64_t start = cp_arena_offset(a, b) - (uint64_t)p * a->part_size;
+    uint64_t end = start + cp_load_relaxed(&b->size);
+    uint64_t from = start + PAGE > CP_ARENA_KEEP ? start + PAGE : CP_ARENA_KEEP;
+    if (end > from)
+        madvise(part_base(a, p) + from, end - from, MADV_REMOVE);
+    cp_store_release(&b->lent, CP_LENT_NO);
+}
+
+/* Owner: drop its own hold.  With `unclaimed`, a descriptor that nobody took
+ * is withdrawn too (the task that carried it is gone). */
+void
+cp_arena_drop(cp_blk *b, int unclaimed)
+{
+    cp_store_release(&b->oref, 0);
+    if (unclaimed) {
+        uint32_t expect = CP_LENT_OUT;
+        __atomic_compare_exchange_n(&b->lent, &expect, CP_LENT_NO, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+}
+
+/* Parent, owner of partition p: worker `pid` is gone; whatever it held
+ * there is free. */
+void
+cp_arena_forget_holder(cp_arena *a, int p, pid_t pid)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    if (h->magic != PART_MAGIC)
+        return;
+    for (uint64_t off = PART_HDR; off < h->brk;) {
+        cp_blk *b = blk_at(a, p, off);
+        if (cp_load_acquire(&b->lent) == CP_LENT_HELD &&
+            cp_load_relaxed(&b->holder) == (int32_t)pid)
+            cp_store_release(&b->lent, CP_LENT_NO);
+        off += b->size;
+    }
+}
+
+/* Parent: the partition for slot's next worker.  Its old one is reused if
+ * the parent holds nothing in it, else retired (emptied when its last block
+ * is given back) and a free one is taken.  -1: none left (that worker's
+ * results then go through its ring). */
+int
+cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit)
+{
+    if (old >= 0 && a->part_live[old] > 0) {
+        a->part_slot[old] = CP_PART_RETIRED;
+        old = -1;
+    }
+    int p = old;
+    for (int i = 1; p < 0 && i < a->nparts; i++)
+        if (a->part_slot[i] == CP_PART_FREE)
+            p = i;
+    if (p < 0)
+        return -1;
+    a->part_slot[p] = slot;
+    cp_arena_format(a, p, limit);
+    return p;
+}
+
+/* Parent: a block of partition p it wrapped is given back. */
+void
+cp_arena_unlive(cp_arena *a, int p)
+{
+    if (--a->part_live[p] == 0 && a->part_slot[p] == CP_PART_RETIRED) {
+        madvise(part_base(a, p), a->part_size, MADV_REMOVE);
+        a->part_slot[p] = CP_PART_FREE;
+    }
+}
+
+/* Parent: how far partition p reaches (brk), and for a partition it owns
+ * (0) the bytes and number of blocks not free.  For tests and diagnostics. */
+void
+cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy, uint64_t *nbusy)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    *brk = *busy = *nbusy = 0;
+    if (cp_load_relaxed(&h->magic) != PART_MAGIC)
+        return;
+    *brk = cp_load_relaxed(&h->brk);
+    if (a->part_slot[p] != CP_PART_ARGS)
+        return;
+    for (uint64_t off = PART_HDR; off < *brk;) {
+        cp_blk *b = blk_at(a, p, off);
+        if (b->size == 0 || b->size > *brk - off)
+            break;
+        if (!blk_free(b)) {
+            *busy += b->size;
+            ++*nbusy;
+        }
+        off += b->size;
+    }
+}
+
+/* ---------------------------------------------------------- copying */
+
+typedef struct {
+    void *dst;
+    const void *src;
+    size_t n;
+} copy_job;
+
+static void *
+copy_half(void *arg)
+{
+    copy_job *j = arg;
+    memcpy(j->dst, j->src, j->n);
+    return NULL;
+}
+
+/* memcpy, with a second thread for large copies (one core's copy into warm
+ * memory is well below what the memory system gives two). */
+void
+cp_copy(void *dst, const void *src, uint64_t n)
+{
+    if (n >= PAR_COPY_MIN) {
+        size_t half = (size_t)(n / 2) & ~(size_t)4095;
+        copy_job j = {(uint8_t *)dst + half, (const uint8_t *)src + half,
+                      (size_t)n - half};
+        pthread_t t;
+        if (pthread_create(&t, NULL, copy_half, &j) == 0) {
+            memcpy(dst, src, half);
+            pthread_join(t, NULL);
+            return;
+        }
+    }
+    memcpy(dst, src, (size_t)n);
+}

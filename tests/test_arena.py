@@ -1,0 +1,286 @@
+"""Large out-of-band buffers (numpy arrays) through the shared-memory arena:
+copied once into a block that the other side wraps in place (cpool only)."""
+import gc
+import os
+
+import pytest
+
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.cpool_only
+
+T = 60
+MiB = 1 << 20
+N8 = MiB          # float64 elements in 8 MiB
+
+
+# ------------------------------------------------------------------- tasks
+
+def total(a):
+    return float(a.sum())
+
+
+def make(n, k=1.0):
+    return np.arange(n, dtype=np.float64) * k
+
+
+def make_with_pid(n):
+    return os.getpid(), np.arange(n, dtype=np.float64)
+
+
+def bump_and_sum(a):
+    a += 1                      # the worker's copy; the parent's is untouched
+    return float(a.sum())
+
+
+_kept = []
+
+
+def keep(a):
+    _kept.append(a)             # the worker goes on holding the block
+    return len(_kept)
+
+
+def worker_exit(code):
+    os._exit(code)
+
+
+def describe(x):
+    return [(type(v).__name__, getattr(v, "shape", None),
+             bool(getattr(getattr(v, "flags", None), "writeable", True)))
+            for v in x]
+
+
+# ----------------------------------------------------------------- helpers
+
+def new_pool(n=2, monkeypatch=None, **env):
+    from cpool import Pool
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Pool(n)
+
+
+def info(pool):
+    return pool._core.arena_info()
+
+
+def args_busy(pool):
+    use, live, brk, busy, nbusy = info(pool)[0]
+    assert use == "args"
+    return busy, nbusy
+
+
+def wait_for(cond, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def pool():
+    from cpool import Pool
+    p = Pool(2)
+    yield p
+    p.terminate()
+    p.join()
+
+
+def arena_mapped():
+    with open("/proc/self/maps") as f:
+        return "cpool-arena" in f.read()
+
+
+# ------------------------------------------------------------------- tests
+
+def test_arguments_and_results_round_trip(pool):
+    a = np.arange(3 * N8, dtype=np.float64)
+    assert pool.apply(total, (a,)) == float(a.sum())
+    out = pool.apply(make, (3 * N8, 2.0))
+    assert out.dtype == np.float64 and out.shape == (3 * N8,)
+    assert (out == a * 2).all()
+    out[0] = -1.0                       # writable, as with multiprocessing
+    assert out[0] == -1.0
+
+
+@pytest.mark.parametrize("arr", [
+    np.arange(MiB, dtype=np.int32).reshape(512, 512, 4),
+    np.asfortranarray(np.arange(MiB, dtype=np.float32).reshape(1024, 1024)),
+    np.zeros(2 * MiB, dtype=np.uint8),
+    np.arange(MiB // 2, dtype=np.complex128),
+    np.arange(4 * MiB, dtype=np.int8)[::2],        # not contiguous: in band
+    np.arange(1000, dtype=np.float64),             # small: in band
+], ids=["3d-int32", "fortran", "uint8", "complex", "strided", "small"])
+def test_shapes_dtypes_and_layouts(pool, arr):
+    from helpers import identity
+    out = pool.apply(identity, (arr,))
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    if arr.flags.c_contiguous or arr.flags.f_contiguous:
+        assert out.flags.f_contiguous == arr.flags.f_contiguous
+    assert (out == arr).all()
+
+
+def test_several_buffers_in_one_message(pool):
+    from helpers import identity
+    parts = (np.full(MiB, 1.0), np.full(2 * MiB, 2.0), bytearray(b"x" * (3 * MiB)),
+             np.full(10, 3.0))
+    out = pool.apply(identity, (parts,))
+    assert describe(out) == [("ndarray", (MiB,), True), ("ndarray", (2 * MiB,), True),
+                             ("bytearray", None, True), ("ndarray", (10,), True)]
+    assert (out[0] == 1.0).all() and (out[1] == 2.0).all() and (out[3] == 3.0).all()
+    assert out[2] == parts[2]
+    res = pool.map(make, [N8, 2 * N8, 10], chunksize=1)
+    assert [r.shape for r in res] == [(N8,), (2 * N8,), (10,)]
+    assert all((r == np.arange(len(r))).all() for r in res)
+
+
+def test_arguments_are_taken_when_submitted(pool, gate):
+    from helpers import gated
+    a = np.ones(2 * N8)
+    expected = float(a.sum())
+    blockers = [pool.apply_async(gated, (k, gate.path)) for k in range(2)]
+    r = pool.apply_async(total, (a,))
+    a[:] = 5.0                          # after submission: not seen
+    gate.open()
+    assert r.get(timeout=T) == expected
+    assert [b.get(timeout=T) for b in blockers] == [0, 1]
+
+
+def test_worker_changes_stay_in_the_worker(pool):
+    a = np.zeros(2 * N8)
+    assert pool.apply(bump_and_sum, (a,)) == float(2 * N8)
+    assert not a.any()
+
+
+def test_blocks_are_reused(pool):
+    a = np.arange(2 * N8, dtype=np.float64)
+    for _ in range(3):
+        assert pool.apply(total, (a,)) == float(a.sum())
+        del _
+    brk_args = info(pool)[0][2]
+    worker_brk = {}
+    for i in range(30):
+        assert pool.apply(total, (a,)) == float(a.sum())
+        out = pool.apply(make, (2 * N8,))
+        assert out[-1] == 2 * N8 - 1
+        del out
+    # No growth: each transfer found the block the previous one freed.
+    assert info(pool)[0][2] == brk_args
+    for use, live, brk, _, _ in info(pool)[1:]:
+        if isinstance(use, int):
+            worker_brk[use] = brk
+            assert brk <= 4096 + 2 * (16 * MiB + 4096)
+            assert live == 0
+    wait_for(lambda: args_busy(pool) == (0, 0))
+
+
+def test_results_outlive_the_pool():
+    from cpool import Pool
+    gc.collect()
+    assert not arena_mapped()
+    with Pool(2) as p:
+        outs = [p.apply(make, (N8, float(k))) for k in range(3)]
+        assert [use for use, *_ in p._core.arena_info() if use == "args"]
+    del p
+    gc.collect()
+    for k, out in enumerate(outs):
+        assert (out == np.arange(N8) * k).all()
+        out += 1                        # still writable memory
+    assert arena_mapped()
+    del out, outs
+    gc.collect()
+    assert not arena_mapped()
+
+
+def test_held_results_survive_their_workers_death(monkeypatch):
+    from cpool import Pool, WorkerLostError
+    with Pool(1) as p:
+        pid0, held = p.apply(make_with_pid, (2 * N8,))
+        part0 = [i for i, (use, *_) in enumerate(info(p)) if use == 0][0]
+        assert info(p)[part0][1] == 1   # the parent wraps one block there
+        with pytest.raises(WorkerLostError):
+            p.apply(worker_exit, (3,))
+        pid1, fresh = p.apply(make_with_pid, (2 * N8,))
+        assert pid1 != pid0
+        # The replacement writes elsewhere: the held array is intact.
+        assert (held == np.arange(2 * N8)).all() and (fresh == held).all()
+        parts = info(p)
+        assert parts[part0][0] == "retired"
+        new = [i for i, (use, *_) in enumerate(parts) if use == 0]
+        assert new and new[0] != part0
+        del held
+        gc.collect()
+        assert info(p)[part0][0] == "free"
+        assert (fresh == np.arange(2 * N8)).all()
+
+
+def test_blocks_a_dead_worker_held_are_freed():
+    from cpool import Pool, WorkerLostError
+    with Pool(1) as p:
+        a = np.ones(2 * N8)
+        assert p.apply(keep, (a,)) == 1
+        assert p.apply(keep, (a,)) == 2
+        wait_for(lambda: args_busy(p)[1] == 2)    # held by the worker
+        with pytest.raises(WorkerLostError):
+            p.apply(worker_exit, (3,))
+        wait_for(lambda: args_busy(p) == (0, 0))
+        assert p.apply(total, (a,)) == float(a.sum())
+
+
+def test_arguments_beyond_the_limit_go_through_the_rings(monkeypatch, gate):
+    from helpers import gated
+    monkeypatch.setenv("CPOOL_ARENA_ARGS", str(5 * MiB))
+    from cpool import Pool
+    with Pool(1) as p:
+        blocker = p.apply_async(gated, (0, gate.path))
+        arrays = [np.full(N8 // 4, float(k)) for k in range(6)]   # 2 MiB each
+        rs = [p.apply_async(total, (x,)) for x in arrays]
+        busy, nbusy = args_busy(p)
+        assert nbusy == 2 and busy <= 5 * MiB    # the rest did not fit
+        gate.open()
+        assert blocker.get(timeout=T) == 0
+        assert [r.get(timeout=T) for r in rs] == [float(x.sum()) for x in arrays]
+        wait_for(lambda: args_busy(p) == (0, 0))
+
+
+def test_without_the_arena(monkeypatch):
+    monkeypatch.setenv("CPOOL_ARENA", "0")
+    from cpool import Pool
+    from helpers import identity
+    with Pool(2) as p:
+        assert p._core.arena_info() is None
+        a = np.arange(3 * N8, dtype=np.float64)
+        out = p.apply(identity, (a,))
+        assert (out == a).all() and out.flags.writeable
+
+
+def test_forked_child_does_not_free_the_parents_blocks(pool):
+    held = pool.apply(make, (2 * N8, 3.0))
+    pid = os.fork()
+    if pid == 0:                         # the child drops its copy
+        try:
+            del held
+            gc.collect()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    for _ in range(3):                   # would reuse the block if freed
+        other = pool.apply(make, (2 * N8, 7.0))
+        assert (other == np.arange(2 * N8) * 7.0).all()
+    assert (held == np.arange(2 * N8) * 3.0).all()
+
+
+def test_unpicklable_result_releases_its_blocks(pool):
+    from multiprocessing.pool import MaybeEncodingError
+    for _ in range(3):
+        with pytest.raises(MaybeEncodingError):
+            pool.apply(array_and_lambda, (N8,))
+    for use, live, *_ in info(pool):
+        assert live == 0
+    assert (pool.apply(make, (N8,)) == np.arange(N8)).all()
+
+
+def array_and_lambda(n):
+    return np.arange(n, dtype=np.float64), lambda: None
