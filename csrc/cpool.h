@@ -411,6 +411,8 @@ typedef struct cp_module_state {
     PyObject *str_set;       /* "_set" */
     PyObject *str_set_many;  /* "_set_many" */
     PyObject *pickler;       /* pickle.Pickler */
+    PyObject *unpickler;     /* pickle.Unpickler */
+    PyObject *bytesio;       /* io.BytesIO */
     PyTypeObject *segwriter_type;
     PyTypeObject *shmbuf_type;
     PyTypeObject *arenaref_type;
@@ -437,6 +439,7 @@ typedef struct cp_gather {
     int oob;
     cp_arena_use au;
     uint64_t alen[CP_MAX_OOB];   /* arena buffers: data length, else 0 */
+    uint8_t isbytes[CP_MAX_OOB]; /* gathered into a bytes object */
     uint8_t desc[16];            /* an arena buffer's descriptor, arriving */
     PyObject **scratch;          /* where the kept pickle buffer lives */
     uint8_t pre[16 + 8 * CP_MAX_OOB];

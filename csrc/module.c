@@ -226,12 +226,18 @@ module_exec(PyObject *m)
     st->dumps = PyObject_GetAttrString(pickle, "dumps");
     st->loads = PyObject_GetAttrString(pickle, "loads");
     st->pickler = PyObject_GetAttrString(pickle, "Pickler");
+    st->unpickler = PyObject_GetAttrString(pickle, "Unpickler");
     Py_DECREF(pickle);
+    PyObject *io = PyImport_ImportModule("io");
+    if (io == NULL)
+        return -1;
+    st->bytesio = PyObject_GetAttrString(io, "BytesIO");
+    Py_DECREF(io);
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
-    if (!st->dumps || !st->loads || !st->pickler || !st->protocol || !st->str_set ||
-        !st->str_set_many)
+    if (!st->dumps || !st->loads || !st->pickler || !st->unpickler ||
+        !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many)
         return -1;
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
     if (st->segwriter_type == NULL)
@@ -280,6 +286,8 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->dumps);
     Py_VISIT(st->loads);
     Py_VISIT(st->pickler);
+    Py_VISIT(st->unpickler);
+    Py_VISIT(st->bytesio);
     Py_VISIT(st->segwriter_type);
     Py_VISIT(st->shmbuf_type);
     Py_VISIT(st->arenaref_type);
@@ -294,6 +302,8 @@ module_clear(PyObject *m)
     Py_CLEAR(st->dumps);
     Py_CLEAR(st->loads);
     Py_CLEAR(st->pickler);
+    Py_CLEAR(st->unpickler);
+    Py_CLEAR(st->bytesio);
     Py_CLEAR(st->segwriter_type);
     Py_CLEAR(st->shmbuf_type);
     Py_CLEAR(st->arenaref_type);

@@ -28,6 +28,8 @@
 #define OOB_MAGIC 0x424f5043u    /* "CPOB": a message with out-of-band buffers */
 
 #define OOB_ARENA (UINT64_C(1) << 63)  /* prefix length flag: in the arena */
+#define OOB_BYTES (UINT64_C(1) << 62)  /* prefix length flag: a bytes object */
+#define OOB_FLAGS (OOB_ARENA | OOB_BYTES)
 #define DESC_BYTES 16                   /* an arena buffer in the stream */
 
 typedef struct {
@@ -35,9 +37,11 @@ typedef struct {
     PyObject *oob;       /* list of out-of-band PickleBuffers (or descriptors) */
     PyObject *segs;      /* list of finished segments */
     PyObject *cur;       /* bytearray gathering small writes, or NULL */
+    PyObject *pids;      /* id of a large bytes object -> its index in oob */
     Py_ssize_t total;
     cp_arena_use au;
     uint64_t alen[CP_MAX_OOB];  /* oob[i] went to the arena: its length */
+    uint8_t isbytes[CP_MAX_OOB];/* oob[i] is a bytes object's buffer */
 } SegWriter;
 
 typedef struct {
@@ -93,16 +97,19 @@ SegWriter_dealloc(SegWriter *w)
     Py_XDECREF(w->oob);
     Py_XDECREF(w->segs);
     Py_XDECREF(w->cur);
+    Py_XDECREF(w->pids);
     tp->tp_free(w);
     Py_DECREF(tp);
 }
 
 static PyObject *SegWriter_oob(SegWriter *w, PyObject *pb);
+static PyObject *SegWriter_pid(SegWriter *w, PyObject *obj);
 static uint64_t seg_len(PyObject *o);
 
 static PyMethodDef SegWriter_methods[] = {
     {"write", (PyCFunction)SegWriter_write, METH_O, NULL},
     {"oob", (PyCFunction)SegWriter_oob, METH_O, NULL},
+    {"pid", (PyCFunction)SegWriter_pid, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -167,6 +174,8 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
  * PickleBuffers go out of band (*oob is set) and large in-band parts are
  * referenced; the result is a tuple of segments.  Without, pickle.dumps (a
  * bytes object).  New reference, or NULL with the pickling error set. */
+static PyObject *dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au);
+
 PyObject *
 cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
 {
@@ -174,17 +183,25 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
     if (!big_hint)
         return PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
                                             cp_state->protocol, NULL);
+    return dumps_segmented(obj, oob, au);
+}
+
+static PyObject *
+dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
+{
     SegWriter *w = PyObject_New(SegWriter, cp_state->segwriter_type);
     if (w == NULL)
         return NULL;
     w->segs = PyList_New(0);
     w->oob = PyList_New(0);
     w->cur = NULL;
+    w->pids = NULL;
     w->total = 0;
     w->au = au ? *au : (cp_arena_use){.part = -1};
     memset(w->alen, 0, sizeof w->alen);
+    memset(w->isbytes, 0, sizeof w->isbytes);
     PyObject *res = NULL, *p = NULL, *r = NULL, *args = NULL, *kw = NULL,
-             *cb = NULL, *name = NULL;
+             *cb = NULL, *name = NULL, *pid = NULL;
     if (w->segs == NULL || w->oob == NULL)
         goto done;
     args = PyTuple_Pack(2, (PyObject *)w, cp_state->protocol);
@@ -195,6 +212,9 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
     p = PyObject_Call(cp_state->pickler, args, kw);
     name = PyUnicode_FromString("dump");
     if (p == NULL || name == NULL)
+        goto done;
+    pid = PyObject_GetAttrString((PyObject *)w, "pid");
+    if (pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0)
         goto done;
     r = PyObject_CallMethodOneArg(p, name, obj);
     if (r == NULL || seg_flush(w) < 0)
@@ -217,7 +237,8 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
     memcpy(q + 8, &plen, 8);
     for (Py_ssize_t i = 0; i < nbuf; i++) {
         uint64_t n = w->alen[i] ? w->alen[i] | OOB_ARENA
-                                : seg_len(PyList_GET_ITEM(w->oob, i));
+                                : seg_len(PyList_GET_ITEM(w->oob, i)) |
+                                      (w->isbytes[i] ? OOB_BYTES : 0);
         memcpy(q + 16 + 8 * i, &n, 8);
     }
     Py_ssize_t nseg = PyList_GET_SIZE(w->segs);
@@ -233,6 +254,7 @@ cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
         PyTuple_SET_ITEM(res, 1 + nseg + i, Py_NewRef(PyList_GET_ITEM(w->oob, i)));
     *oob = 1;
 done:
+    Py_XDECREF(pid);
     Py_XDECREF(name);
     Py_XDECREF(r);
     Py_XDECREF(p);
@@ -391,6 +413,46 @@ SegWriter_oob(SegWriter *w, PyObject *pb)
     if (rc < 0)
         return NULL;
     Py_RETURN_FALSE;
+}
+
+/*
+ * The pickler's persistent_id: a large bytes object travels out of band too,
+ * named in the pickle by its index among the buffers.  The receiver gathers
+ * it straight into a new bytes object and persistent_load hands that back:
+ * one copy, where pickling it in band costs a gather and a copy by loads().
+ * Every reference to one object gets the same index, so the receiver gets
+ * one object too, as with pickle.  None (pickle it as usual) for the rest.
+ */
+static PyObject *
+SegWriter_pid(SegWriter *w, PyObject *obj)
+{
+    if (!PyBytes_CheckExact(obj) || PyBytes_GET_SIZE(obj) < SEG_MIN)
+        Py_RETURN_NONE;
+    if (w->pids == NULL && (w->pids = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromVoidPtr(obj);
+    if (key == NULL)
+        return NULL;
+    PyObject *idx = PyDict_GetItemWithError(w->pids, key);
+    if (idx != NULL || PyErr_Occurred()) {
+        Py_DECREF(key);
+        return Py_XNewRef(idx);
+    }
+    Py_ssize_t i = PyList_GET_SIZE(w->oob);
+    if (i >= CP_MAX_OOB) {
+        Py_DECREF(key);
+        Py_RETURN_NONE;
+    }
+    idx = PyLong_FromSsize_t(i);
+    if (idx == NULL || PyList_Append(w->oob, obj) < 0 ||
+        PyDict_SetItem(w->pids, key, idx) < 0) {
+        Py_DECREF(key);
+        Py_XDECREF(idx);
+        return NULL;
+    }
+    Py_DECREF(key);
+    w->isbytes[i] = 1;
+    return idx;
 }
 
 /* ------------------------------------------------- arena buffer objects */
@@ -599,7 +661,12 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
                 sum = g->pre_need + plen;
                 for (uint32_t i = 0; i < g->nbuf; i++) {
                     memcpy(&g->lens[i], g->pre + 16 + 8 * i, 8);
-                    if (g->lens[i] & OOB_ARENA) {
+                    if ((g->lens[i] & OOB_FLAGS) == OOB_FLAGS)
+                        return bad_message();
+                    if (g->lens[i] & OOB_BYTES) {
+                        g->isbytes[i] = 1;
+                        g->lens[i] &= ~OOB_BYTES;
+                    } else if (g->lens[i] & OOB_ARENA) {
                         if (g->au.a == NULL || g->au.part < 0)
                             return bad_message();
                         g->alen[i] = g->lens[i] & ~OOB_ARENA;
@@ -616,6 +683,13 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
                 for (uint32_t i = 0; i < g->nbuf; i++) {
                     if (g->alen[i])
                         continue;    /* made when its descriptor is in */
+                    if (g->isbytes[i]) {
+                        g->bufs[i] = PyBytes_FromStringAndSize(
+                            NULL, (Py_ssize_t)g->lens[i]);
+                        if (g->bufs[i] == NULL)
+                            return -1;
+                        continue;
+                    }
                     g->bufs[i] = PyByteArray_FromStringAndSize(NULL, 0);
                     if (g->bufs[i] == NULL ||
                         PyByteArray_Resize(g->bufs[i], (Py_ssize_t)g->lens[i]) < 0)
@@ -637,8 +711,9 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
         uint32_t bi = g->cur - 1;
         int arena = g->cur > 0 && g->alen[bi];
         uint8_t *dst = arena ? g->desc
-                             : (uint8_t *)PyByteArray_AS_STRING(
-                                   g->cur == 0 ? g->pickle : g->bufs[bi]);
+                       : g->cur == 0 ? (uint8_t *)PyByteArray_AS_STRING(g->pickle)
+                       : g->isbytes[bi] ? (uint8_t *)PyBytes_AS_STRING(g->bufs[bi])
+                                        : (uint8_t *)PyByteArray_AS_STRING(g->bufs[bi]);
         uint64_t cap = g->cur == 0 ? g->pickle_len : g->lens[bi];
         uint64_t k = cap - g->cur_off;
         if (k > n)
@@ -663,20 +738,42 @@ cp_gather_finish(cp_gather *g)
                                            (Py_ssize_t)g->pickle_len, PyBUF_READ);
     if (mv == NULL)
         return NULL;
-    PyObject *obj;
+    PyObject *obj = NULL;
     if (g->nbuf == 0) {
         obj = PyObject_CallOneArg(cp_state->loads, mv);
-    } else {
-        PyObject *bufs = PyList_New((Py_ssize_t)g->nbuf);
-        for (uint32_t i = 0; bufs != NULL && i < g->nbuf; i++)
-            PyList_SET_ITEM(bufs, i, Py_NewRef(g->bufs[i]));
-        PyObject *args = bufs ? PyTuple_Pack(1, mv) : NULL;
-        PyObject *kw = args ? Py_BuildValue("{sO}", "buffers", bufs) : NULL;
-        obj = kw ? PyObject_Call(cp_state->loads, args, kw) : NULL;
-        Py_XDECREF(kw);
-        Py_XDECREF(args);
-        Py_XDECREF(bufs);
+        Py_DECREF(mv);
+        return obj;
     }
+    /* PickleBuffers come out of `buffers` in order; bytes objects by index
+     * (persistent ids, see SegWriter_pid). */
+    PyObject *bufs = PyList_New(0), *table = PyList_New((Py_ssize_t)g->nbuf);
+    int named = 0;
+    for (uint32_t i = 0; bufs != NULL && table != NULL && i < g->nbuf; i++) {
+        named |= g->isbytes[i];
+        PyList_SET_ITEM(table, i, Py_NewRef(g->isbytes[i] ? g->bufs[i] : Py_None));
+        if (!g->isbytes[i] && PyList_Append(bufs, g->bufs[i]) < 0)
+            Py_CLEAR(bufs);
+    }
+    PyObject *kw = bufs && table ? Py_BuildValue("{sO}", "buffers", bufs) : NULL;
+    if (kw != NULL && !named) {
+        PyObject *args = PyTuple_Pack(1, mv);
+        obj = args ? PyObject_Call(cp_state->loads, args, kw) : NULL;
+        Py_XDECREF(args);
+    } else if (kw != NULL) {
+        PyObject *file = PyObject_CallOneArg(cp_state->bytesio, mv);
+        PyObject *args = file ? PyTuple_Pack(1, file) : NULL;
+        PyObject *u = args ? PyObject_Call(cp_state->unpickler, args, kw) : NULL;
+        PyObject *get = u ? PyObject_GetAttrString(table, "__getitem__") : NULL;
+        if (get != NULL && PyObject_SetAttrString(u, "persistent_load", get) == 0)
+            obj = PyObject_CallMethod(u, "load", NULL);
+        Py_XDECREF(get);
+        Py_XDECREF(u);
+        Py_XDECREF(args);
+        Py_XDECREF(file);
+    }
+    Py_XDECREF(kw);
+    Py_XDECREF(table);
+    Py_XDECREF(bufs);
     Py_DECREF(mv);
     return obj;
 }

@@ -100,3 +100,43 @@ def test_numpy_arrays_round_trip(pool):
     assert (pool.apply(helpers.identity, (sl,)) == sl).all()
     outs = pool.map(helpers.identity, [a, a[:10], a * 2], chunksize=1)
     assert (outs[2] == a * 2).all() and (outs[1] == a[:10]).all()
+
+
+class Blob(bytes):
+    """A bytes subclass: pickled as itself, never unwrapped as plain bytes."""
+
+
+def describe_bytes(x):
+    """Types, lengths and which items are the same object, of a structure
+    like the ones below (so the parent can check what the worker got)."""
+    flat = []
+
+    def walk(v):
+        if isinstance(v, (tuple, list)):
+            for e in v:
+                walk(e)
+        elif isinstance(v, dict):
+            for e in v.values():
+                walk(e)
+        else:
+            flat.append(v)
+    walk(x)
+    return [(type(v).__name__, len(v), [w is v for w in flat].index(True)) for v in flat]
+
+
+def test_large_bytes_keep_types_nesting_and_sharing(pool):
+    big = os.urandom(2 << 20)
+    sub = Blob(os.urandom(1 << 20))
+    small = b"tiny"
+    value = (big, [big, small, {"k": big, "s": sub}], (sub, (big,)))
+    got = pool.apply(describe_bytes, (value,))
+    # as multiprocessing would give: same types, and one object where the
+    # caller had one
+    assert got == describe_bytes(value)
+    back = pool.apply(helpers.identity, (value,))
+    assert back == value
+    assert type(back[2][0]) is Blob and type(back[1][2]) is dict
+    assert describe_bytes(back) == describe_bytes(value)
+    kw = pool.apply(helpers.echo_args, (big,), {"data": big, "n": 1})
+    assert kw == ((big,), {"data": big, "n": 1})
+    assert kw[0][0] is kw[1]["data"]
