@@ -216,6 +216,44 @@ static PyType_Spec Ring_spec = {
 
 /* --------------------------------------------------------------- module */
 
+/* decode_message(data, oob, chunk): run the receive path (cp_gather) on a
+ * message fed in pieces of `chunk` bytes; for tests of the decoder. */
+static PyObject *
+decode_message(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_buffer v;
+    int oob;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "y*pn", &v, &oob, &chunk))
+        return NULL;
+    if (chunk < 1)
+        chunk = 1;
+    PyObject *scratch = NULL, *obj = NULL;
+    cp_gather g;
+    if (cp_gather_init(&g, (uint64_t)v.len, oob, &scratch, NULL) == 0) {
+        const uint8_t *p = v.buf;
+        Py_ssize_t off = 0;
+        int ok = 1;
+        while (ok && off < v.len) {
+            Py_ssize_t n = v.len - off < chunk ? v.len - off : chunk;
+            ok = cp_gather_feed(&g, p + off, (uint64_t)n) == 0;
+            off += n;
+        }
+        if (ok)
+            obj = cp_gather_finish(&g);
+    }
+    cp_gather_clear(&g);
+    Py_XDECREF(scratch);
+    PyBuffer_Release(&v);
+    return obj;
+}
+
+static PyMethodDef module_methods[] = {
+    {"decode_message", decode_message, METH_VARARGS,
+     "Decode a message as a receiver would (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static int
 module_exec(PyObject *m)
 {
@@ -331,6 +369,7 @@ static struct PyModuleDef module_def = {
     .m_doc = "The C core of cpool (private).",
     .m_size = sizeof(cp_module_state),
     .m_slots = module_slots,
+    .m_methods = module_methods,
     .m_traverse = module_traverse,
     .m_clear = module_clear,
     .m_free = module_free,
