@@ -284,3 +284,43 @@ def test_unpicklable_result_releases_its_blocks(pool):
 
 def array_and_lambda(n):
     return np.arange(n, dtype=np.float64), lambda: None
+
+
+def test_recycled_workers_with_held_results_run_out_of_spares_safely():
+    # Every task gets a new worker, and the parent keeps each result: each
+    # exit retires a partition the parent still uses, the spares run out,
+    # and later workers send their results through their rings.
+    from cpool import Pool
+    with Pool(2, maxtasksperchild=1) as p:
+        outs = [p.apply_async(make, (N8 // 4, float(k))) for k in range(12)]
+        held = [r.get(timeout=T) for r in outs]
+        for k, a in enumerate(held):
+            assert (a == np.arange(N8 // 4) * k).all()
+        uses = [use for use, *_ in info(p)]
+        assert "retired" in uses
+        del a, held, outs      # (the result objects hold the arrays too)
+        gc.collect()
+        assert all(live == 0 for _, live, *_ in info(p))
+        assert "retired" not in [use for use, *_ in info(p)]
+        assert (p.apply(make, (N8, 2.0)) == np.arange(N8) * 2.0).all()
+
+
+def test_threads_submitting_arrays_at_once(pool):
+    import threading
+    errors = []
+
+    def submit(t):
+        try:
+            rs = [pool.apply_async(total, (np.full(N8 // 4, float(t * 100 + k)),))
+                  for k in range(15)]
+            got = [r.get(timeout=T) for r in rs]
+            assert got == [float((t * 100 + k) * (N8 // 4)) for k in range(15)]
+        except BaseException as e:      # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    wait_for(lambda: args_busy(pool) == (0, 0))
