@@ -1580,10 +1580,13 @@ Core_terminate(Core *c, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     c->state = CORE_TERMINATED;
-    kill_everything(c);
-    if (c->collecting)
+    /* The collector fails what is unfinished and exits while we wait for the
+     * processes to go. */
+    int collecting = c->collecting;
+    if (collecting)
         ring_doorbell(c);
-    else
+    kill_everything(c);
+    if (!collecting)
         fail_all(c, CP_E_TERMINATED);
     Py_RETURN_NONE;
 }
