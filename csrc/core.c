@@ -352,6 +352,15 @@ slot_reset(Core *c, int i)
     s->ctl->arena_part = s->part;
 }
 
+/* The start-up deadline (CP_START_NS), in ns. */
+static uint64_t
+start_timeout_ns(void)
+{
+    const char *env = getenv("CPOOL_START_TIMEOUT_MS");
+    long long ms = env ? atoll(env) : 0;
+    return ms > 0 ? (uint64_t)ms * 1000000 : CP_START_NS;
+}
+
 static int
 slot_spawn(Core *c, int i)
 {
@@ -361,6 +370,10 @@ slot_spawn(Core *c, int i)
     if (rc < 0)
         return rc;
     c->slots[i].live = 1;
+    /* No worker has started yet (they died before they could say so): this
+     * one gets the whole time. */
+    if (!c->started)
+        c->start_by_ns = cp_now_ns() + start_timeout_ns();
     return 0;
 }
 
@@ -872,10 +885,6 @@ zygote_events(Core *c)
             return 1;
         }
         progress = 1;
-        if (m.type == CP_Z_READY) {
-            c->zygote_ready = 1;
-            continue;
-        }
         if (m.slot < 0 || m.slot >= c->nslots)
             continue;
         cp_slot *s = &c->slots[m.slot];
@@ -884,6 +893,8 @@ zygote_events(Core *c)
             if (s->corrupt)
                 kill(m.pid, SIGKILL);   /* found corrupt before we knew it */
         } else if (m.type == CP_Z_EXITED) {
+            if (cp_load_acquire(&s->ctl->state) >= CP_W_STARTING)
+                c->started = 1;
             handle_death(c, m.slot, m.pid, m.status);
         } else if (m.type == CP_Z_SPAWNFAIL) {
             /* pump() may have queued tasks to the slot before the failure
@@ -910,6 +921,30 @@ zygote_events(Core *c)
             }
         }
     }
+}
+
+/* Has a worker got through PyOS_AfterFork_Child() (CP_START_NS)?  Returns
+ * -1 if so (or if no worker is starting), 0 if the time is up, else the ms
+ * left. */
+static int
+start_check(Core *c)
+{
+    if (c->started)
+        return -1;
+    int starting = 0;
+    for (int i = 0; i < c->nslots; i++) {
+        if (cp_load_acquire(&c->slots[i].ctl->state) >= CP_W_STARTING) {
+            c->started = 1;
+            return -1;
+        }
+        starting |= c->slots[i].live;
+    }
+    if (!starting)
+        return -1;   /* slot_spawn() sets a new deadline */
+    uint64_t now = cp_now_ns();
+    if (now >= c->start_by_ns)
+        return 0;
+    return (int)((c->start_by_ns - now) / 1000000) + 1;
 }
 
 /* ------------------------------------------------------------- shutdown */
@@ -1149,16 +1184,13 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
                 watch[i] |= W_SPACE | (need << 2);
             }
         }
-        int timeout_ms = -1;
-        if (!c->zygote_ready) {
-            uint64_t age = cp_now_ns() - c->created_ns;
-            if (age >= CP_ZYGOTE_START_NS) {
-                /* It never started its loop: nothing can run. */
-                kill_zygote(c);
-                c->state = CORE_BROKEN;
-                continue;
-            }
-            timeout_ms = (int)((CP_ZYGOTE_START_NS - age) / 1000000) + 1;
+        int timeout_ms = start_check(c);
+        if (timeout_ms == 0) {
+            /* No worker can start: nothing can run.  (Its workers die with
+             * the zygote: PR_SET_PDEATHSIG is set before they hang.) */
+            kill_zygote(c);
+            c->state = CORE_BROKEN;
+            continue;
         }
         c->asleep = 1;
         Py_BEGIN_ALLOW_THREADS
@@ -1560,10 +1592,13 @@ Core_terminate(Core *c, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     c->state = CORE_TERMINATED;
-    kill_everything(c);
-    if (c->collecting)
+    /* The collector fails what is unfinished and exits while we wait for the
+     * processes to go. */
+    int collecting = c->collecting;
+    if (collecting)
         ring_doorbell(c);
-    else
+    kill_everything(c);
+    if (!collecting)
         fail_all(c, CP_E_TERMINATED);
     Py_RETURN_NONE;
 }
@@ -1708,7 +1743,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         return -1;
     }
     c->owner = getpid();
-    c->created_ns = cp_now_ns();
+    c->start_by_ns = cp_now_ns() + start_timeout_ns();
     c->nslots = n;
     c->maxtasks = maxtasks > 0 ? maxtasks : 0;
     c->spin_ns = spin_ns;
@@ -1747,7 +1782,8 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    rc = cp_proc_zygote_start(sv[1], sv[0], cp_worker_main, c, &c->zpid);
+    /* The zygote forks the n workers at once, unasked. */
+    rc = cp_proc_zygote_start(sv[1], sv[0], cp_worker_main, c, n, &c->zpid);
     if (rc < 0) {
         close(sv[0]);
         errno = -rc;
@@ -1761,16 +1797,6 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     cp_proc_register_fd(c->efd);
     if (c->zpidfd >= 0)
         cp_proc_register_fd(c->zpidfd);
-    /* One message for all: n single ones could fill the socket. */
-    cp_zmsg m = {.type = CP_Z_SPAWN, .slot = 0, .pid = n};
-    rc = cp_proc_send(c->zsock, &m);
-    if (rc < 0) {
-        kill_everything(c);
-        c->state = CORE_DONE;
-        errno = -rc;
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
     for (int i = 0; i < n; i++)
         c->slots[i].live = 1;
     return 0;

@@ -237,7 +237,7 @@ void cp_copy(void *dst, const void *src, uint64_t n);
 typedef struct cp_zmsg {
     int32_t type;    /* CP_Z_* */
     int32_t slot;
-    int32_t pid;     /* CP_Z_SPAWN: how many slots, from `slot` on */
+    int32_t pid;     /* CP_Z_SPAWNED: the worker's pid */
     int32_t status;  /* wait status for CP_Z_EXITED */
 } cp_zmsg;
 
@@ -248,14 +248,13 @@ enum {
     CP_Z_SPAWNED = 4,  /* zygote->parent: slot's worker has pid */
     CP_Z_EXITED = 5,   /* zygote->parent: slot's worker pid exited with status */
     CP_Z_SPAWNFAIL = 6,/* zygote->parent: fork failed, status = errno */
-    CP_Z_READY = 7,    /* zygote->parent: it runs its loop */
 };
 
 /* What runs in a forked worker; provided by the Python-facing layer. */
 typedef void (*cp_worker_fn)(void *arg, int slot);
 
 int cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
-                         void *arg, pid_t *zpid);
+                         void *arg, int nfirst, pid_t *zpid);
 int cp_proc_send(int sock, const cp_zmsg *m);
 int cp_proc_recv(int sock, cp_zmsg *m);
 void cp_proc_close_inherited(void);
@@ -348,8 +347,8 @@ typedef struct Core {
     cp_call *calls[CP_MAX_CALLS];  /* synchronous calls waiting */
     int ncalls;
     int asleep;            /* the collector is in collector_sleep() */
-    int zygote_ready;      /* the zygote said it runs its loop */
-    uint64_t created_ns;
+    int started;           /* a worker got through PyOS_AfterFork_Child() */
+    uint64_t start_by_ns;  /* ... or the pool is broken at this time */
     uint64_t next_seq;
     cp_fifo pending;       /* tasks not yet given to a worker */
     PyObject *fids;        /* dict: callable -> fid (cacheable callables) */
@@ -377,10 +376,11 @@ enum {
 };
 
 /* Error kinds handed to Core.make_error. */
-/* A zygote that has not said CP_Z_READY by then is declared broken (it can
- * hang in PyOS_AfterFork_Child if another thread of the parent held a lock
- * at fork time). */
-#define CP_ZYGOTE_START_NS (UINT64_C(10) * 1000 * 1000 * 1000)
+/* If no worker gets through PyOS_AfterFork_Child() within this time of the
+ * pool's creation, the pool is declared broken: they hang there when another
+ * thread of the parent held a lock at fork time, and every worker is forked
+ * from the same snapshot.  CPOOL_START_TIMEOUT_MS overrides it (tests). */
+#define CP_START_NS (UINT64_C(10) * 1000 * 1000 * 1000)
 
 enum { CP_E_LOST = 1, CP_E_TERMINATED = 2, CP_E_BROKEN = 3, CP_E_PROTO = 4,
        CP_E_STARTUP = 5 };

@@ -2,16 +2,26 @@
  * proc.c - the zygote (fork server) and the forks it makes.
  *
  * The parent forks the zygote once, from the thread that builds the Pool,
- * before any cpool thread of that pool exists.  The zygote is single-threaded
- * for the rest of its life and forks every worker, first ones and
- * replacements alike, so replacements never come from a parent that has
- * threads (CPython gh-90622, gh-105464: forking a threaded parent deadlocks).
+ * before any cpool thread of that pool exists, the way os.fork() does
+ * (PyOS_BeforeFork() and PyOS_AfterFork_Parent() around it, so the
+ * os.register_at_fork() "before" and "after in parent" hooks run in the
+ * parent).  The zygote is single-threaded for the rest of its life and forks
+ * every worker, first ones and replacements alike, so replacements never come
+ * from a parent that has threads (CPython gh-90622, gh-105464: forking a
+ * threaded parent deadlocks).
  *
- * What runs in the zygote after fork: only this file's C loop (poll, fork,
- * waitpid, send).  The only Python code that runs in it is the
- * os.register_at_fork() hooks that PyOS_BeforeFork()/AfterFork_Parent() run
- * around each fork, as os.fork() would; it holds the GIL of its own copy of
- * the interpreter for them.
+ * The zygote runs no Python at all: only this file's C loop (poll, fork,
+ * waitpid, send).  Its memory stays the snapshot of the parent taken at
+ * fork time, between PyOS_BeforeFork() and PyOS_AfterFork_Parent(), and a
+ * worker forked from it is in the state a direct child of the parent would
+ * be in: the worker runs PyOS_AfterFork_Child() (and so the "after in child"
+ * hooks), as os.fork()'s child does.  Skipping the interpreter in the
+ * zygote saves its PyOS_AfterFork_Child() (the copy-on-write faults of the
+ * hooks and of the thread clean-up: most of a millisecond here) and keeps
+ * its pages shared with the parent.
+ *
+ * The zygote forks the pool's first workers as soon as it runs, without
+ * waiting to be asked; replacements on CP_Z_SPAWN.
  *
  * Lifetimes:
  *   - the zygote watches its socket to the parent: EOF means the parent is
@@ -154,20 +164,23 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
         cp_proc_send(sock, &m);
         return;
     }
-    PyOS_BeforeFork();
+    /* No PyOS_BeforeFork() here: the zygote's interpreter is the parent's,
+     * frozen right after the parent's PyOS_BeforeFork() (see above). */
     pid_t pid = fork();
     if (pid == 0) {
-        PyOS_AfterFork_Child();
+        /* Tie the worker to the zygote first: if PyOS_AfterFork_Child()
+         * hangs (on a lock another thread of the parent held at fork time),
+         * the parent's start-up deadline kills the zygote, and this with it. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != zygote)
+            _exit(70);
         close(sock);
         close(sfd);
         sigprocmask(SIG_SETMASK, oldmask, NULL);
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != zygote)
-            _exit(70);
+        PyOS_AfterFork_Child();
         fn(arg, slot);   /* never returns */
         _exit(70);
     }
     int err = errno;
-    PyOS_AfterFork_Parent();
     if (pid < 0) {
         m.type = CP_Z_SPAWNFAIL;
         m.status = err;
@@ -207,7 +220,7 @@ reap(int sock, int sfd)
 }
 
 static void
-zygote_main(int sock, cp_worker_fn fn, void *arg)
+zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
 {
     sigset_t mask, oldmask;
 
@@ -219,9 +232,9 @@ zygote_main(int sock, cp_worker_fn fn, void *arg)
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
         _exit(71);
-    cp_zmsg ready = {.type = CP_Z_READY, .slot = -1};
-    if (cp_proc_send(sock, &ready) < 0)
-        _exit(0);
+    /* The first workers, at once: the parent does not ask for them. */
+    for (int i = 0; i < nfirst; i++)
+        spawn(sock, &oldmask, sfd, fn, arg, i);
 
     for (;;) {
         struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
@@ -238,10 +251,8 @@ zygote_main(int sock, cp_worker_fn fn, void *arg)
             int rc = cp_proc_recv(sock, &m);
             if (rc <= 0)            /* EOF: the parent is gone */
                 kill_all_and_exit();
-            if (m.type == CP_Z_SPAWN) {
-                for (int k = 0; k < (m.pid > 0 ? m.pid : 1); k++)
-                    spawn(sock, &oldmask, sfd, fn, arg, m.slot + k);
-            }
+            if (m.type == CP_Z_SPAWN)
+                spawn(sock, &oldmask, sfd, fn, arg, m.slot);
             else
                 kill_all_and_exit();   /* CP_Z_KILL, CP_Z_QUIT */
         }
@@ -249,23 +260,24 @@ zygote_main(int sock, cp_worker_fn fn, void *arg)
 }
 
 /*
- * Fork the zygote.  Needs the GIL (PyOS_BeforeFork).  sock_child is the
- * zygote's end of the control socket and is closed in the parent on return;
- * sock_parent is closed in the zygote.  Returns 0 and the pid, or -errno.
+ * Fork the zygote, which forks workers for slots 0 .. nfirst-1 at once.
+ * Needs the GIL (PyOS_BeforeFork).  sock_child is the zygote's end of the
+ * control socket and is closed in the parent on return; sock_parent is closed
+ * in the zygote.  Returns 0 and the pid, or -errno.
  */
 int
 cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
-                     void *arg, pid_t *zpid)
+                     void *arg, int nfirst, pid_t *zpid)
 {
     PyOS_BeforeFork();
     pid_t pid = fork();
     if (pid == 0) {
-        PyOS_AfterFork_Child();
+        /* No PyOS_AfterFork_Child(): the zygote runs no Python (see top). */
         close(sock_parent);
         /* The table may hold another zygote's children if this process is
          * itself a worker (a pool made inside a task): start empty. */
         n_children = 0;
-        zygote_main(sock_child, fn, arg);
+        zygote_main(sock_child, fn, arg, nfirst);
         _exit(0);
     }
     int err = errno;

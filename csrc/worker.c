@@ -1,9 +1,9 @@
 /*
  * worker.c - the worker loop.
  *
- * Runs in a process forked by the zygote (see proc.c), which forked it with
- * PyOS_BeforeFork()/PyOS_AfterFork_Child(), so Python is usable: this thread
- * holds the GIL and is the only thread.  It never returns: it leaves with
+ * Runs in a process forked by the zygote (see proc.c), which has run
+ * PyOS_AfterFork_Child() on the parent's snapshot, so Python is usable: this
+ * thread holds the GIL and is the only thread.  It never returns: it leaves with
  * _exit() after flushing sys.stdout and sys.stderr.
  *
  * Protocol, per task record (CP_K_TASK):

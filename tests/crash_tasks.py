@@ -1,5 +1,6 @@
 """Task functions for test_crash.py (importable: tasks are pickled by name)."""
 import os
+import random
 import signal
 import threading
 import time
@@ -116,3 +117,15 @@ def big_result_then_die(n):
 
 def pid():
     return os.getpid()
+
+
+_first_random = None
+
+
+def first_random(delay):
+    """(pid, the first number this process drew from random) after delay."""
+    global _first_random
+    if _first_random is None:
+        _first_random = random.getrandbits(64)
+    time.sleep(delay)
+    return os.getpid(), _first_random

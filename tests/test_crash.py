@@ -419,3 +419,62 @@ def test_terminate_during_pickling_raises_instead_of_hanging(how):
 def test_hundreds_of_workers():
     with Pool(300) as p:
         assert p.map(T.square, range(600)) == [x * x for x in range(600)]
+
+
+def test_workers_that_hang_starting_up_break_the_pool_and_leave_nothing():
+    # An "after in child" fork hook that never returns stands for a lock
+    # another thread held when the pool was made: no worker can start.
+    code = """
+        import os, time
+        from cpool import Pool, PoolBrokenError
+        import crash_tasks as T
+        os.register_at_fork(after_in_child=lambda: time.sleep(3600))
+        p = Pool(2)
+        deadline = time.monotonic() + 10
+        while len(p._core.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(p._core.zygote_pid, *p._core.pids(), flush=True)
+        t0 = time.monotonic()
+        try:
+            p.apply_async(T.square, (3,)).get(timeout=20)
+        except PoolBrokenError:
+            print("broken after %.2f" % (time.monotonic() - t0), flush=True)
+        p.terminate()
+        p.join()
+    """
+    out = _run(code, env=dict(os.environ, CPOOL_START_TIMEOUT_MS="500"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    pids = [int(x) for x in lines[0].split()]
+    assert len(pids) == 3
+    assert lines[1].startswith("broken after"), out.stdout
+    assert float(lines[1].split()[-1]) < 5
+    assert _gone(pids, 2.0)
+
+
+def test_slow_initializer_is_not_a_start_up_hang():
+    # The deadline covers getting through the fork, not the initializer.
+    code = """
+        from cpool import Pool
+        import crash_tasks as T
+        with Pool(1, initializer=T.sleep_then, initargs=(0, 1.0)) as p:
+            print(p.apply(T.square, (3,)))
+    """
+    out = _run(code, env=dict(os.environ, CPOOL_START_TIMEOUT_MS="200"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["9"]
+
+
+def test_fork_hooks_run_in_every_worker_and_replacement(pool):
+    # os.register_at_fork(after_in_child=...) hooks run in each worker, as in
+    # the child of os.fork(): random is reseeded, so no two workers (first
+    # ones or replacements) draw the same numbers.
+    assert wait_for_size(pool, 2)
+    seen = dict(pool.map(T.first_random, [0.05] * 6, chunksize=1))
+    assert len(seen) == 2
+    with pytest.raises(WorkerLostError):
+        pool.apply(T.exit_with, (3,))
+    assert wait_for_size(pool, 2)
+    seen.update(pool.map(T.first_random, [0.05] * 6, chunksize=1))
+    assert len(seen) == 3
+    assert len(set(seen.values())) == 3
