@@ -602,30 +602,6 @@ again:
 
 /* ------------------------------------------------------------- receiving */
 
-static PyObject *
-loads_buffer(const uint8_t *p, uint64_t n)
-{
-    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
-    if (mv == NULL)
-        return NULL;
-    PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
-    PyObject *err = obj == NULL ? cp_err_take() : NULL;
-    /* The bytes are about to be reused by the worker: make sure nothing kept
-     * a view of them. */
-    PyObject *r = PyObject_CallMethod(mv, "release", NULL);
-    if (r == NULL) {
-        Py_CLEAR(obj);
-        Py_XDECREF(err);
-        err = cp_err_take();
-    }
-    Py_XDECREF(r);
-    Py_DECREF(mv);
-    if (err != NULL)
-        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
-    Py_XDECREF(err);
-    return obj;
-}
-
 static void
 kill_corrupt(cp_slot *s)
 {
@@ -682,7 +658,7 @@ drain_some(Core *c, cp_slot *s, int budget)
         progress = 1;
         PyObject *value;
         if (s->in_g == NULL && !(h.flags & (CP_F_MORE | CP_F_OOB))) {
-            value = loads_buffer(p, h.size);
+            value = cp_loads(p, h.size);
             cp_ring_release(&s->rq, &h, 1);
         } else {
             if (s->in_g == NULL) {
@@ -1229,7 +1205,8 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     if (obj == NULL)
         return -1;
     int oob;
-    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2), &oob);
+    PyObject *payload = cp_dumps(obj, cp_msg_has_big_buffer(body, 2),
+                                 c->slots[0].tq.max_frag, &oob);
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;

@@ -352,6 +352,7 @@ typedef struct cp_module_state {
     PyObject *protocol;      /* int 5 */
     PyObject *str_set;       /* "_set" */
     PyObject *str_set_many;  /* "_set_many" */
+    PyObject *str_release;   /* "release" */
     PyObject *pickler;       /* pickle.Pickler */
     PyTypeObject *segwriter_type;
     PyTypeObject *core_type;
@@ -391,6 +392,17 @@ int cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg,
                      uint64_t *off, cp_rec **first, uint64_t *first_pos);
 int cp_msg_has_big_buffer(PyObject *obj, int depth);
 extern PyType_Spec cp_segwriter_spec;
+
+/* codec.c: plain data (None, bool, int, float, str, bytes, and tuples,
+ * lists and dicts of them, exact types) without pickle, for small messages.
+ * A message in this encoding starts with CP_CODEC_MAGIC (a pickle of
+ * protocol 2 or later starts with 0x80). */
+#define CP_CODEC_MAGIC 0xCB
+PyObject *cp_codec_encode(PyObject *obj, uint64_t max_bytes);
+PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);
+PyObject *cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob);
+PyObject *cp_loads(const uint8_t *p, uint64_t n);
+extern PyMethodDef cp_codec_methods[];
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

@@ -230,8 +230,9 @@ module_exec(PyObject *m)
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
+    st->str_release = PyUnicode_InternFromString("release");
     if (!st->dumps || !st->loads || !st->pickler || !st->protocol || !st->str_set ||
-        !st->str_set_many)
+        !st->str_set_many || !st->str_release)
         return -1;
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
     if (st->segwriter_type == NULL)
@@ -292,6 +293,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->str_set_many);
+    Py_CLEAR(st->str_release);
     Py_CLEAR(st->core_type);
     return 0;
 }
@@ -312,6 +314,7 @@ static struct PyModuleDef module_def = {
     .m_name = "cpool._core",
     .m_doc = "The C core of cpool (private).",
     .m_size = sizeof(cp_module_state),
+    .m_methods = cp_codec_methods,
     .m_slots = module_slots,
     .m_traverse = module_traverse,
     .m_clear = module_clear,

@@ -75,6 +75,12 @@ def _batch(p, kind, n):
                 assert e.args == ("bad value", i)
             else:
                 raise AssertionError("no exception")
+    elif kind == "plain_data":
+        # the plain-data encoding, both ways, every type it covers
+        for i in range(n // 2):
+            v = (i, -i * 2**70, 1.5, "é" * (i % 3), b"x", None, True, [i, (i,)], {"k": [i]})
+            assert p.apply(helpers.identity, (v,)) == v
+            assert p.apply_async(helpers.identity, (v,)).get(timeout=T) == v
     elif kind == "large_payload":
         blob = b"x" * 100_000
         for i in range(n // 10):
@@ -89,7 +95,7 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "large_payload"]
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "plain_data", "large_payload"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
