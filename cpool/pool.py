@@ -333,6 +333,9 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             self._completed_many(len(items))
 
 
+_core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock)
+
+
 def _sliced(seq, size):
     """Chunks of a sized input.  A range is cut into ranges and a list or
     tuple into slices (C speed, and a range chunk pickles in a few bytes);
@@ -449,10 +452,11 @@ class Pool:
     def apply_async(self, func, args=(), kwds={}, callback=None,
                     error_callback=None):
         """Asynchronous version of `apply()`."""
-        self._check_running()
-        result = ApplyResult(self, callback, error_callback)
-        self._submit(result, 0, _core.MODE_APPLY, func, (args, kwds))
-        return result
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+        # An ApplyResult, made (and, without callbacks, completed) in C.
+        return self._core.apply_async(self, func, args, kwds, callback,
+                                      error_callback)
 
     def map(self, func, iterable, chunksize=None):
         """Apply `func` to each element of `iterable`; a list of results."""

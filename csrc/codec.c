@@ -459,8 +459,8 @@ cp_loads(const uint8_t *p, uint64_t n)
 
 /* ------------------------------------------------- for the tests */
 
-static PyObject *
-codec_encode_plain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+PyObject *
+cp_codec_encode_plain_py(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long max = 1 << 20;
     if (nargs < 1 || nargs > 2 ||
@@ -473,8 +473,8 @@ codec_encode_plain(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nar
     return cp_codec_encode(args[0], max);
 }
 
-static PyObject *
-codec_loads(PyObject *Py_UNUSED(m), PyObject *arg)
+PyObject *
+cp_codec_loads_py(PyObject *Py_UNUSED(m), PyObject *arg)
 {
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
@@ -483,13 +483,3 @@ codec_loads(PyObject *Py_UNUSED(m), PyObject *arg)
     PyBuffer_Release(&b);
     return o;
 }
-
-PyMethodDef cp_codec_methods[] = {
-    {"encode_plain", (PyCFunction)(void (*)(void))codec_encode_plain, METH_FASTCALL,
-     "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
-     "(or its encoding exceeds max_bytes)."},
-    {"loads", (PyCFunction)codec_loads, METH_O,
-     "loads(data) -> obj: a message as the receiving side decodes it (plain data\n"
-     "or a pickle)."},
-    {NULL, NULL, 0, NULL},
-};

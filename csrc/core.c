@@ -156,7 +156,8 @@ lookup_result(Core *c, uint64_t job)
     return r;
 }
 
-static void deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value);
+static void deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok,
+                       PyObject *value);
 
 /* Hand a result to the result object of `job`: cache[job]._set(index, (ok,
  * value)).  A result object that raises (a user callback) is reported as
@@ -183,14 +184,20 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
         Py_DECREF(value);
         return;
     }
-    deliver_to(r, index, ok, value);
+    deliver_to(r, job, index, ok, value);
 }
 
-/* r._set(index, (ok, value)).  A result object that raises (a user
+/* r._set(index, (ok, value)), done in C for an apply_async() result
+ * without callbacks (result.c).  A result object that raises (a user
  * callback) is reported as unraisable.  Steals `value`. */
 static void
-deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
+deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok, PyObject *value)
 {
+    int done = cp_result_complete(r, job, ok, value);
+    if (done > 0)
+        return;
+    if (done < 0)
+        PyErr_Clear();    /* _set() gets its chance, and reports */
     Py_INCREF(r);
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
@@ -277,7 +284,7 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
         }
         if (!takes_batches(c, r) || (b->items = PyList_New(0)) == NULL) {
             PyErr_Clear();
-            deliver_to(r, index, ok, value);
+            deliver_to(r, job, index, ok, value);
             return;
         }
         b->r = Py_NewRef(r);
@@ -1259,6 +1266,33 @@ submit_args(Core *c, PyObject *const *args, unsigned long long *job,
     return 0;
 }
 
+/* Pickle a task and queue it; -1 with the pickling error set. */
+static int
+queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
+           PyObject *body)
+{
+    cp_task t;
+    if (make_task(c, &t, job, index, mode, func, body) < 0)
+        return -1;
+    if (c->state > CORE_CLOSING) {
+        /* Terminated or shut down while pickling (which runs Python). */
+        task_clear(&t);
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return -1;
+    }
+    if (fifo_push_back(&c->pending, &t) < 0) {
+        task_clear(&t);
+        PyErr_NoMemory();
+        return -1;
+    }
+    /* The task is queued: a failure to dispatch now (out of memory) is not
+     * this caller's; the collector retries. */
+    if (pump(c) < 0)
+        PyErr_WriteUnraisable((PyObject *)c);
+    wake_if_needed(c);
+    return 0;
+}
+
 PyDoc_STRVAR(Core_submit_doc,
 "submit(job, index, mode, func, body)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
@@ -1277,25 +1311,48 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (submit_args(c, args, &job, &index, &mode) < 0)
         return NULL;
-    cp_task t;
-    if (make_task(c, &t, job, index, mode, args[3], args[4]) < 0)
+    if (queue_task(c, job, index, mode, args[3], args[4]) < 0)
         return NULL;
-    if (c->state > CORE_CLOSING) {
-        /* Terminated or shut down while pickling (which runs Python). */
-        task_clear(&t);
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
-        return NULL;
-    }
-    if (fifo_push_back(&c->pending, &t) < 0) {
-        task_clear(&t);
-        return PyErr_NoMemory();
-    }
-    /* The task is queued: a failure to dispatch now (out of memory) is not
-     * this caller's; the collector retries. */
-    if (pump(c) < 0)
-        PyErr_WriteUnraisable((PyObject *)c);
-    wake_if_needed(c);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Core_apply_async_doc,
+"apply_async(pool, func, args, kwds, callback, error_callback) -> ApplyResult\n--\n\n"
+"Pool.apply_async() after its state check: the result object is made here\n"
+"(see result.c).  A task that cannot be pickled fails its result.");
+
+static PyObject *
+Core_apply_async(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "apply_async() takes 6 arguments");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    uint64_t job;
+    PyObject *r = cp_result_new(args[0], c->cache, args[4], args[5], &job);
+    if (r == NULL)
+        return NULL;
+    PyObject *body = PyTuple_Pack(2, args[2], args[3]);
+    int rc = body ? queue_task(c, job, 0, CP_MODE_APPLY, args[1], body) : -1;
+    Py_XDECREF(body);
+    if (rc < 0) {
+        /* As in multiprocessing, a task that cannot be sent fails its
+         * result; the pool is untouched. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        if (c->state > CORE_CLOSING) {
+            Py_DECREF(r);
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "Pool not running");
+            return NULL;
+        }
+        deliver_to(r, job, 0, 0, cp_err_take());
+    }
+    return r;
 }
 
 /* Give a slot back to the collector after a synchronous call.  If the
@@ -1753,6 +1810,8 @@ Core_dealloc(Core *c)
 static PyMethodDef Core_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
+    {"apply_async", (PyCFunction)(void (*)(void))Core_apply_async, METH_FASTCALL,
+     Core_apply_async_doc},
     {"submit_many", (PyCFunction)(void (*)(void))Core_submit_many, METH_FASTCALL,
      Core_submit_many_doc},
     {"collect", (PyCFunction)Core_collect, METH_NOARGS,

@@ -402,7 +402,16 @@ PyObject *cp_codec_encode(PyObject *obj, uint64_t max_bytes);
 PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);
 PyObject *cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob);
 PyObject *cp_loads(const uint8_t *p, uint64_t n);
-extern PyMethodDef cp_codec_methods[];
+PyObject *cp_codec_encode_plain_py(PyObject *m, PyObject *const *args,
+                                   Py_ssize_t nargs);
+PyObject *cp_codec_loads_py(PyObject *m, PyObject *arg);
+
+/* result.c: apply_async() result objects made and completed in C */
+PyObject *cp_result_set_type(PyObject *m, PyObject *const *args, Py_ssize_t nargs);
+void cp_result_clear_types(void);
+PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
+                        PyObject *error_callback, uint64_t *job);
+int cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value);
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

@@ -295,6 +295,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->str_set_many);
     Py_CLEAR(st->str_release);
     Py_CLEAR(st->core_type);
+    cp_result_clear_types();
     return 0;
 }
 
@@ -309,12 +310,24 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+static PyMethodDef module_methods[] = {
+    {"encode_plain", (PyCFunction)(void (*)(void))cp_codec_encode_plain_py, METH_FASTCALL,
+     "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
+     "(or its encoding exceeds max_bytes)."},
+    {"loads", (PyCFunction)cp_codec_loads_py, METH_O,
+     "loads(data) -> obj: a message as the receiving side decodes it (plain data\n"
+     "or a pickle)."},
+    {"set_result_type", (PyCFunction)(void (*)(void))cp_result_set_type, METH_FASTCALL,
+     "set_result_type(ApplyResult, job_counter, Lock): what Core.apply_async() makes."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cpool._core",
     .m_doc = "The C core of cpool (private).",
     .m_size = sizeof(cp_module_state),
-    .m_methods = cp_codec_methods,
+    .m_methods = module_methods,
     .m_slots = module_slots,
     .m_traverse = module_traverse,
     .m_clear = module_clear,

@@ -75,6 +75,16 @@ def _batch(p, kind, n):
                 assert e.args == ("bad value", i)
             else:
                 raise AssertionError("no exception")
+    elif kind == "apply_async_fail":
+        # results failed in the worker, and by an argument that cannot be sent
+        for start in range(0, n, WINDOW):
+            rs = [p.apply_async(helpers.raise_value_error, (i,)) if i % 2 else
+                  p.apply_async(helpers.identity, (helpers.Unpicklable(),))
+                  for i in range(start, start + WINDOW)]
+            for r in rs:
+                r.wait(T)
+                assert not r.successful()
+        del rs, r
     elif kind == "plain_data":
         # the plain-data encoding, both ways, every type it covers
         for i in range(n // 2):
@@ -95,7 +105,7 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "plain_data", "large_payload"]
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "apply_async_fail", "plain_data", "large_payload"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
