@@ -1149,7 +1149,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
 static int
 check_owner(Core *c)
 {
-    if (c->owner != getpid()) {
+    if (c->owner != cp_self_pid()) {
         PyErr_SetString(PyExc_RuntimeError,
                         "cpool: a pool can only be used by the process that created it");
         return -1;

@@ -205,6 +205,7 @@ int cp_proc_recv(int sock, cp_zmsg *m);
 void cp_proc_close_inherited(void);
 void cp_proc_register_fd(int fd);
 void cp_proc_unregister_fd(int fd);
+pid_t cp_self_pid(void);
 
 /* ---------------------------------------------- Python-facing (core.c) */
 #ifdef Py_PYTHON_H
