@@ -246,17 +246,22 @@ class IMapIterator(_mp.IMapIterator):
         results of one job that arrive together)."""
         with self._cond:
             unsorted = self._unsorted
-            before = self._index
+            arrived = self._items.append
+            before = index = self._index
             for i, obj in items:
-                if self._index == i:
-                    self._arrived(obj)
-                    while self._index in unsorted:
-                        self._arrived(unsorted.pop(self._index))
+                if index == i:
+                    # _arrived(), inline: this runs once per result
+                    arrived(obj)
+                    index += 1
+                    while index in unsorted:
+                        arrived(unsorted.pop(index))
+                        index += 1
                 else:
                     unsorted[i] = obj
+            self._index = index
             # Wake the consumer only if it has something to take: next()
             # treats a wake-up without an item as its timeout.
-            if self._index != before and self._cond._waiters:
+            if index != before and self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
 
@@ -305,7 +310,10 @@ class IMapIterator(_mp.IMapIterator):
                     raise TimeoutError from None
             self._n_taken += 1
             if self._by_consumer:
-                self._give_room(1)
+                # _give_room(1), inline: this runs once per result
+                self._room += 1
+                if self._room_cond._waiters:
+                    self._room_cond.notify()
         success, value = item
         if success:
             return value
@@ -326,8 +334,8 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
 
     def _set_many(self, items):
         with self._cond:
-            for _, obj in items:
-                self._arrived(obj)
+            self._items.extend([obj for _, obj in items])
+            self._index += len(items)
             if self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
