@@ -35,7 +35,7 @@
 
 #define MAX_CACHED_FUNCS 4096
 #define CREDIT_MIN 2
-#define CREDIT_MAX 64
+#define CREDIT_MAX 1024
 #define CREDIT_START 4
 #define QUEUED_WORK_US 2000.0   /* aim for this much queued work per worker */
 #define DRAIN_BUDGET 256        /* records per slot per collector round */
