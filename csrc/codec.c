@@ -14,7 +14,8 @@
  * within a message (the same list twice is one list after loads()); the
  * encoder refuses such messages (a container met twice) and they go through
  * pickle too, as do recursive ones, deeper ones than CODEC_MAX_DEPTH and
- * strings with lone surrogates.
+ * strings with lone surrogates.  Plain data too large for one ring record is
+ * written as a pickle without memo instead (see "encoding" below).
  *
  * Format: the byte CP_CODEC_MAGIC (never the first byte of a protocol 2+
  * pickle, which is PROTO, 0x80), then one value:
@@ -45,11 +46,21 @@
 
 /* ------------------------------------------------------------ encoding */
 
+/*
+ * One walk of the value writes either format: this encoding (small
+ * messages), or a pickle of protocol 5 without memo (plain data too large
+ * for one ring record: it travels in fragments and the receiver unpickles it
+ * as any other pickle).  Pickling plain data is mostly memo work (every
+ * tuple is memoized); without it the pickle costs a fraction, and since
+ * shared containers are refused, the memo has nothing to do.
+ */
 typedef struct {
     uint8_t *buf;
     size_t len, cap;
     size_t max;             /* give up beyond this many bytes */
     int heap;               /* buf is PyMem memory (else the stack) */
+    int pk;                 /* write a pickle instead */
+    int too_big;            /* gave up because of `max` */
     /* Containers seen that others may also reference (refcount > 1): an
      * open-addressing set of pointers, to refuse shared references. */
     PyObject **seen;
@@ -59,11 +70,24 @@ typedef struct {
 
 enum { ENC_OK = 0, ENC_NO = 1, ENC_ERR = -1 };   /* ERR: exception set */
 
+/* Pickle opcodes (Lib/pickle.py). */
+enum {
+    PK_MARK = '(', PK_STOP = '.', PK_NONE = 'N', PK_NEWTRUE = 0x88,
+    PK_NEWFALSE = 0x89, PK_BININT = 'J', PK_BININT1 = 'K', PK_BININT2 = 'M',
+    PK_LONG1 = 0x8a, PK_LONG4 = 0x8b, PK_BINFLOAT = 'G',
+    PK_SHORT_BINUNICODE = 0x8c, PK_BINUNICODE = 'X', PK_BINUNICODE8 = 0x8d,
+    PK_SHORT_BINBYTES = 'C', PK_BINBYTES = 'B', PK_BINBYTES8 = 0x8e,
+    PK_EMPTY_TUPLE = ')', PK_TUPLE1 = 0x85, PK_TUPLE = 't', PK_EMPTY_LIST = ']',
+    PK_APPENDS = 'e', PK_EMPTY_DICT = '}', PK_SETITEMS = 'u', PK_PROTO = 0x80,
+};
+
 static int
 enc_reserve(enc *e, size_t n)
 {
-    if (e->len + n > e->max)
+    if (e->len + n > e->max) {
+        e->too_big = 1;
         return ENC_NO;
+    }
     if (e->len + n <= e->cap)
         return ENC_OK;
     size_t ncap = e->cap * 2;
@@ -82,31 +106,62 @@ enc_reserve(enc *e, size_t n)
     return ENC_OK;
 }
 
-/* A tag and a u32 count or length. */
 static int
-enc_head(enc *e, uint8_t tag, size_t n)
+enc_put(enc *e, const void *p, size_t n)
 {
-    if (n > UINT32_MAX)
-        return ENC_NO;
-    int rc = enc_reserve(e, 5);
-    if (rc != ENC_OK)
-        return rc;
-    uint32_t n32 = (uint32_t)n;
-    e->buf[e->len] = tag;
-    memcpy(e->buf + e->len + 1, &n32, 4);
-    e->len += 5;
-    return ENC_OK;
-}
-
-static int
-enc_bytes(enc *e, uint8_t tag, const void *p, size_t n)
-{
-    int rc = enc_head(e, tag, n);
-    if (rc == ENC_OK && (rc = enc_reserve(e, n)) == ENC_OK && n) {
+    int rc = enc_reserve(e, n);
+    if (rc == ENC_OK && n) {
         memcpy(e->buf + e->len, p, n);
         e->len += n;
     }
     return rc;
+}
+
+static int
+enc_op(enc *e, uint8_t op)
+{
+    return enc_put(e, &op, 1);
+}
+
+/* An opcode and a value of `size` bytes (little-endian). */
+static int
+enc_op_val(enc *e, uint8_t op, const void *v, size_t size)
+{
+    uint8_t h[9];
+    h[0] = op;
+    memcpy(h + 1, v, size);
+    return enc_put(e, h, 1 + size);
+}
+
+/* Codec: a tag and a u32 count or length.  Pickle: the opcode for a length
+ * that fits 1, 4 or 8 bytes (op8 0: none). */
+static int
+enc_len(enc *e, uint8_t tag, uint8_t op1, uint8_t op4, uint8_t op8, size_t n)
+{
+    if (!e->pk) {
+        uint32_t n32 = (uint32_t)n;
+        return n > UINT32_MAX ? ENC_NO : enc_op_val(e, tag, &n32, 4);
+    }
+    if (n < 256) {
+        uint8_t n8 = (uint8_t)n;
+        return enc_op_val(e, op1, &n8, 1);
+    }
+    if (n <= UINT32_MAX) {
+        uint32_t n32 = (uint32_t)n;
+        return enc_op_val(e, op4, &n32, 4);
+    }
+    uint64_t n64 = n;
+    return op8 ? enc_op_val(e, op8, &n64, 8) : ENC_NO;
+}
+
+static int
+enc_blob(enc *e, int is_str, const void *p, size_t n)
+{
+    int rc = is_str ? enc_len(e, 's', PK_SHORT_BINUNICODE, PK_BINUNICODE,
+                              PK_BINUNICODE8, n)
+                    : enc_len(e, 'b', PK_SHORT_BINBYTES, PK_BINBYTES,
+                              PK_BINBYTES8, n);
+    return rc == ENC_OK ? enc_put(e, p, n) : rc;
 }
 
 /* Remember a container that may be referenced from elsewhere too; ENC_NO if
@@ -152,30 +207,30 @@ enc_long(enc *e, PyObject *o)
     int overflow;
     long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (!overflow) {
-        int rc = enc_reserve(e, 9);
-        if (rc != ENC_OK)
-            return rc;
+        if (e->pk && v >= 0 && v < 256) {
+            uint8_t v8 = (uint8_t)v;
+            return enc_op_val(e, PK_BININT1, &v8, 1);
+        }
+        if (e->pk && v >= 0 && v < 65536) {
+            uint16_t v16 = (uint16_t)v;
+            return enc_op_val(e, PK_BININT2, &v16, 2);
+        }
         if (v >= INT32_MIN && v <= INT32_MAX) {
             int32_t v32 = (int32_t)v;
-            e->buf[e->len] = 'j';
-            memcpy(e->buf + e->len + 1, &v32, 4);
-            e->len += 5;
-        } else {
-            e->buf[e->len] = 'i';
-            memcpy(e->buf + e->len + 1, &v, 8);
-            e->len += 9;
+            return enc_op_val(e, e->pk ? PK_BININT : 'j', &v32, 4);
         }
-        return ENC_OK;
+        if (!e->pk)
+            return enc_op_val(e, 'i', &v, 8);
+        uint8_t h[10] = {PK_LONG1, 8};
+        memcpy(h + 2, &v, 8);
+        return enc_put(e, h, 10);
     }
     size_t bits = _PyLong_NumBits(o);
     if (bits == (size_t)-1 && PyErr_Occurred())
         return ENC_ERR;
     size_t n = bits / 8 + 1;            /* room for the sign bit */
-    int rc = enc_head(e, 'I', n);
-    if (rc != ENC_OK)
-        return rc;
-    rc = enc_reserve(e, n);
-    if (rc != ENC_OK)
+    int rc = enc_len(e, 'I', PK_LONG1, PK_LONG4, 0, n);
+    if (rc != ENC_OK || (rc = enc_reserve(e, n)) != ENC_OK)
         return rc;
     if (_PyLong_AsByteArray((PyLongObject *)o, e->buf + e->len, n, 1, 1) < 0)
         return ENC_ERR;
@@ -187,7 +242,7 @@ static int
 enc_str(enc *e, PyObject *o)
 {
     if (PyUnicode_IS_ASCII(o))
-        return enc_bytes(e, 's', PyUnicode_DATA(o), (size_t)PyUnicode_GET_LENGTH(o));
+        return enc_blob(e, 1, PyUnicode_DATA(o), (size_t)PyUnicode_GET_LENGTH(o));
     /* A temporary UTF-8 copy (PyUnicode_AsUTF8AndSize would keep one with
      * the user's string).  Lone surrogates cannot be encoded: pickle. */
     PyObject *u = PyUnicode_AsUTF8String(o);
@@ -197,23 +252,66 @@ enc_str(enc *e, PyObject *o)
         PyErr_Clear();
         return ENC_NO;
     }
-    int rc = enc_bytes(e, 's', PyBytes_AS_STRING(u), (size_t)PyBytes_GET_SIZE(u));
+    int rc = enc_blob(e, 1, PyBytes_AS_STRING(u), (size_t)PyBytes_GET_SIZE(u));
     Py_DECREF(u);
     return rc;
 }
 
 static int enc_value(enc *e, PyObject *o, int depth);
 
+/* A tuple or list.  Pickle: EMPTY_TUPLE, items TUPLE1-3, MARK items TUPLE;
+ * EMPTY_LIST [MARK items APPENDS]. */
 static int
-enc_items(enc *e, uint8_t tag, PyObject *o, int depth)
+enc_seq(enc *e, PyObject *o, int depth)
 {
+    int tuple = PyTuple_CheckExact(o);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     PyObject **items = PySequence_Fast_ITEMS(o);
-    int rc = enc_head(e, tag, (size_t)n);
-    if (rc == ENC_OK && e->len + (size_t)n > e->max)
-        rc = ENC_NO;            /* each value takes a byte at least */
+    int rc;
+    if (!e->pk) {
+        rc = enc_len(e, tuple ? 't' : 'l', 0, 0, 0, (size_t)n);
+        if (rc == ENC_OK && e->len + (size_t)n > e->max) {
+            e->too_big = 1;     /* each value takes a byte at least */
+            rc = ENC_NO;
+        }
+    } else if (tuple) {
+        rc = n == 0 ? enc_op(e, PK_EMPTY_TUPLE) : n > 3 ? enc_op(e, PK_MARK) : ENC_OK;
+    } else {
+        rc = enc_op(e, PK_EMPTY_LIST);
+        if (rc == ENC_OK && n > 0)
+            rc = enc_op(e, PK_MARK);
+    }
+    /* Encoding runs no Python code: the list cannot change under us. */
     for (Py_ssize_t i = 0; rc == ENC_OK && i < n; i++)
         rc = enc_value(e, items[i], depth + 1);
+    if (rc == ENC_OK && e->pk && n > 0)
+        rc = enc_op(e, !tuple ? PK_APPENDS : n > 3 ? PK_TUPLE
+                                           : (uint8_t)(PK_TUPLE1 + n - 1));
+    return rc;
+}
+
+/* Pickle: EMPTY_DICT [MARK keys and values SETITEMS]. */
+static int
+enc_dict(enc *e, PyObject *o, int depth)
+{
+    Py_ssize_t n = PyDict_GET_SIZE(o);
+    int rc;
+    if (!e->pk) {
+        rc = enc_len(e, 'D', 0, 0, 0, (size_t)n);
+    } else {
+        rc = enc_op(e, PK_EMPTY_DICT);
+        if (rc == ENC_OK && n > 0)
+            rc = enc_op(e, PK_MARK);
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (rc == ENC_OK && PyDict_Next(o, &pos, &k, &v)) {
+        rc = enc_value(e, k, depth + 1);
+        if (rc == ENC_OK)
+            rc = enc_value(e, v, depth + 1);
+    }
+    if (rc == ENC_OK && e->pk && n > 0)
+        rc = enc_op(e, PK_SETITEMS);
     return rc;
 }
 
@@ -228,58 +326,49 @@ enc_value(enc *e, PyObject *o, int depth)
         return enc_long(e, o);
     if (tp == &PyFloat_Type) {
         double d = PyFloat_AS_DOUBLE(o);
-        if ((rc = enc_reserve(e, 9)) != ENC_OK)
-            return rc;
-        e->buf[e->len] = 'd';
-        memcpy(e->buf + e->len + 1, &d, 8);
-        e->len += 9;
-        return ENC_OK;
+        if (!e->pk)
+            return enc_op_val(e, 'd', &d, 8);
+        char be[8];             /* pickle's floats are big-endian */
+        if (PyFloat_Pack8(d, be, 0) < 0)
+            return ENC_ERR;
+        return enc_op_val(e, PK_BINFLOAT, be, 8);
     }
-    if (o == Py_None || o == Py_True || o == Py_False) {
-        if ((rc = enc_reserve(e, 1)) != ENC_OK)
-            return rc;
-        e->buf[e->len++] = o == Py_None ? 'N' : o == Py_True ? 'T' : 'F';
-        return ENC_OK;
-    }
+    if (o == Py_None)
+        return enc_op(e, e->pk ? PK_NONE : 'N');
+    if (o == Py_True)
+        return enc_op(e, e->pk ? PK_NEWTRUE : 'T');
+    if (o == Py_False)
+        return enc_op(e, e->pk ? PK_NEWFALSE : 'F');
     if (tp == &PyUnicode_Type)
         return enc_str(e, o);
     if (tp == &PyBytes_Type)
-        return enc_bytes(e, 'b', PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+        return enc_blob(e, 0, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
     if (tp == &PyTuple_Type || tp == &PyList_Type || tp == &PyDict_Type) {
         /* Only a container that something else also references can be met
          * twice (a tuple can be: its refcount counts each reference). */
         if (Py_REFCNT(o) > 1 && (rc = enc_seen(e, o)) != ENC_OK)
             return rc;
-        if (tp == &PyTuple_Type)
-            return enc_items(e, 't', o, depth);
-        if (tp == &PyList_Type) {
-            /* Encoding runs no Python code, so the list cannot change
-             * under us. */
-            return enc_items(e, 'l', o, depth);
-        }
-        rc = enc_head(e, 'D', (size_t)PyDict_GET_SIZE(o));
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (rc == ENC_OK && PyDict_Next(o, &pos, &k, &v)) {
-            rc = enc_value(e, k, depth + 1);
-            if (rc == ENC_OK)
-                rc = enc_value(e, v, depth + 1);
-        }
-        return rc;
+        return tp == &PyDict_Type ? enc_dict(e, o, depth) : enc_seq(e, o, depth);
     }
     return ENC_NO;
 }
 
-PyObject *
-cp_codec_encode(PyObject *obj, uint64_t max_bytes)
+/* obj in this encoding (pk 0) or as a pickle (pk 1), as bytes; None if it
+ * is not plain data or takes more than max_bytes (*too_big is set then). */
+static PyObject *
+encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
 {
     uint8_t stack[STACK_BYTES];
-    enc e = {.buf = stack, .cap = sizeof stack, .max = (size_t)max_bytes,
+    enc e = {.buf = stack, .cap = sizeof stack, .max = max_bytes, .pk = pk,
              .seen_cap = 32};
     e.seen = e.seen_small;
     memset(e.seen_small, 0, sizeof e.seen_small);
-    e.buf[e.len++] = CP_CODEC_MAGIC;
-    int rc = enc_value(&e, obj, 0);
+    static const uint8_t proto[2] = {PK_PROTO, 5};
+    int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
+    if (rc == ENC_OK)
+        rc = enc_value(&e, obj, 0);
+    if (rc == ENC_OK && pk)
+        rc = enc_op(&e, PK_STOP);
     PyObject *res = NULL;
     if (rc == ENC_OK)
         res = PyBytes_FromStringAndSize((const char *)e.buf, (Py_ssize_t)e.len);
@@ -287,9 +376,23 @@ cp_codec_encode(PyObject *obj, uint64_t max_bytes)
         PyMem_Free(e.buf);
     if (e.seen != e.seen_small)
         PyMem_Free(e.seen);
+    if (too_big)
+        *too_big = e.too_big;
     if (rc == ENC_NO)
         return Py_NewRef(Py_None);
     return res;
+}
+
+PyObject *
+cp_codec_encode(PyObject *obj, uint64_t max_bytes)
+{
+    return encode(obj, (size_t)max_bytes, 0, NULL);
+}
+
+PyObject *
+cp_codec_pickle(PyObject *Py_UNUSED(m), PyObject *obj)
+{
+    return encode(obj, SIZE_MAX, 1, NULL);
 }
 
 /* ------------------------------------------------------------ decoding */
@@ -423,7 +526,16 @@ cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob)
 {
     *oob = 0;
     if (!big_hint) {
-        PyObject *b = cp_codec_encode(obj, max_plain);
+        /* A long list or tuple cannot fit (an item takes a byte at least,
+         * an int five): do not try. */
+        int too_big = (PyList_CheckExact(obj) || PyTuple_CheckExact(obj)) &&
+                      (uint64_t)PySequence_Fast_GET_SIZE(obj) > max_plain / 4;
+        PyObject *b = too_big ? Py_NewRef(Py_None)
+                              : encode(obj, (size_t)max_plain, 0, &too_big);
+        if (b == Py_None && too_big) {
+            Py_DECREF(b);
+            b = cp_codec_pickle(NULL, obj);
+        }
         if (b != Py_None)
             return b;
         Py_DECREF(b);

@@ -400,6 +400,7 @@ extern PyType_Spec cp_segwriter_spec;
  * protocol 2 or later starts with 0x80). */
 #define CP_CODEC_MAGIC 0xCB
 PyObject *cp_codec_encode(PyObject *obj, uint64_t max_bytes);
+PyObject *cp_codec_pickle(PyObject *m, PyObject *obj);
 PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);
 PyObject *cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob);
 PyObject *cp_loads(const uint8_t *p, uint64_t n);

@@ -314,6 +314,9 @@ static PyMethodDef module_methods[] = {
     {"encode_plain", (PyCFunction)(void (*)(void))cp_codec_encode_plain_py, METH_FASTCALL,
      "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
      "(or its encoding exceeds max_bytes)."},
+    {"pickle_plain", (PyCFunction)cp_codec_pickle, METH_O,
+     "pickle_plain(obj) -> a protocol 5 pickle of plain data, without memo, or None\n"
+     "if obj is not plain data."},
     {"loads", (PyCFunction)cp_codec_loads_py, METH_O,
      "loads(data) -> obj: a message as the receiving side decodes it (plain data\n"
      "or a pickle)."},

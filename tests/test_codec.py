@@ -5,6 +5,7 @@ import collections
 import enum
 import math
 import pickle
+import pickletools
 import random
 import struct
 
@@ -79,6 +80,31 @@ def test_plain_values_round_trip_with_exact_types(obj):
     data = _core.encode_plain(obj)
     assert isinstance(data, bytes) and data[0] == MAGIC
     assert _same(_core.loads(data), obj)
+
+
+@pytest.mark.parametrize("obj", PLAIN, ids=range(len(PLAIN)))
+def test_plain_values_as_pickles_without_memo(obj):
+    data = _core.pickle_plain(obj)
+    assert isinstance(data, bytes) and data[:2] == b"\x80\x05" and data[-1:] == b"."
+    assert _same(pickle.loads(data), obj)
+    assert _same(_core.loads(data), obj)
+    # no memo: the unpickler is told to keep nothing
+    assert not any(op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")
+                   for op, _, _ in pickletools.genops(data))
+
+
+def test_pickle_writer_boundaries():
+    ints = [0, 255, 256, 65535, 65536, -1, -256, 2**31 - 1, -2**31, 2**31, 2**63 - 1,
+            -2**63, 2**63, -2**63 - 1, 2**2050, -2**2050, 2**2047]
+    seqs = [tuple(range(n)) for n in range(6)] + [list(range(n)) for n in range(3)]
+    strs = ["x" * n for n in (0, 255, 256, 70000)] + ["é" * 200]
+    blobs = [b"y" * n for n in (0, 255, 256, 70000)]
+    for obj in ints + seqs + strs + blobs + [{}, {1: 2}, {i: str(i) for i in range(600)}]:
+        assert _same(pickle.loads(_core.pickle_plain(obj)), obj), obj
+    for obj in NOT_PLAIN:
+        assert _core.pickle_plain(obj) is None
+    inner = [1]
+    assert _core.pickle_plain([inner, inner]) is None
 
 
 def test_nan_round_trips():
@@ -179,6 +205,20 @@ def test_malformed_input_raises_and_never_crashes():
         _core.loads(bytes([MAGIC]) + b"l\x01\x00\x00\x00" * 200 + b"N")   # too deep
     with pytest.raises(TypeError):
         _core.loads(bytes([MAGIC]) + b"D\x01\x00\x00\x00l\x00\x00\x00\x00N")  # unhashable key
+
+
+def test_large_plain_messages_through_a_pool(cpool_Pool):
+    """Plain data too large for one ring record goes as a memo-less pickle."""
+    pairs = [(i, -i, float(i), str(i)) for i in range(60000)]
+    with cpool_Pool(2) as p:
+        assert p.starmap(helpers.echo_args, pairs, chunksize=30000) == [(t, {}) for t in pairs]
+        got = p.map(helpers.identity, pairs, chunksize=40000)
+        assert all(_same(a, b) for a, b in zip(got, pairs))
+        big = [2**70 + i for i in range(100000)]
+        assert p.apply(helpers.identity, (big,)) == big
+        shared = [[1, 2]] * 100000     # one list many times: pickle keeps it shared
+        got = p.apply(helpers.identity, (shared,))
+        assert got == shared and got[0] is got[1]
 
 
 def test_through_a_pool_both_ways(cpool_Pool):
