@@ -91,6 +91,11 @@ def _batch(p, kind, n):
             v = (i, -i * 2**70, 1.5, "é" * (i % 3), b"x", None, True, [i, (i,)], {"k": [i]})
             assert p.apply(helpers.identity, (v,)) == v
             assert p.apply_async(helpers.identity, (v,)).get(timeout=T) == v
+    elif kind == "plain_data_large":
+        # plain data too large for one record: the memo-less pickle writer
+        pairs = [(x, -x) for x in range(30000)]
+        for i in range(n // 200):
+            assert p.starmap(helpers.mul, pairs, chunksize=30000)[-1] == -29999 ** 2
     elif kind == "large_payload":
         blob = b"x" * 100_000
         for i in range(n // 10):
@@ -105,7 +110,7 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "apply_async_fail", "plain_data", "large_payload"]
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "apply_async_fail", "plain_data", "plain_data_large", "large_payload"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
