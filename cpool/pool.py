@@ -185,7 +185,10 @@ class IMapIterator(_mp.IMapIterator):
     _by_consumer = True
 
     def _init_bound(self, n):
-        self._room_cond = threading.Condition(self._cond._lock)
+        # The conditions' lock itself: `with self._lock` is what `with
+        # self._cond` does, without two Python-level calls.
+        self._lock = self._cond._lock
+        self._room_cond = threading.Condition(self._lock)
         self._room = n
         self._n_done = 0
         self._n_taken = 0
@@ -194,7 +197,7 @@ class IMapIterator(_mp.IMapIterator):
     # -- feeder side
     def _take_room(self, most):
         """Wait for room and take up to `most` places; 0 means stop."""
-        with self._room_cond:
+        with self._lock:
             while self._room <= 0 and not self._stopped:
                 self._room_cond.wait()
             if self._stopped:
@@ -210,12 +213,12 @@ class IMapIterator(_mp.IMapIterator):
             self._room_cond.notify()
 
     def _stop_feeding(self):
-        with self._room_cond:
+        with self._lock:
             self._stopped = True
             self._room_cond.notify_all()
 
     def _release_on_completion(self):
-        with self._cond:
+        with self._lock:
             if self._by_consumer:
                 self._by_consumer = False
                 owed = self._n_done - self._n_taken
@@ -229,7 +232,7 @@ class IMapIterator(_mp.IMapIterator):
         self._index += 1
 
     def _set(self, i, obj):
-        with self._cond:
+        with self._lock:
             if self._index == i:
                 self._arrived(obj)
                 unsorted = self._unsorted
@@ -244,7 +247,7 @@ class IMapIterator(_mp.IMapIterator):
     def _set_many(self, items):
         """Several (index, result) pairs at once (the collector batches the
         results of one job that arrive together)."""
-        with self._cond:
+        with self._lock:
             unsorted = self._unsorted
             arrived = self._items.append
             before = index = self._index
@@ -284,7 +287,7 @@ class IMapIterator(_mp.IMapIterator):
             self._pool = None
 
     def _set_length(self, length):
-        with self._cond:
+        with self._lock:
             self._length = length
             if self._index == self._length:
                 self._cond.notify()
@@ -293,7 +296,7 @@ class IMapIterator(_mp.IMapIterator):
 
     # -- consumer side
     def next(self, timeout=None):
-        with self._cond:
+        with self._lock:
             try:
                 item = self._items.popleft()
             except IndexError:
@@ -326,14 +329,14 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
     """Results in the order they complete."""
 
     def _set(self, i, obj):
-        with self._cond:
+        with self._lock:
             self._arrived(obj)
             if self._cond._waiters:
                 self._cond.notify()
             self._completed()
 
     def _set_many(self, items):
-        with self._cond:
+        with self._lock:
             self._items.extend([obj for _, obj in items])
             self._index += len(items)
             if self._cond._waiters:
