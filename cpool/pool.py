@@ -85,16 +85,21 @@ def _report_callback_error():
 
 class ApplyResult(_mp.ApplyResult):
     """multiprocessing's ApplyResult, lighter: a single lock stands for the
-    Event (held until the result is set), and _set always completes, even
-    when a callback raises (multiprocessing would leave get() waiting
-    forever)."""
+    Event, and _set always completes, even when a callback raises
+    (multiprocessing would leave get() waiting forever).
+
+    The lock (_done) is made only when someone waits before the result is
+    there (most results are ready by the time get() is called):
+    _core.done_lock() makes it, held, unless the result is ready (it runs
+    under the GIL, so it cannot interleave with _set, which sets _ready and
+    then releases the lock if there is one).  Pool.apply_async() makes these
+    objects in C (see csrc/result.c)."""
 
     def __init__(self, pool, callback, error_callback, _next=next,
-                 _counter=_mp.job_counter, _lock=threading.Lock):
+                 _counter=_mp.job_counter):
         self._pool = pool
         self._ready = False
-        self._done = lock = _lock()
-        lock.acquire()
+        self._done = None
         self._job = job = _next(_counter)
         self._cache = pool._cache
         self._callback = callback
@@ -104,18 +109,23 @@ class ApplyResult(_mp.ApplyResult):
     def ready(self):
         return self._ready
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, _done_lock=_core.done_lock):
         if self._ready:
             return
+        done = self._done
+        if done is None:
+            done = _done_lock(self)
+            if done is None:
+                return          # ready meanwhile
         if timeout is None:
-            got = self._done.acquire()
+            got = done.acquire()
         elif timeout <= 0:
-            got = self._done.acquire(False)
+            got = done.acquire(False)
         else:
-            got = self._done.acquire(True, timeout)
+            got = done.acquire(True, timeout)
         if got:
             # Pass it on: every waiter gets through, one after another.
-            self._done.release()
+            done.release()
 
     def get(self, timeout=None):
         if not self._ready:
@@ -137,7 +147,9 @@ class ApplyResult(_mp.ApplyResult):
             _report_callback_error()
         finally:
             self._ready = True
-            self._done.release()
+            done = self._done
+            if done is not None:
+                done.release()
             self._cache.pop(self._job, None)
             self._pool = None
 

@@ -414,6 +414,7 @@ void cp_result_clear_types(void);
 PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
                         PyObject *error_callback, uint64_t *job);
 int cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value);
+PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

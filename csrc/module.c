@@ -320,6 +320,9 @@ static PyMethodDef module_methods[] = {
     {"loads", (PyCFunction)cp_codec_loads_py, METH_O,
      "loads(data) -> obj: a message as the receiving side decodes it (plain data\n"
      "or a pickle)."},
+    {"done_lock", (PyCFunction)cp_result_done_lock, METH_O,
+     "done_lock(result) -> its _done lock, made (held) if it has none, or None if\n"
+     "it is ready without one (see cpool.pool.ApplyResult)."},
     {"set_result_type", (PyCFunction)(void (*)(void))cp_result_set_type, METH_FASTCALL,
      "set_result_type(ApplyResult, job_counter, Lock): what Core.apply_async() makes."},
     {NULL, NULL, 0, NULL},

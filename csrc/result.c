@@ -5,11 +5,14 @@
  * multiprocessing.pool.ApplyResult), with exactly the attributes that
  * class's __init__ and _set give them; only the Python frames are skipped:
  *
- *   made:       _pool, _ready = False, _done (a Lock, held until the result
- *               is set), _job = next(job_counter), _cache, _callback,
- *               _error_callback; cache[_job] = the result
- *   completed:  _success, _value, _ready = True, _done released,
- *               cache.pop(_job), _pool = None
+ *   made:       _pool, _ready = False, _done = None, _job =
+ *               next(job_counter), _cache, _callback, _error_callback;
+ *               cache[_job] = the result
+ *   completed:  _success, _value, _ready = True, _done released if there
+ *               is one, cache.pop(_job), _pool = None
+ *
+ * _done, a Lock held until the result is set, is made only for a waiter
+ * that comes before the result (done_lock()).
  *
  * A result with a callback or an error callback is completed by its Python
  * _set() (which runs the callback and reports what it raises).  pool.py
@@ -88,29 +91,58 @@ cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
     PyObject *r = result_type->tp_new(result_type, no_args, NULL);
     if (r == NULL)
         return NULL;
-    PyObject *lock = PyObject_CallNoArgs(lock_type);
-    PyObject *got = lock ? PyObject_CallMethodNoArgs(lock, attr[A_ACQUIRE]) : NULL;
-    PyObject *jobno = got ? PyIter_Next(job_counter) : NULL;
-    Py_XDECREF(got);
+    PyObject *jobno = PyIter_Next(job_counter);
     if (jobno != NULL) {
         *job = PyLong_AsUnsignedLongLong(jobno);
         static const int which[] = {A_POOL, A_READY, A_DONE, A_JOB, A_CACHE,
                                     A_CALLBACK, A_ERROR_CALLBACK};
-        PyObject *values[] = {pool, Py_False, lock, jobno, cache, callback,
+        PyObject *values[] = {pool, Py_False, Py_None, jobno, cache, callback,
                               error_callback};
         if (!PyErr_Occurred() && set_attrs(r, which, values, 7) == 0 &&
             PyDict_SetItem(cache, jobno, r) == 0) {
             Py_DECREF(jobno);
-            Py_DECREF(lock);
             return r;
         }
-    } else if (got != NULL && !PyErr_Occurred()) {
+    } else if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_RuntimeError, "cpool: job counter exhausted");
     }
     Py_XDECREF(jobno);
-    Py_XDECREF(lock);
     Py_DECREF(r);
     return NULL;
+}
+
+/* done_lock(result) -> its _done lock, made (held) if it has none yet, or
+ * None if the result is ready and has none.  Under the GIL, with no Python
+ * code run between the checks and the store, so it cannot interleave with
+ * the completion (_ready set, then _done released if there is one). */
+PyObject *
+cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *r)
+{
+    if (attr[A_DONE] == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cpool: result type not registered");
+        return NULL;
+    }
+    PyObject *done = PyObject_GetAttr(r, attr[A_DONE]);
+    if (done == NULL || done != Py_None)
+        return done;
+    Py_DECREF(done);
+    PyObject *ready = PyObject_GetAttr(r, attr[A_READY]);
+    if (ready == NULL)
+        return NULL;
+    int is_ready = PyObject_IsTrue(ready);
+    Py_DECREF(ready);
+    if (is_ready != 0)
+        return is_ready < 0 ? NULL : Py_NewRef(Py_None);
+    /* A fresh lock is free: acquiring it does not wait (nor release the
+     * GIL). */
+    PyObject *lock = PyObject_CallNoArgs(lock_type);
+    PyObject *got = lock ? PyObject_CallMethodNoArgs(lock, attr[A_ACQUIRE]) : NULL;
+    Py_XDECREF(got);
+    if (got == NULL || PyObject_SetAttr(r, attr[A_DONE], lock) < 0) {
+        Py_XDECREF(lock);
+        return NULL;
+    }
+    return lock;
 }
 
 /* Complete r as ApplyResult._set(0, (ok, value)) does, when r is one of ours
@@ -137,7 +169,8 @@ cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value)
     Py_DECREF(value);
     /* From here on, as _set's finally: clause, every step is attempted. */
     PyObject *done = PyObject_GetAttr(r, attr[A_DONE]);
-    PyObject *res = done ? PyObject_CallMethodNoArgs(done, attr[A_RELEASE]) : NULL;
+    PyObject *res = done == Py_None ? Py_NewRef(Py_None)
+                  : done ? PyObject_CallMethodNoArgs(done, attr[A_RELEASE]) : NULL;
     Py_XDECREF(done);
     if (res == NULL)
         PyErr_WriteUnraisable(r);

@@ -20,7 +20,8 @@ def _check_done(p, r, success, value):
     assert r._ready is True and r._success is success
     assert r._pool is None
     assert r._job not in p._cache
-    assert not r._done.locked()     # released: every waiter gets through
+    # released (every waiter gets through), or never made: nobody waited
+    assert r._done is None or not r._done.locked()
     if success:
         assert r.successful() and r.get(0) == value and r._value == value
     else:
@@ -37,7 +38,8 @@ def test_fresh_result_has_the_init_attributes(cpool_Pool, tmp_path):
         assert type(r) is cpool_pool.ApplyResult
         assert r._pool is p and r._cache is p._cache and p._cache[r._job] is r
         assert r._callback is cb and r._error_callback is ecb
-        assert r._ready is False and not r.ready() and r._done.locked()
+        assert r._ready is False and not r.ready() and r._done is None
+        assert not r.wait(0.01) and r._done.locked()   # made by the first waiter
         with pytest.raises(ValueError):
             r.successful()
         r2 = p.apply_async(helpers.square, (2,))
@@ -109,3 +111,53 @@ def test_apply_async_on_a_closed_or_terminated_pool(cpool_Pool):
     with pytest.raises(ValueError):
         p.apply_async(helpers.square, (1,))
     p.join()
+
+
+def test_waiters_before_and_after_completion(cpool_Pool, tmp_path):
+    gate = helpers.Gate(tmp_path)
+    with cpool_Pool(2) as p:
+        r = p.apply_async(helpers.gated, (7, gate.path))
+        r_cb = p.apply_async(helpers.gated, (8, gate.path), callback=lambda v: None)
+        got = []
+
+        def waiter(res):
+            got.append(res.get(T))
+
+        threads = [threading.Thread(target=waiter, args=(res,))
+                   for res in (r, r, r, r_cb, r_cb, r_cb)]
+        for t in threads:
+            t.start()
+        with pytest.raises(mp_pool.TimeoutError):
+            r.get(0.05)
+        gate.open()
+        for t in threads:
+            t.join(T)
+        assert sorted(got) == [7, 7, 7, 8, 8, 8]
+        _check_done(p, r, True, 7)
+        _check_done(p, r_cb, True, 8)
+        # waiting after the fact needs no lock
+        late = p.apply_async(helpers.square, (3,))
+        while not late.ready():
+            pass
+        late.wait()
+        assert late._done is None and late.get(0) == 9
+
+
+def test_many_racing_waiters(cpool_Pool):
+    """Waiters that come just as results complete: every one gets through."""
+    with cpool_Pool(2) as p:
+        for _ in range(20):
+            rs = [p.apply_async(helpers.square, (i,)) for i in range(50)]
+            out = {}
+
+            def waiter(k):
+                out[k] = [r.get(T) for r in rs[k::4]]
+
+            threads = [threading.Thread(target=waiter, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(T)
+            assert all(out[k] == [i * i for i in range(k, 50, 4)] for k in range(4))
+            for r in rs:
+                assert r._done is None or not r._done.locked()
