@@ -349,6 +349,7 @@ slot_reset(Core *c, int i)
     gather_drop(s);
     if (s->known)
         PySet_Clear(s->known);
+    s->last_fid = 0;
 }
 
 static int
@@ -417,7 +418,8 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     PyObject *fkey = NULL;
     int known = 1;
 
-    if (t->fid) {
+    /* The function of the previous task is known without a set lookup. */
+    if (t->fid && t->fid != s->last_fid) {
         fkey = PyLong_FromUnsignedLong(t->fid);
         if (fkey == NULL || (known = PySet_Contains(s->known, fkey)) < 0)
             goto error;
@@ -467,6 +469,7 @@ try_send(Core *c, cp_slot *s, cp_task *t)
         /* The FUNC record is committed; forgetting that only costs a resend. */
         PyErr_Clear();
     }
+    s->last_fid = t->fid;
     Py_XDECREF(fkey);
     if (!done) {
         s->out_buf = Py_NewRef(t->payload);

@@ -245,6 +245,7 @@ typedef struct cp_slot {
     double avg_us;         /* moving average of its task run time */
     cp_fifo fifo;          /* tasks sent to it, oldest first */
     PyObject *known;       /* set of fids it has been sent */
+    uint32_t last_fid;     /* fid of the last task sent (known), or 0 */
     /* message being streamed to it (only the newest fifo task) */
     PyObject *out_buf;
     uint64_t out_off;
