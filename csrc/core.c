@@ -290,8 +290,21 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
         b->r = Py_NewRef(r);
         b->job = job;
     }
-    PyObject *item = Py_BuildValue("(K(NN))", (unsigned long long)index,
-                                   PyBool_FromLong(ok), value);
+    /* (index, (ok, value)), built directly (no format string per result) */
+    PyObject *idx = PyLong_FromUnsignedLongLong(index);
+    PyObject *pair = PyTuple_New(2);
+    PyObject *item = PyTuple_New(2);
+    if (idx == NULL || pair == NULL || item == NULL) {
+        Py_XDECREF(idx);
+        Py_XDECREF(pair);
+        Py_CLEAR(item);
+        Py_DECREF(value);
+    } else {
+        PyTuple_SET_ITEM(pair, 0, Py_NewRef(ok ? Py_True : Py_False));
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyTuple_SET_ITEM(item, 0, idx);
+        PyTuple_SET_ITEM(item, 1, pair);
+    }
     if (item == NULL || PyList_Append(b->items, item) < 0) {
         /* Out of memory: hand over what we have, then this one alone. */
         Py_XDECREF(item);
