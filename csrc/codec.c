@@ -221,9 +221,13 @@ enc_long(enc *e, PyObject *o)
         }
         if (!e->pk)
             return enc_op_val(e, 'i', &v, 8);
-        uint8_t h[10] = {PK_LONG1, 8};
-        memcpy(h + 2, &v, 8);
-        return enc_put(e, h, 10);
+        /* LONG1 with as few bytes as the value and its sign need (the
+         * low bytes of the little-endian two's complement). */
+        uint64_t u = v < 0 ? ~(uint64_t)v : (uint64_t)v;   /* >= 2**31 */
+        uint8_t n = (uint8_t)((64 - __builtin_clzll(u)) / 8 + 1);
+        uint8_t h[10] = {PK_LONG1, n};
+        memcpy(h + 2, &v, n);
+        return enc_put(e, h, 2 + (size_t)n);
     }
     size_t bits = _PyLong_NumBits(o);
     if (bits == (size_t)-1 && PyErr_Occurred())

@@ -96,6 +96,7 @@ def test_plain_values_as_pickles_without_memo(obj):
 def test_pickle_writer_boundaries():
     ints = [0, 255, 256, 65535, 65536, -1, -256, 2**31 - 1, -2**31, 2**31, 2**63 - 1,
             -2**63, 2**63, -2**63 - 1, 2**2050, -2**2050, 2**2047]
+    ints += [s * 2**k + d for k in range(31, 64) for s in (1, -1) for d in (-1, 0, 1)]
     seqs = [tuple(range(n)) for n in range(6)] + [list(range(n)) for n in range(3)]
     strs = ["x" * n for n in (0, 255, 256, 70000)] + ["é" * 200]
     blobs = [b"y" * n for n in (0, 255, 256, 70000)]
