@@ -85,16 +85,21 @@ def _report_callback_error():
 
 class ApplyResult(_mp.ApplyResult):
     """multiprocessing's ApplyResult, lighter: a single lock stands for the
-    Event (held until the result is set), and _set always completes, even
-    when a callback raises (multiprocessing would leave get() waiting
-    forever)."""
+    Event, and _set always completes, even when a callback raises
+    (multiprocessing would leave get() waiting forever).
+
+    The lock (_done) is made only when someone waits before the result is
+    there (most results are ready by the time get() is called):
+    _core.done_lock() makes it, held, unless the result is ready (it runs
+    under the GIL, so it cannot interleave with _set, which sets _ready and
+    then releases the lock if there is one).  Pool.apply_async() makes these
+    objects in C (see csrc/result.c)."""
 
     def __init__(self, pool, callback, error_callback, _next=next,
-                 _counter=_mp.job_counter, _lock=threading.Lock):
+                 _counter=_mp.job_counter):
         self._pool = pool
         self._ready = False
-        self._done = lock = _lock()
-        lock.acquire()
+        self._done = None
         self._job = job = _next(_counter)
         self._cache = pool._cache
         self._callback = callback
@@ -104,18 +109,23 @@ class ApplyResult(_mp.ApplyResult):
     def ready(self):
         return self._ready
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, _done_lock=_core.done_lock):
         if self._ready:
             return
+        done = self._done
+        if done is None:
+            done = _done_lock(self)
+            if done is None:
+                return          # ready meanwhile
         if timeout is None:
-            got = self._done.acquire()
+            got = done.acquire()
         elif timeout <= 0:
-            got = self._done.acquire(False)
+            got = done.acquire(False)
         else:
-            got = self._done.acquire(True, timeout)
+            got = done.acquire(True, timeout)
         if got:
             # Pass it on: every waiter gets through, one after another.
-            self._done.release()
+            done.release()
 
     def get(self, timeout=None):
         if not self._ready:
@@ -137,7 +147,9 @@ class ApplyResult(_mp.ApplyResult):
             _report_callback_error()
         finally:
             self._ready = True
-            self._done.release()
+            done = self._done
+            if done is not None:
+                done.release()
             self._cache.pop(self._job, None)
             self._pool = None
 
@@ -185,7 +197,10 @@ class IMapIterator(_mp.IMapIterator):
     _by_consumer = True
 
     def _init_bound(self, n):
-        self._room_cond = threading.Condition(self._cond._lock)
+        # The conditions' lock itself: `with self._lock` is what `with
+        # self._cond` does, without two Python-level calls.
+        self._lock = self._cond._lock
+        self._room_cond = threading.Condition(self._lock)
         self._room = n
         self._n_done = 0
         self._n_taken = 0
@@ -194,7 +209,7 @@ class IMapIterator(_mp.IMapIterator):
     # -- feeder side
     def _take_room(self, most):
         """Wait for room and take up to `most` places; 0 means stop."""
-        with self._room_cond:
+        with self._lock:
             while self._room <= 0 and not self._stopped:
                 self._room_cond.wait()
             if self._stopped:
@@ -210,12 +225,12 @@ class IMapIterator(_mp.IMapIterator):
             self._room_cond.notify()
 
     def _stop_feeding(self):
-        with self._room_cond:
+        with self._lock:
             self._stopped = True
             self._room_cond.notify_all()
 
     def _release_on_completion(self):
-        with self._cond:
+        with self._lock:
             if self._by_consumer:
                 self._by_consumer = False
                 owed = self._n_done - self._n_taken
@@ -229,7 +244,7 @@ class IMapIterator(_mp.IMapIterator):
         self._index += 1
 
     def _set(self, i, obj):
-        with self._cond:
+        with self._lock:
             if self._index == i:
                 self._arrived(obj)
                 unsorted = self._unsorted
@@ -244,19 +259,24 @@ class IMapIterator(_mp.IMapIterator):
     def _set_many(self, items):
         """Several (index, result) pairs at once (the collector batches the
         results of one job that arrive together)."""
-        with self._cond:
+        with self._lock:
             unsorted = self._unsorted
-            before = self._index
+            arrived = self._items.append
+            before = index = self._index
             for i, obj in items:
-                if self._index == i:
-                    self._arrived(obj)
-                    while self._index in unsorted:
-                        self._arrived(unsorted.pop(self._index))
+                if index == i:
+                    # _arrived(), inline: this runs once per result
+                    arrived(obj)
+                    index += 1
+                    while index in unsorted:
+                        arrived(unsorted.pop(index))
+                        index += 1
                 else:
                     unsorted[i] = obj
+            self._index = index
             # Wake the consumer only if it has something to take: next()
             # treats a wake-up without an item as its timeout.
-            if self._index != before and self._cond._waiters:
+            if index != before and self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
 
@@ -279,7 +299,7 @@ class IMapIterator(_mp.IMapIterator):
             self._pool = None
 
     def _set_length(self, length):
-        with self._cond:
+        with self._lock:
             self._length = length
             if self._index == self._length:
                 self._cond.notify()
@@ -288,7 +308,7 @@ class IMapIterator(_mp.IMapIterator):
 
     # -- consumer side
     def next(self, timeout=None):
-        with self._cond:
+        with self._lock:
             try:
                 item = self._items.popleft()
             except IndexError:
@@ -305,7 +325,10 @@ class IMapIterator(_mp.IMapIterator):
                     raise TimeoutError from None
             self._n_taken += 1
             if self._by_consumer:
-                self._give_room(1)
+                # _give_room(1), inline: this runs once per result
+                self._room += 1
+                if self._room_cond._waiters:
+                    self._room_cond.notify()
         success, value = item
         if success:
             return value
@@ -318,19 +341,22 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
     """Results in the order they complete."""
 
     def _set(self, i, obj):
-        with self._cond:
+        with self._lock:
             self._arrived(obj)
             if self._cond._waiters:
                 self._cond.notify()
             self._completed()
 
     def _set_many(self, items):
-        with self._cond:
-            for _, obj in items:
-                self._arrived(obj)
+        with self._lock:
+            self._items.extend([obj for _, obj in items])
+            self._index += len(items)
             if self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
+
+
+_core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock)
 
 
 def _sliced(seq, size):
@@ -449,10 +475,11 @@ class Pool:
     def apply_async(self, func, args=(), kwds={}, callback=None,
                     error_callback=None):
         """Asynchronous version of `apply()`."""
-        self._check_running()
-        result = ApplyResult(self, callback, error_callback)
-        self._submit(result, 0, _core.MODE_APPLY, func, (args, kwds))
-        return result
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+        # An ApplyResult, made (and, without callbacks, completed) in C.
+        return self._core.apply_async(self, func, args, kwds, callback,
+                                      error_callback)
 
     def map(self, func, iterable, chunksize=None):
         """Apply `func` to each element of `iterable`; a list of results."""

@@ -37,7 +37,7 @@
 
 #define MAX_CACHED_FUNCS 4096
 #define CREDIT_MIN 2
-#define CREDIT_MAX 64
+#define CREDIT_MAX 1024
 #define CREDIT_START 4
 #define QUEUED_WORK_US 2000.0   /* aim for this much queued work per worker */
 #define DRAIN_BUDGET 256        /* records per slot per collector round */
@@ -158,7 +158,8 @@ lookup_result(Core *c, uint64_t job)
     return r;
 }
 
-static void deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value);
+static void deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok,
+                       PyObject *value);
 
 /* Hand a result to the result object of `job`: cache[job]._set(index, (ok,
  * value)).  A result object that raises (a user callback) is reported as
@@ -185,14 +186,20 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
         Py_DECREF(value);
         return;
     }
-    deliver_to(r, index, ok, value);
+    deliver_to(r, job, index, ok, value);
 }
 
-/* r._set(index, (ok, value)).  A result object that raises (a user
+/* r._set(index, (ok, value)), done in C for an apply_async() result
+ * without callbacks (result.c).  A result object that raises (a user
  * callback) is reported as unraisable.  Steals `value`. */
 static void
-deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
+deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok, PyObject *value)
 {
+    int done = cp_result_complete(r, job, ok, value);
+    if (done > 0)
+        return;
+    if (done < 0)
+        PyErr_Clear();    /* _set() gets its chance, and reports */
     Py_INCREF(r);
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
@@ -279,14 +286,27 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
         }
         if (!takes_batches(c, r) || (b->items = PyList_New(0)) == NULL) {
             PyErr_Clear();
-            deliver_to(r, index, ok, value);
+            deliver_to(r, job, index, ok, value);
             return;
         }
         b->r = Py_NewRef(r);
         b->job = job;
     }
-    PyObject *item = Py_BuildValue("(K(NN))", (unsigned long long)index,
-                                   PyBool_FromLong(ok), value);
+    /* (index, (ok, value)), built directly (no format string per result) */
+    PyObject *idx = PyLong_FromUnsignedLongLong(index);
+    PyObject *pair = PyTuple_New(2);
+    PyObject *item = PyTuple_New(2);
+    if (idx == NULL || pair == NULL || item == NULL) {
+        Py_XDECREF(idx);
+        Py_XDECREF(pair);
+        Py_CLEAR(item);
+        Py_DECREF(value);
+    } else {
+        PyTuple_SET_ITEM(pair, 0, Py_NewRef(ok ? Py_True : Py_False));
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyTuple_SET_ITEM(item, 0, idx);
+        PyTuple_SET_ITEM(item, 1, pair);
+    }
     if (item == NULL || PyList_Append(b->items, item) < 0) {
         /* Out of memory: hand over what we have, then this one alone. */
         Py_XDECREF(item);
@@ -344,6 +364,7 @@ slot_reset(Core *c, int i)
     gather_drop(s);
     if (s->known)
         PySet_Clear(s->known);
+    s->last_fid = 0;
     /* The new worker's result partition (its old one, unless the parent
      * still holds arrays in it). */
     s->part = c->arena ? cp_arena_assign(c->arena, i, s->part,
@@ -431,7 +452,8 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     PyObject *fkey = NULL;
     int known = 1;
 
-    if (t->fid) {
+    /* The function of the previous task is known without a set lookup. */
+    if (t->fid && t->fid != s->last_fid) {
         fkey = PyLong_FromUnsignedLong(t->fid);
         if (fkey == NULL || (known = PySet_Contains(s->known, fkey)) < 0)
             goto error;
@@ -481,6 +503,7 @@ try_send(Core *c, cp_slot *s, cp_task *t)
         /* The FUNC record is committed; forgetting that only costs a resend. */
         PyErr_Clear();
     }
+    s->last_fid = t->fid;
     Py_XDECREF(fkey);
     if (!done) {
         s->out_buf = Py_NewRef(t->payload);
@@ -623,30 +646,6 @@ again:
 
 /* ------------------------------------------------------------- receiving */
 
-static PyObject *
-loads_buffer(const uint8_t *p, uint64_t n)
-{
-    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
-    if (mv == NULL)
-        return NULL;
-    PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
-    PyObject *err = obj == NULL ? cp_err_take() : NULL;
-    /* The bytes are about to be reused by the worker: make sure nothing kept
-     * a view of them. */
-    PyObject *r = PyObject_CallMethod(mv, "release", NULL);
-    if (r == NULL) {
-        Py_CLEAR(obj);
-        Py_XDECREF(err);
-        err = cp_err_take();
-    }
-    Py_XDECREF(r);
-    Py_DECREF(mv);
-    if (err != NULL)
-        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
-    Py_XDECREF(err);
-    return obj;
-}
-
 static void
 kill_corrupt(cp_slot *s)
 {
@@ -703,7 +702,7 @@ drain_some(Core *c, cp_slot *s, int budget)
         progress = 1;
         PyObject *value;
         if (s->in_g == NULL && !(h.flags & (CP_F_MORE | CP_F_OOB))) {
-            value = loads_buffer(p, h.size);
+            value = cp_loads(p, h.size);
             cp_ring_release(&s->rq, &h, 1);
         } else {
             if (s->in_g == NULL) {
@@ -1209,7 +1208,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
 static int
 check_owner(Core *c)
 {
-    if (c->owner != getpid()) {
+    if (c->owner != cp_self_pid()) {
         PyErr_SetString(PyExc_RuntimeError,
                         "cpool: a pool can only be used by the process that created it");
         return -1;
@@ -1272,8 +1271,9 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     if (obj == NULL)
         return -1;
     int oob;
-    PyObject *payload = cp_msg_dumps(obj, cp_msg_has_big_buffer(body, 2), &oob,
-                                     &(cp_arena_use){c->arena, 0, 1});
+    PyObject *payload = cp_dumps(obj, cp_msg_has_big_buffer(body, 2),
+                                 c->slots[0].tq.max_frag, &oob,
+                                 &(cp_arena_use){c->arena, 0, 1});
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;
@@ -1326,6 +1326,33 @@ submit_args(Core *c, PyObject *const *args, unsigned long long *job,
     return 0;
 }
 
+/* Pickle a task and queue it; -1 with the pickling error set. */
+static int
+queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
+           PyObject *body)
+{
+    cp_task t;
+    if (make_task(c, &t, job, index, mode, func, body) < 0)
+        return -1;
+    if (c->state > CORE_CLOSING) {
+        /* Terminated or shut down while pickling (which runs Python). */
+        task_clear(&t);
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return -1;
+    }
+    if (fifo_push_back(&c->pending, &t) < 0) {
+        task_clear(&t);
+        PyErr_NoMemory();
+        return -1;
+    }
+    /* The task is queued: a failure to dispatch now (out of memory) is not
+     * this caller's; the collector retries. */
+    if (pump(c) < 0)
+        PyErr_WriteUnraisable((PyObject *)c);
+    wake_if_needed(c);
+    return 0;
+}
+
 PyDoc_STRVAR(Core_submit_doc,
 "submit(job, index, mode, func, body)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
@@ -1344,25 +1371,48 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (submit_args(c, args, &job, &index, &mode) < 0)
         return NULL;
-    cp_task t;
-    if (make_task(c, &t, job, index, mode, args[3], args[4]) < 0)
+    if (queue_task(c, job, index, mode, args[3], args[4]) < 0)
         return NULL;
-    if (c->state > CORE_CLOSING) {
-        /* Terminated or shut down while pickling (which runs Python). */
-        task_clear(&t);
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
-        return NULL;
-    }
-    if (fifo_push_back(&c->pending, &t) < 0) {
-        task_clear(&t);
-        return PyErr_NoMemory();
-    }
-    /* The task is queued: a failure to dispatch now (out of memory) is not
-     * this caller's; the collector retries. */
-    if (pump(c) < 0)
-        PyErr_WriteUnraisable((PyObject *)c);
-    wake_if_needed(c);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Core_apply_async_doc,
+"apply_async(pool, func, args, kwds, callback, error_callback) -> ApplyResult\n--\n\n"
+"Pool.apply_async() after its state check: the result object is made here\n"
+"(see result.c).  A task that cannot be pickled fails its result.");
+
+static PyObject *
+Core_apply_async(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "apply_async() takes 6 arguments");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    uint64_t job;
+    PyObject *r = cp_result_new(args[0], c->cache, args[4], args[5], &job);
+    if (r == NULL)
+        return NULL;
+    PyObject *body = PyTuple_Pack(2, args[2], args[3]);
+    int rc = body ? queue_task(c, job, 0, CP_MODE_APPLY, args[1], body) : -1;
+    Py_XDECREF(body);
+    if (rc < 0) {
+        /* As in multiprocessing, a task that cannot be sent fails its
+         * result; the pool is untouched. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_DECREF(r);
+            return NULL;
+        }
+        if (c->state > CORE_CLOSING) {
+            Py_DECREF(r);
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "Pool not running");
+            return NULL;
+        }
+        deliver_to(r, job, 0, 0, cp_err_take());
+    }
+    return r;
 }
 
 /* Give a slot back to the collector after a synchronous call.  If the
@@ -1891,6 +1941,8 @@ Core_dealloc(Core *c)
 static PyMethodDef Core_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
+    {"apply_async", (PyCFunction)(void (*)(void))Core_apply_async, METH_FASTCALL,
+     Core_apply_async_doc},
     {"submit_many", (PyCFunction)(void (*)(void))Core_submit_many, METH_FASTCALL,
      Core_submit_many_doc},
     {"collect", (PyCFunction)Core_collect, METH_NOARGS,

@@ -260,6 +260,7 @@ int cp_proc_recv(int sock, cp_zmsg *m);
 void cp_proc_close_inherited(void);
 void cp_proc_register_fd(int fd);
 void cp_proc_unregister_fd(int fd);
+pid_t cp_self_pid(void);
 
 /* ---------------------------------------------- Python-facing (core.c) */
 #ifdef Py_PYTHON_H
@@ -299,6 +300,7 @@ typedef struct cp_slot {
     double avg_us;         /* moving average of its task run time */
     cp_fifo fifo;          /* tasks sent to it, oldest first */
     PyObject *known;       /* set of fids it has been sent */
+    uint32_t last_fid;     /* fid of the last task sent (known), or 0 */
     /* message being streamed to it (only the newest fifo task) */
     PyObject *out_buf;
     uint64_t out_off;
@@ -410,6 +412,7 @@ typedef struct cp_module_state {
     PyObject *protocol;      /* int 5 */
     PyObject *str_set;       /* "_set" */
     PyObject *str_set_many;  /* "_set_many" */
+    PyObject *str_release;   /* "release" */
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
     PyObject *bytesio;       /* io.BytesIO */
@@ -469,6 +472,29 @@ int cp_msg_has_big_buffer(PyObject *obj, int depth);
 extern PyType_Spec cp_segwriter_spec;
 extern PyType_Spec cp_shmbuf_spec;
 extern PyType_Spec cp_arenaref_spec;
+
+/* codec.c: plain data (None, bool, int, float, str, bytes, and tuples,
+ * lists and dicts of them, exact types) without pickle, for small messages.
+ * A message in this encoding starts with CP_CODEC_MAGIC (a pickle of
+ * protocol 2 or later starts with 0x80). */
+#define CP_CODEC_MAGIC 0xCB
+PyObject *cp_codec_encode(PyObject *obj, uint64_t max_bytes);
+PyObject *cp_codec_pickle(PyObject *m, PyObject *obj);
+PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);
+PyObject *cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
+                   const cp_arena_use *au);
+PyObject *cp_loads(const uint8_t *p, uint64_t n);
+PyObject *cp_codec_encode_plain_py(PyObject *m, PyObject *const *args,
+                                   Py_ssize_t nargs);
+PyObject *cp_codec_loads_py(PyObject *m, PyObject *arg);
+
+/* result.c: apply_async() result objects made and completed in C */
+PyObject *cp_result_set_type(PyObject *m, PyObject *const *args, Py_ssize_t nargs);
+void cp_result_clear_types(void);
+PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
+                        PyObject *error_callback, uint64_t *job);
+int cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value);
+PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

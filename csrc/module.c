@@ -248,11 +248,6 @@ decode_message(PyObject *Py_UNUSED(m), PyObject *args)
     return obj;
 }
 
-static PyMethodDef module_methods[] = {
-    {"decode_message", decode_message, METH_VARARGS,
-     "Decode a message as a receiver would (tests)."},
-    {NULL, NULL, 0, NULL},
-};
 
 static int
 module_exec(PyObject *m)
@@ -274,8 +269,10 @@ module_exec(PyObject *m)
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
+    st->str_release = PyUnicode_InternFromString("release");
     if (!st->dumps || !st->loads || !st->pickler || !st->unpickler ||
-        !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many)
+        !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many ||
+        !st->str_release)
         return -1;
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
     if (st->segwriter_type == NULL)
@@ -348,7 +345,9 @@ module_clear(PyObject *m)
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->str_set_many);
+    Py_CLEAR(st->str_release);
     Py_CLEAR(st->core_type);
+    cp_result_clear_types();
     return 0;
 }
 
@@ -363,13 +362,34 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+static PyMethodDef module_methods[] = {
+    {"encode_plain", (PyCFunction)(void (*)(void))cp_codec_encode_plain_py, METH_FASTCALL,
+     "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
+     "(or its encoding exceeds max_bytes)."},
+    {"pickle_plain", (PyCFunction)cp_codec_pickle, METH_O,
+     "pickle_plain(obj) -> a protocol 5 pickle of plain data, without memo, or None\n"
+     "if obj is not plain data."},
+    {"loads", (PyCFunction)cp_codec_loads_py, METH_O,
+     "loads(data) -> obj: a message as the receiving side decodes it (plain data\n"
+     "or a pickle)."},
+    {"decode_message", decode_message, METH_VARARGS,
+     "decode_message(data, oob, chunk) -> obj: a message fed to the gathering\n"
+     "receive path in pieces of chunk bytes (tests of the decoder)."},
+    {"done_lock", (PyCFunction)cp_result_done_lock, METH_O,
+     "done_lock(result) -> its _done lock, made (held) if it has none, or None if\n"
+     "it is ready without one (see cpool.pool.ApplyResult)."},
+    {"set_result_type", (PyCFunction)(void (*)(void))cp_result_set_type, METH_FASTCALL,
+     "set_result_type(ApplyResult, job_counter, Lock): what Core.apply_async() makes."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cpool._core",
     .m_doc = "The C core of cpool (private).",
     .m_size = sizeof(cp_module_state),
-    .m_slots = module_slots,
     .m_methods = module_methods,
+    .m_slots = module_slots,
     .m_traverse = module_traverse,
     .m_clear = module_clear,
     .m_free = module_free,

@@ -59,12 +59,26 @@ static int reg_fds[MAX_REG_FDS];
 static int n_reg_fds;
 static int atfork_installed;
 
+static pid_t self_pid;   /* getpid(), cached; reset in a forked child */
+
 static void
 atfork_child(void)
 {
+    self_pid = 0;
     for (int i = 0; i < n_reg_fds; i++)
         close(reg_fds[i]);
     n_reg_fds = 0;
+}
+
+/* getpid() without a system call per use (every submit checks that it
+ * runs in the pool's process).  Valid once a pool exists (the atfork hook is
+ * installed by then). */
+pid_t
+cp_self_pid(void)
+{
+    if (self_pid == 0)
+        self_pid = getpid();
+    return self_pid;
 }
 
 void

@@ -10,7 +10,11 @@
  * Sleeping: the waiting side sets its *_sleep flag, issues a full fence and
  * re-checks the index before FUTEX_WAIT; the other side publishes its index,
  * issues a full fence and wakes only if the flag is set.  Either the waiter
- * sees the new index, or the publisher sees the flag: never neither.
+ * sees the new index, or the publisher sees the flag: never neither.  The
+ * publisher clears the flag as it wakes (an exchange): until the woken side
+ * runs, which can take a while on a busy machine, further publishes would
+ * otherwise each pay another wake-up system call for nothing.  A waiter that
+ * goes back to sleep sets the flag again.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -73,9 +77,13 @@ cp_futex_wake(uint32_t *addr)
     return 0;
 }
 
+/* Wake the other side if its sleep flag is set, clearing the flag (once per
+ * sleep; see the top of the file).  Call after a full fence. */
 static void
-ring_wake(cp_ring *r, uint32_t *word)
+ring_wake_if_asleep(cp_ring *r, uint32_t *flag, uint32_t *word)
 {
+    if (!cp_load_relaxed(flag) || !__atomic_exchange_n(flag, 0, __ATOMIC_ACQ_REL))
+        return;
     if (r->wake_fd >= 0) {
         uint64_t one = 1;
         ssize_t n;
@@ -187,8 +195,7 @@ cp_ring_flush(cp_ring *r)
     cp_store_release(&r->h->tail, r->pos);
     /* Order the tail store before reading the sleep flag (see top of file). */
     cp_fence_full();
-    if (cp_load_relaxed(&r->h->cons_sleep))
-        ring_wake(r, cp_ring_tail_word(r->h));
+    ring_wake_if_asleep(r, &r->h->cons_sleep, cp_ring_tail_word(r->h));
 }
 
 int
@@ -256,8 +263,7 @@ cp_ring_release_flush(cp_ring *r)
      * read of them must be done before this store. */
     cp_store_release(&r->h->head, r->pos);
     cp_fence_full();
-    if (cp_load_relaxed(&r->h->prod_sleep))
-        ring_wake(r, cp_ring_head_word(r->h));
+    ring_wake_if_asleep(r, &r->h->prod_sleep, cp_ring_head_word(r->h));
 }
 
 static long

@@ -109,10 +109,7 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
 {
     PyObject *obj;
     if (!(hdr->flags & (CP_F_MORE | CP_F_OOB))) {
-        PyObject *mv = PyMemoryView_FromMemory((char *)payload, hdr->size,
-                                               PyBUF_READ);
-        obj = mv ? PyObject_CallOneArg(cp_state->loads, mv) : NULL;
-        Py_XDECREF(mv);
+        obj = cp_loads(payload, hdr->size);
         cp_ring_release(&w->tq, hdr, 1);
         return obj;
     }
@@ -168,8 +165,9 @@ static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
     int oob;
-    PyObject *data = cp_msg_dumps(value, ok && cp_msg_has_big_buffer(value, 2), &oob,
-                                  &(cp_arena_use){w->c->arena, w->part, 0});
+    PyObject *data = cp_dumps(value, ok && cp_msg_has_big_buffer(value, 2),
+                              w->rq.max_frag, &oob,
+                              &(cp_arena_use){w->c->arena, w->part, 0});
     if (data == NULL) {
         PyObject *err = cp_err_take();
         PyObject *mod = PyImport_ImportModule("cpool._worker");

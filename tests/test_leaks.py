@@ -75,6 +75,27 @@ def _batch(p, kind, n):
                 assert e.args == ("bad value", i)
             else:
                 raise AssertionError("no exception")
+    elif kind == "apply_async_fail":
+        # results failed in the worker, and by an argument that cannot be sent
+        for start in range(0, n, WINDOW):
+            rs = [p.apply_async(helpers.raise_value_error, (i,)) if i % 2 else
+                  p.apply_async(helpers.identity, (helpers.Unpicklable(),))
+                  for i in range(start, start + WINDOW)]
+            for r in rs:
+                r.wait(T)
+                assert not r.successful()
+        del rs, r
+    elif kind == "plain_data":
+        # the plain-data encoding, both ways, every type it covers
+        for i in range(n // 2):
+            v = (i, -i * 2**70, 1.5, "é" * (i % 3), b"x", None, True, [i, (i,)], {"k": [i]})
+            assert p.apply(helpers.identity, (v,)) == v
+            assert p.apply_async(helpers.identity, (v,)).get(timeout=T) == v
+    elif kind == "plain_data_large":
+        # plain data too large for one record: the memo-less pickle writer
+        pairs = [(x, -x) for x in range(30000)]
+        for i in range(n // 200):
+            assert p.starmap(helpers.mul, pairs, chunksize=30000)[-1] == -29999 ** 2
     elif kind == "large_payload":
         blob = b"x" * 100_000
         for i in range(n // 10):
@@ -97,8 +118,8 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "large_payload",
-         "arena_arrays"]
+         "imap", "imap_cs4", "imap_unordered", "apply_error", "apply_async_fail",
+         "plain_data", "plain_data_large", "large_payload", "arena_arrays"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,0 +1,602 @@
+/*
+ * codec.c - a compact encoding of plain data, for small messages.
+ *
+ * Most tasks and results are a few ints, floats or strings in a tuple or a
+ * list.  pickle.dumps() and pickle.loads() cost about a microsecond each for
+ * them (a Pickler or Unpickler object, its memo, a Python-level call); this
+ * encoding costs a tenth of that.  It covers exactly these types:
+ *
+ *     None, bool, int, float, str, bytes, and tuple, list, dict of them
+ *
+ * exact types only: a subclass (an IntEnum, a namedtuple, an OrderedDict)
+ * goes through pickle, as does anything else, so the receiver always gets
+ * equal values of the very same types.  Pickle keeps shared references
+ * within a message (the same list twice is one list after loads()); the
+ * encoder refuses such messages (a container met twice) and they go through
+ * pickle too, as do recursive ones, deeper ones than CODEC_MAX_DEPTH and
+ * strings with lone surrogates.  Plain data too large for one ring record is
+ * written as a pickle without memo instead (see "encoding" below).
+ *
+ * Format: the byte CP_CODEC_MAGIC (never the first byte of a protocol 2+
+ * pickle, which is PROTO, 0x80), then one value:
+ *
+ *     'N' None   'T' True   'F' False
+ *     'j' int32  'i' int64  'I' u32 n, n bytes: a larger int, two's
+ *                                complement, little-endian
+ *     'd' float64
+ *     's' u32 n, n bytes of UTF-8     'b' u32 n, n bytes
+ *     't' u32 n, n values (tuple)     'l' u32 n, n values (list)
+ *     'D' u32 n, n key/value pairs (dict, in order)
+ *
+ * Integers are in native (little-endian) order: both ends are the same
+ * machine.  The decoder checks every length against the message and rejects
+ * anything malformed with an exception; it never reads out of bounds.
+ *
+ * Needs the GIL throughout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string.h>
+
+#include "cpool.h"
+
+#define CODEC_MAX_DEPTH 32
+#define STACK_BYTES 512
+
+/* ------------------------------------------------------------ encoding */
+
+/*
+ * One walk of the value writes either format: this encoding (small
+ * messages), or a pickle of protocol 5 without memo (plain data too large
+ * for one ring record: it travels in fragments and the receiver unpickles it
+ * as any other pickle).  Pickling plain data is mostly memo work (every
+ * tuple is memoized); without it the pickle costs a fraction, and since
+ * shared containers are refused, the memo has nothing to do.
+ */
+typedef struct {
+    uint8_t *buf;
+    size_t len, cap;
+    size_t max;             /* give up beyond this many bytes */
+    int heap;               /* buf is PyMem memory (else the stack) */
+    int pk;                 /* write a pickle instead */
+    int too_big;            /* gave up because of `max` */
+    /* Containers seen that others may also reference (refcount > 1): an
+     * open-addressing set of pointers, to refuse shared references. */
+    PyObject **seen;
+    size_t nseen, seen_cap;
+    PyObject *seen_small[32];
+} enc;
+
+enum { ENC_OK = 0, ENC_NO = 1, ENC_ERR = -1 };   /* ERR: exception set */
+
+/* Pickle opcodes (Lib/pickle.py). */
+enum {
+    PK_MARK = '(', PK_STOP = '.', PK_NONE = 'N', PK_NEWTRUE = 0x88,
+    PK_NEWFALSE = 0x89, PK_BININT = 'J', PK_BININT1 = 'K', PK_BININT2 = 'M',
+    PK_LONG1 = 0x8a, PK_LONG4 = 0x8b, PK_BINFLOAT = 'G',
+    PK_SHORT_BINUNICODE = 0x8c, PK_BINUNICODE = 'X', PK_BINUNICODE8 = 0x8d,
+    PK_SHORT_BINBYTES = 'C', PK_BINBYTES = 'B', PK_BINBYTES8 = 0x8e,
+    PK_EMPTY_TUPLE = ')', PK_TUPLE1 = 0x85, PK_TUPLE = 't', PK_EMPTY_LIST = ']',
+    PK_APPENDS = 'e', PK_EMPTY_DICT = '}', PK_SETITEMS = 'u', PK_PROTO = 0x80,
+};
+
+static int
+enc_reserve(enc *e, size_t n)
+{
+    if (e->len + n > e->max) {
+        e->too_big = 1;
+        return ENC_NO;
+    }
+    if (e->len + n <= e->cap)
+        return ENC_OK;
+    size_t ncap = e->cap * 2;
+    while (ncap < e->len + n)
+        ncap *= 2;
+    uint8_t *nb = e->heap ? PyMem_Realloc(e->buf, ncap) : PyMem_Malloc(ncap);
+    if (nb == NULL) {
+        PyErr_NoMemory();
+        return ENC_ERR;
+    }
+    if (!e->heap)
+        memcpy(nb, e->buf, e->len);
+    e->buf = nb;
+    e->cap = ncap;
+    e->heap = 1;
+    return ENC_OK;
+}
+
+static int
+enc_put(enc *e, const void *p, size_t n)
+{
+    int rc = enc_reserve(e, n);
+    if (rc == ENC_OK && n) {
+        memcpy(e->buf + e->len, p, n);
+        e->len += n;
+    }
+    return rc;
+}
+
+static int
+enc_op(enc *e, uint8_t op)
+{
+    return enc_put(e, &op, 1);
+}
+
+/* An opcode and a value of `size` bytes (little-endian). */
+static int
+enc_op_val(enc *e, uint8_t op, const void *v, size_t size)
+{
+    uint8_t h[9];
+    h[0] = op;
+    memcpy(h + 1, v, size);
+    return enc_put(e, h, 1 + size);
+}
+
+/* Codec: a tag and a u32 count or length.  Pickle: the opcode for a length
+ * that fits 1, 4 or 8 bytes (op8 0: none). */
+static int
+enc_len(enc *e, uint8_t tag, uint8_t op1, uint8_t op4, uint8_t op8, size_t n)
+{
+    if (!e->pk) {
+        uint32_t n32 = (uint32_t)n;
+        return n > UINT32_MAX ? ENC_NO : enc_op_val(e, tag, &n32, 4);
+    }
+    if (n < 256) {
+        uint8_t n8 = (uint8_t)n;
+        return enc_op_val(e, op1, &n8, 1);
+    }
+    if (n <= UINT32_MAX) {
+        uint32_t n32 = (uint32_t)n;
+        return enc_op_val(e, op4, &n32, 4);
+    }
+    uint64_t n64 = n;
+    return op8 ? enc_op_val(e, op8, &n64, 8) : ENC_NO;
+}
+
+static int
+enc_blob(enc *e, int is_str, const void *p, size_t n)
+{
+    int rc = is_str ? enc_len(e, 's', PK_SHORT_BINUNICODE, PK_BINUNICODE,
+                              PK_BINUNICODE8, n)
+                    : enc_len(e, 'b', PK_SHORT_BINBYTES, PK_BINBYTES,
+                              PK_BINBYTES8, n);
+    return rc == ENC_OK ? enc_put(e, p, n) : rc;
+}
+
+/* Remember a container that may be referenced from elsewhere too; ENC_NO if
+ * it was met before in this message. */
+static int
+enc_seen(enc *e, PyObject *o)
+{
+    if (e->nseen * 2 >= e->seen_cap) {
+        size_t ncap = e->seen_cap * 2;
+        PyObject **ns = PyMem_Calloc(ncap, sizeof *ns);
+        if (ns == NULL) {
+            PyErr_NoMemory();
+            return ENC_ERR;
+        }
+        for (size_t i = 0; i < e->seen_cap; i++) {
+            PyObject *x = e->seen[i];
+            if (x == NULL)
+                continue;
+            size_t h = ((uintptr_t)x >> 4) & (ncap - 1);
+            while (ns[h] != NULL)
+                h = (h + 1) & (ncap - 1);
+            ns[h] = x;
+        }
+        if (e->seen != e->seen_small)
+            PyMem_Free(e->seen);
+        e->seen = ns;
+        e->seen_cap = ncap;
+    }
+    size_t h = ((uintptr_t)o >> 4) & (e->seen_cap - 1);
+    while (e->seen[h] != NULL) {
+        if (e->seen[h] == o)
+            return ENC_NO;
+        h = (h + 1) & (e->seen_cap - 1);
+    }
+    e->seen[h] = o;
+    e->nseen++;
+    return ENC_OK;
+}
+
+static int
+enc_long(enc *e, PyObject *o)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (!overflow) {
+        if (e->pk && v >= 0 && v < 256) {
+            uint8_t v8 = (uint8_t)v;
+            return enc_op_val(e, PK_BININT1, &v8, 1);
+        }
+        if (e->pk && v >= 0 && v < 65536) {
+            uint16_t v16 = (uint16_t)v;
+            return enc_op_val(e, PK_BININT2, &v16, 2);
+        }
+        if (v >= INT32_MIN && v <= INT32_MAX) {
+            int32_t v32 = (int32_t)v;
+            return enc_op_val(e, e->pk ? PK_BININT : 'j', &v32, 4);
+        }
+        if (!e->pk)
+            return enc_op_val(e, 'i', &v, 8);
+        /* LONG1 with as few bytes as the value and its sign need (the
+         * low bytes of the little-endian two's complement). */
+        uint64_t u = v < 0 ? ~(uint64_t)v : (uint64_t)v;   /* >= 2**31 */
+        uint8_t n = (uint8_t)((64 - __builtin_clzll(u)) / 8 + 1);
+        uint8_t h[10] = {PK_LONG1, n};
+        memcpy(h + 2, &v, n);
+        return enc_put(e, h, 2 + (size_t)n);
+    }
+    size_t bits = _PyLong_NumBits(o);
+    if (bits == (size_t)-1 && PyErr_Occurred())
+        return ENC_ERR;
+    size_t n = bits / 8 + 1;            /* room for the sign bit */
+    int rc = enc_len(e, 'I', PK_LONG1, PK_LONG4, 0, n);
+    if (rc != ENC_OK || (rc = enc_reserve(e, n)) != ENC_OK)
+        return rc;
+    if (_PyLong_AsByteArray((PyLongObject *)o, e->buf + e->len, n, 1, 1) < 0)
+        return ENC_ERR;
+    e->len += n;
+    return ENC_OK;
+}
+
+static int
+enc_str(enc *e, PyObject *o)
+{
+    if (PyUnicode_IS_ASCII(o))
+        return enc_blob(e, 1, PyUnicode_DATA(o), (size_t)PyUnicode_GET_LENGTH(o));
+    /* A temporary UTF-8 copy (PyUnicode_AsUTF8AndSize would keep one with
+     * the user's string).  Lone surrogates cannot be encoded: pickle. */
+    PyObject *u = PyUnicode_AsUTF8String(o);
+    if (u == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return ENC_ERR;
+        PyErr_Clear();
+        return ENC_NO;
+    }
+    int rc = enc_blob(e, 1, PyBytes_AS_STRING(u), (size_t)PyBytes_GET_SIZE(u));
+    Py_DECREF(u);
+    return rc;
+}
+
+static int enc_value(enc *e, PyObject *o, int depth);
+
+/* A tuple or list.  Pickle: EMPTY_TUPLE, items TUPLE1-3, MARK items TUPLE;
+ * EMPTY_LIST [MARK items APPENDS]. */
+static int
+enc_seq(enc *e, PyObject *o, int depth)
+{
+    int tuple = PyTuple_CheckExact(o);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject **items = PySequence_Fast_ITEMS(o);
+    int rc;
+    if (!e->pk) {
+        rc = enc_len(e, tuple ? 't' : 'l', 0, 0, 0, (size_t)n);
+        if (rc == ENC_OK && e->len + (size_t)n > e->max) {
+            e->too_big = 1;     /* each value takes a byte at least */
+            rc = ENC_NO;
+        }
+    } else if (tuple) {
+        rc = n == 0 ? enc_op(e, PK_EMPTY_TUPLE) : n > 3 ? enc_op(e, PK_MARK) : ENC_OK;
+    } else {
+        rc = enc_op(e, PK_EMPTY_LIST);
+        if (rc == ENC_OK && n > 0)
+            rc = enc_op(e, PK_MARK);
+    }
+    /* Encoding runs no Python code: the list cannot change under us. */
+    for (Py_ssize_t i = 0; rc == ENC_OK && i < n; i++)
+        rc = enc_value(e, items[i], depth + 1);
+    if (rc == ENC_OK && e->pk && n > 0)
+        rc = enc_op(e, !tuple ? PK_APPENDS : n > 3 ? PK_TUPLE
+                                           : (uint8_t)(PK_TUPLE1 + n - 1));
+    return rc;
+}
+
+/* Pickle: EMPTY_DICT [MARK keys and values SETITEMS]. */
+static int
+enc_dict(enc *e, PyObject *o, int depth)
+{
+    Py_ssize_t n = PyDict_GET_SIZE(o);
+    int rc;
+    if (!e->pk) {
+        rc = enc_len(e, 'D', 0, 0, 0, (size_t)n);
+    } else {
+        rc = enc_op(e, PK_EMPTY_DICT);
+        if (rc == ENC_OK && n > 0)
+            rc = enc_op(e, PK_MARK);
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (rc == ENC_OK && PyDict_Next(o, &pos, &k, &v)) {
+        rc = enc_value(e, k, depth + 1);
+        if (rc == ENC_OK)
+            rc = enc_value(e, v, depth + 1);
+    }
+    if (rc == ENC_OK && e->pk && n > 0)
+        rc = enc_op(e, PK_SETITEMS);
+    return rc;
+}
+
+static int
+enc_value(enc *e, PyObject *o, int depth)
+{
+    PyTypeObject *tp = Py_TYPE(o);
+    int rc;
+    if (depth > CODEC_MAX_DEPTH)
+        return ENC_NO;
+    if (tp == &PyLong_Type)
+        return enc_long(e, o);
+    if (tp == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(o);
+        if (!e->pk)
+            return enc_op_val(e, 'd', &d, 8);
+        char be[8];             /* pickle's floats are big-endian */
+        if (PyFloat_Pack8(d, be, 0) < 0)
+            return ENC_ERR;
+        return enc_op_val(e, PK_BINFLOAT, be, 8);
+    }
+    if (o == Py_None)
+        return enc_op(e, e->pk ? PK_NONE : 'N');
+    if (o == Py_True)
+        return enc_op(e, e->pk ? PK_NEWTRUE : 'T');
+    if (o == Py_False)
+        return enc_op(e, e->pk ? PK_NEWFALSE : 'F');
+    if (tp == &PyUnicode_Type)
+        return enc_str(e, o);
+    if (tp == &PyBytes_Type)
+        return enc_blob(e, 0, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+    if (tp == &PyTuple_Type || tp == &PyList_Type || tp == &PyDict_Type) {
+        /* Only a container that something else also references can be met
+         * twice (a tuple can be: its refcount counts each reference). */
+        if (Py_REFCNT(o) > 1 && (rc = enc_seen(e, o)) != ENC_OK)
+            return rc;
+        return tp == &PyDict_Type ? enc_dict(e, o, depth) : enc_seq(e, o, depth);
+    }
+    return ENC_NO;
+}
+
+/* obj in this encoding (pk 0) or as a pickle (pk 1), as bytes; None if it
+ * is not plain data or takes more than max_bytes (*too_big is set then). */
+static PyObject *
+encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
+{
+    uint8_t stack[STACK_BYTES];
+    enc e = {.buf = stack, .cap = sizeof stack, .max = max_bytes, .pk = pk,
+             .seen_cap = 32};
+    e.seen = e.seen_small;
+    memset(e.seen_small, 0, sizeof e.seen_small);
+    static const uint8_t proto[2] = {PK_PROTO, 5};
+    int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
+    if (rc == ENC_OK)
+        rc = enc_value(&e, obj, 0);
+    if (rc == ENC_OK && pk)
+        rc = enc_op(&e, PK_STOP);
+    PyObject *res = NULL;
+    if (rc == ENC_OK)
+        res = PyBytes_FromStringAndSize((const char *)e.buf, (Py_ssize_t)e.len);
+    if (e.heap)
+        PyMem_Free(e.buf);
+    if (e.seen != e.seen_small)
+        PyMem_Free(e.seen);
+    if (too_big)
+        *too_big = e.too_big;
+    if (rc == ENC_NO)
+        return Py_NewRef(Py_None);
+    return res;
+}
+
+PyObject *
+cp_codec_encode(PyObject *obj, uint64_t max_bytes)
+{
+    return encode(obj, (size_t)max_bytes, 0, NULL);
+}
+
+PyObject *
+cp_codec_pickle(PyObject *Py_UNUSED(m), PyObject *obj)
+{
+    return encode(obj, SIZE_MAX, 1, NULL);
+}
+
+/* ------------------------------------------------------------ decoding */
+
+typedef struct {
+    const uint8_t *p, *end;
+} dec;
+
+static PyObject *
+malformed(void)
+{
+    PyErr_SetString(PyExc_RuntimeError, "cpool: malformed plain-data message");
+    return NULL;
+}
+
+/* Copy the next n bytes of the message to dst; -1 if there are fewer. */
+static int
+dec_take(dec *d, void *dst, size_t n)
+{
+    if ((size_t)(d->end - d->p) < n)
+        return -1;
+    memcpy(dst, d->p, n);
+    d->p += n;
+    return 0;
+}
+
+static int
+dec_u32(dec *d, uint32_t *n)
+{
+    return dec_take(d, n, 4);
+}
+
+static PyObject *
+dec_value(dec *d, int depth)
+{
+    if (d->p >= d->end || depth > CODEC_MAX_DEPTH)
+        return malformed();
+    uint8_t tag = *d->p++;
+    uint32_t n;
+    switch (tag) {
+    case 'N':
+        Py_RETURN_NONE;
+    case 'T':
+        Py_RETURN_TRUE;
+    case 'F':
+        Py_RETURN_FALSE;
+    case 'j': {
+        int32_t v;
+        return dec_take(d, &v, 4) < 0 ? malformed() : PyLong_FromLong(v);
+    }
+    case 'i': {
+        int64_t v;
+        return dec_take(d, &v, 8) < 0 ? malformed() : PyLong_FromLongLong(v);
+    }
+    case 'd': {
+        double v;
+        return dec_take(d, &v, 8) < 0 ? malformed() : PyFloat_FromDouble(v);
+    }
+    case 'I':
+    case 's':
+    case 'b': {
+        if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n ||
+            (tag == 'I' && n == 0))
+            return malformed();
+        const uint8_t *s = d->p;
+        d->p += n;
+        if (tag == 'I')
+            return _PyLong_FromByteArray(s, n, 1, 1);
+        if (tag == 'b')
+            return PyBytes_FromStringAndSize((const char *)s, n);
+        return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+    }
+    case 't':
+    case 'l': {
+        /* Each value takes at least one byte: a bound on n before allocating. */
+        if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n)
+            return malformed();
+        PyObject *o = tag == 't' ? PyTuple_New(n) : PyList_New(n);
+        if (o == NULL)
+            return NULL;
+        for (uint32_t i = 0; i < n; i++) {
+            PyObject *v = dec_value(d, depth + 1);
+            if (v == NULL) {
+                Py_DECREF(o);
+                return NULL;
+            }
+            if (tag == 't')
+                PyTuple_SET_ITEM(o, i, v);
+            else
+                PyList_SET_ITEM(o, i, v);
+        }
+        return o;
+    }
+    case 'D': {
+        if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) / 2 < n)
+            return malformed();
+        PyObject *o = PyDict_New();
+        for (uint32_t i = 0; o != NULL && i < n; i++) {
+            PyObject *k = dec_value(d, depth + 1);
+            PyObject *v = k ? dec_value(d, depth + 1) : NULL;
+            if (v == NULL || PyDict_SetItem(o, k, v) < 0)
+                Py_CLEAR(o);
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+        }
+        return o;
+    }
+    default:
+        return malformed();
+    }
+}
+
+PyObject *
+cp_codec_decode(const uint8_t *p, uint64_t n)
+{
+    if (n < 1 || p[0] != CP_CODEC_MAGIC)
+        return malformed();
+    dec d = {p + 1, p + n};
+    PyObject *o = dec_value(&d, 0);
+    if (o != NULL && d.p != d.end) {
+        Py_DECREF(o);
+        return malformed();
+    }
+    return o;
+}
+
+/* ------------------------------------------------------------ messages */
+
+PyObject *
+cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
+         const cp_arena_use *au)
+{
+    *oob = 0;
+    if (!big_hint) {
+        /* A long list or tuple cannot fit (an item takes a byte at least,
+         * an int five): do not try. */
+        int too_big = (PyList_CheckExact(obj) || PyTuple_CheckExact(obj)) &&
+                      (uint64_t)PySequence_Fast_GET_SIZE(obj) > max_plain / 4;
+        PyObject *b = too_big ? Py_NewRef(Py_None)
+                              : encode(obj, (size_t)max_plain, 0, &too_big);
+        if (b == Py_None && too_big) {
+            Py_DECREF(b);
+            b = cp_codec_pickle(NULL, obj);
+        }
+        if (b != Py_None)
+            return b;
+        Py_DECREF(b);
+    }
+    return cp_msg_dumps(obj, big_hint, oob, au);
+}
+
+PyObject *
+cp_loads(const uint8_t *p, uint64_t n)
+{
+    if (n >= 1 && p[0] == CP_CODEC_MAGIC)
+        return cp_codec_decode(p, n);
+    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
+    if (mv == NULL)
+        return NULL;
+    PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
+    PyObject *err = obj == NULL ? cp_err_take() : NULL;
+    /* The bytes are about to be reused by the other side: make sure nothing
+     * kept a view of them. */
+    PyObject *r = PyObject_CallMethodNoArgs(mv, cp_state->str_release);
+    if (r == NULL) {
+        Py_CLEAR(obj);
+        Py_XDECREF(err);
+        err = cp_err_take();
+    }
+    Py_XDECREF(r);
+    Py_DECREF(mv);
+    if (err != NULL)
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+    Py_XDECREF(err);
+    return obj;
+}
+
+/* ------------------------------------------------- for the tests */
+
+PyObject *
+cp_codec_encode_plain_py(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long long max = 1 << 20;
+    if (nargs < 1 || nargs > 2 ||
+        (nargs == 2 && (max = PyLong_AsUnsignedLongLong(args[1])) == (unsigned long long)-1 &&
+         PyErr_Occurred())) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "encode_plain(obj, max_bytes=2**20)");
+        return NULL;
+    }
+    return cp_codec_encode(args[0], max);
+}
+
+PyObject *
+cp_codec_loads_py(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *o = cp_loads(b.buf, (uint64_t)b.len);
+    PyBuffer_Release(&b);
+    return o;
+}

@@ -1,0 +1,239 @@
+"""The plain-data encoding of small messages (csrc/codec.c): exact round
+trips of the types it covers, everything else through pickle, and no crash
+on malformed input.  Also end to end through a pool, both directions."""
+import collections
+import enum
+import math
+import pickle
+import pickletools
+import random
+import struct
+
+import pytest
+
+import helpers
+from cpool import _core
+
+pytestmark = pytest.mark.cpool_only
+
+MAGIC = 0xCB
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class MyInt(int):
+    pass
+
+
+class MyStr(str):
+    pass
+
+
+class MyTuple(tuple):
+    pass
+
+
+class MyList(list):
+    pass
+
+
+class MyDict(dict):
+    pass
+
+
+Point = collections.namedtuple("Point", "x y")
+
+PLAIN = [
+    None, True, False,
+    0, 1, -1, 255, 256, -5, 2**31 - 1, -2**31, 2**31, -2**31 - 1,
+    2**63 - 1, -2**63, 2**63, -2**63 - 1, 2**64, 2**100, -2**100, 10**300, -(10**300),
+    0.0, -0.0, 1.5, -2.25, 1e300, float("inf"), float("-inf"),
+    "", "a", "hello world", "é", "日本語", "emoji \U0001f600", "\x00nul", "\u0100" * 50,
+    b"", b"\x00\xff", bytes(range(256)),
+    (), [], {}, (1,), [1], {"a": 1},
+    ((1, 2), [3, (4, [5])], {"k": (6, 7)}),
+    {1: "int key", "s": None, (1, 2): "tuple key", 2.5: b"float key", None: True},
+    [[1, 2], [3, 4], [], [[]]],
+    ((5,), {}), ((1, "a", 2.0), {"kw": [1, 2]}),
+    list(range(1000)), tuple("abc" * 100),
+]
+
+
+def _same(a, b):
+    """Equal, with the exact same types all the way down."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(k1, k2) and _same(a[k1], b[k2])
+                                          for k1, k2 in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("obj", PLAIN, ids=range(len(PLAIN)))
+def test_plain_values_round_trip_with_exact_types(obj):
+    data = _core.encode_plain(obj)
+    assert isinstance(data, bytes) and data[0] == MAGIC
+    assert _same(_core.loads(data), obj)
+
+
+@pytest.mark.parametrize("obj", PLAIN, ids=range(len(PLAIN)))
+def test_plain_values_as_pickles_without_memo(obj):
+    data = _core.pickle_plain(obj)
+    assert isinstance(data, bytes) and data[:2] == b"\x80\x05" and data[-1:] == b"."
+    assert _same(pickle.loads(data), obj)
+    assert _same(_core.loads(data), obj)
+    # no memo: the unpickler is told to keep nothing
+    assert not any(op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")
+                   for op, _, _ in pickletools.genops(data))
+
+
+def test_pickle_writer_boundaries():
+    ints = [0, 255, 256, 65535, 65536, -1, -256, 2**31 - 1, -2**31, 2**31, 2**63 - 1,
+            -2**63, 2**63, -2**63 - 1, 2**2050, -2**2050, 2**2047]
+    ints += [s * 2**k + d for k in range(31, 64) for s in (1, -1) for d in (-1, 0, 1)]
+    seqs = [tuple(range(n)) for n in range(6)] + [list(range(n)) for n in range(3)]
+    strs = ["x" * n for n in (0, 255, 256, 70000)] + ["é" * 200]
+    blobs = [b"y" * n for n in (0, 255, 256, 70000)]
+    for obj in ints + seqs + strs + blobs + [{}, {1: 2}, {i: str(i) for i in range(600)}]:
+        assert _same(pickle.loads(_core.pickle_plain(obj)), obj), obj
+    for obj in NOT_PLAIN:
+        assert _core.pickle_plain(obj) is None
+    inner = [1]
+    assert _core.pickle_plain([inner, inner]) is None
+
+
+def test_nan_round_trips():
+    got = _core.loads(_core.encode_plain([float("nan")]))
+    assert type(got[0]) is float and math.isnan(got[0])
+
+
+def test_dict_order_is_kept():
+    d = {k: k for k in ("z", "a", "m", 3, 1)}
+    assert list(_core.loads(_core.encode_plain(d))) == list(d)
+
+
+NOT_PLAIN = [
+    Color.RED, MyInt(3), MyStr("x"), MyTuple((1,)), MyList([1]), MyDict(a=1),
+    Point(1, 2), collections.OrderedDict(a=1), bytearray(b"x"), 1j, {1, 2},
+    frozenset(), range(3), object, helpers.square, ValueError("x"),
+    [1, Color.RED], ({"a": MyInt(1)},), "\udc80",   # a lone surrogate
+]
+
+
+@pytest.mark.parametrize("obj", NOT_PLAIN, ids=range(len(NOT_PLAIN)))
+def test_other_types_are_refused(obj):
+    assert _core.encode_plain(obj) is None
+
+
+def test_pickles_still_load():
+    for obj in PLAIN + [Color.RED, Point(1, 2), MyList([1, 2])]:
+        got = _core.loads(pickle.dumps(obj, 5))
+        assert got == obj and type(got) is type(obj)
+
+
+def test_shared_references_are_refused():
+    inner = [1, 2]
+    assert _core.encode_plain([inner, inner]) is None
+    t = ([],)
+    assert _core.encode_plain((t, t)) is None
+    d = {}
+    assert _core.encode_plain({"a": d, "b": d}) is None
+    # Pickle keeps the sharing; so does the pool, through pickle.
+    got = pickle.loads(pickle.dumps([inner, inner], 5))
+    assert got[0] is got[1]
+
+
+def test_many_distinct_shared_containers_are_fine():
+    rows = [(i, i + 1) for i in range(5000)]       # each also held by `rows`
+    data = _core.encode_plain(rows[:])
+    assert data is not None and _core.loads(data) == rows
+
+
+def test_recursive_and_too_deep_are_refused():
+    a = []
+    a.append(a)
+    assert _core.encode_plain(a) is None
+    deep = x = []
+    for _ in range(100):
+        x.append([])
+        x = x[0]
+    assert _core.encode_plain(deep) is None
+    ok = x = []
+    for _ in range(10):
+        x.append([])
+        x = x[0]
+    assert _core.loads(_core.encode_plain(ok)) == ok
+
+
+def test_size_limit():
+    assert _core.encode_plain(b"x" * 100, 50) is None
+    assert _core.encode_plain(list(range(100)), 50) is None
+    assert _core.encode_plain(b"x" * 100, 200) is not None
+    assert _core.encode_plain(2**8000, 100) is None
+
+
+def test_malformed_input_raises_and_never_crashes():
+    good = [_core.encode_plain(o) for o in PLAIN]
+    rng = random.Random(7)
+    for data in good:
+        for cut in range(1, min(len(data), 40)):
+            with pytest.raises(RuntimeError):
+                _core.loads(data[:cut])
+        with pytest.raises(RuntimeError):
+            _core.loads(data + b"N")           # trailing bytes
+    for _ in range(3000):
+        data = bytearray(rng.choice(good))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.getrandbits(8)
+        data[0] = MAGIC
+        try:
+            _core.loads(bytes(data))
+        except (RuntimeError, UnicodeDecodeError, TypeError):
+            pass
+    # huge counts and lengths
+    for tag in b"tlDsbI":
+        with pytest.raises(RuntimeError):
+            _core.loads(bytes([MAGIC, tag]) + struct.pack("<I", 0xFFFFFFFF))
+    with pytest.raises(RuntimeError):
+        _core.loads(bytes([MAGIC, ord("I")]) + struct.pack("<I", 0))
+    with pytest.raises(RuntimeError):
+        _core.loads(bytes([MAGIC]) + b"l\x01\x00\x00\x00" * 200 + b"N")   # too deep
+    with pytest.raises(TypeError):
+        _core.loads(bytes([MAGIC]) + b"D\x01\x00\x00\x00l\x00\x00\x00\x00N")  # unhashable key
+
+
+def test_large_plain_messages_through_a_pool(cpool_Pool):
+    """Plain data too large for one ring record goes as a memo-less pickle."""
+    pairs = [(i, -i, float(i), str(i)) for i in range(60000)]
+    with cpool_Pool(2) as p:
+        assert p.starmap(helpers.echo_args, pairs, chunksize=30000) == [(t, {}) for t in pairs]
+        got = p.map(helpers.identity, pairs, chunksize=40000)
+        assert all(_same(a, b) for a, b in zip(got, pairs))
+        big = [2**70 + i for i in range(100000)]
+        assert p.apply(helpers.identity, (big,)) == big
+        shared = [[1, 2]] * 100000     # one list many times: pickle keeps it shared
+        got = p.apply(helpers.identity, (shared,))
+        assert got == shared and got[0] is got[1]
+
+
+def test_through_a_pool_both_ways(cpool_Pool):
+    values = PLAIN + NOT_PLAIN[:8] + [[Color.RED, 1], {"p": Point(1, 2)}]
+    with cpool_Pool(2) as p:
+        for v in values:
+            got = p.apply(helpers.identity, (v,))
+            assert _same(got, v) or (got == v and type(got) is type(v)), v
+            assert p.apply_async(helpers.identity, (v,)).get(helpers.START_TIMEOUT) == v
+        got = p.map(helpers.identity, values, chunksize=3)
+        assert all(type(a) is type(b) and a == b for a, b in zip(got, values))
+        got = list(p.imap(helpers.identity, values))
+        assert all(type(a) is type(b) and a == b for a, b in zip(got, values))
+        inner = [1]
+        a, b = p.apply(helpers.identity, ([inner, inner],))
+        assert a is b
+        assert p.apply(helpers.echo_args, (1, "é"), {"k": [2.5, None]}) == ((1, "é"), {"k": [2.5, None]})

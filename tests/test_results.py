@@ -1,0 +1,163 @@
+"""apply_async()'s result objects, which cpool makes and (without callbacks)
+completes in C: they must look exactly like the ones ApplyResult.__init__
+and _set() make, with and without callbacks, on success and failure."""
+import threading
+from multiprocessing import pool as mp_pool
+
+import pytest
+
+import helpers
+from cpool import pool as cpool_pool
+
+pytestmark = pytest.mark.cpool_only
+
+T = helpers.START_TIMEOUT
+
+
+def _check_done(p, r, success, value):
+    assert isinstance(r, mp_pool.ApplyResult) and type(r) is cpool_pool.ApplyResult
+    assert r.ready()
+    assert r._ready is True and r._success is success
+    assert r._pool is None
+    assert r._job not in p._cache
+    # released (every waiter gets through), or never made: nobody waited
+    assert r._done is None or not r._done.locked()
+    if success:
+        assert r.successful() and r.get(0) == value and r._value == value
+    else:
+        assert not r.successful() and isinstance(r._value, type(value))
+        with pytest.raises(type(value)):
+            r.get(0)
+
+
+def test_fresh_result_has_the_init_attributes(cpool_Pool, tmp_path):
+    gate = helpers.Gate(tmp_path)
+    with cpool_Pool(1) as p:
+        cb, ecb = (lambda v: None), (lambda e: None)
+        r = p.apply_async(helpers.gated, (1, gate.path), callback=cb, error_callback=ecb)
+        assert type(r) is cpool_pool.ApplyResult
+        assert r._pool is p and r._cache is p._cache and p._cache[r._job] is r
+        assert r._callback is cb and r._error_callback is ecb
+        assert r._ready is False and not r.ready() and r._done is None
+        assert not r.wait(0.01) and r._done.locked()   # made by the first waiter
+        with pytest.raises(ValueError):
+            r.successful()
+        r2 = p.apply_async(helpers.square, (2,))
+        assert r2._job > r._job and r2._callback is None and r2._error_callback is None
+        gate.open()
+        assert r.get(T) == 1 and r2.get(T) == 4
+        _check_done(p, r, True, 1)
+        _check_done(p, r2, True, 4)
+
+
+def _check_all(p, ok, bad):
+    for i, r in enumerate(ok):
+        r.wait(T)
+        _check_done(p, r, True, i * i)
+    for r in bad:
+        r.wait(T)
+        _check_done(p, r, False, ValueError())
+
+
+def test_completion_without_callbacks(cpool_Pool):
+    with cpool_Pool(2) as p:
+        ok = [p.apply_async(helpers.square, (i,)) for i in range(200)]
+        bad = [p.apply_async(helpers.raise_value_error, (i,)) for i in range(50)]
+        _check_all(p, ok, bad)
+        assert not p._cache
+
+
+def test_completion_with_callbacks(cpool_Pool):
+    with cpool_Pool(2) as p:
+        got, errs, threads = [], [], set()
+
+        def cb(v):
+            threads.add(threading.current_thread().name)
+            got.append(v)
+
+        ok = [p.apply_async(helpers.square, (i,), callback=cb) for i in range(100)]
+        bad = [p.apply_async(helpers.raise_value_error, (i,), error_callback=errs.append)
+               for i in range(20)]
+        # a callback only for the other outcome is not called
+        other = p.apply_async(helpers.square, (3,), error_callback=errs.append)
+        _check_all(p, ok, bad)
+        other.wait(T)
+        _check_done(p, other, True, 9)
+        assert sorted(got) == [i * i for i in range(100)]
+        assert len(errs) == 20 and all(isinstance(e, ValueError) for e in errs)
+        assert threads == {"cpool-collector"}
+
+
+def test_unpicklable_argument_fails_the_result(cpool_Pool):
+    with cpool_Pool(2) as p:
+        r = p.apply_async(helpers.identity, (threading.Lock(),))
+        r.wait(T)
+        _check_done(p, r, False, TypeError())
+        seen = []
+        r = p.apply_async(helpers.identity, (helpers.Unpicklable(),), error_callback=seen.append)
+        r.wait(T)
+        assert not r.successful() and len(seen) == 1 and seen[0] is r._value
+        assert p.apply_async(helpers.square, (5,)).get(T) == 25
+
+
+def test_apply_async_on_a_closed_or_terminated_pool(cpool_Pool):
+    p = cpool_Pool(1)
+    p.close()
+    with pytest.raises(ValueError):
+        p.apply_async(helpers.square, (1,))
+    p.join()
+    p = cpool_Pool(1)
+    p.terminate()
+    with pytest.raises(ValueError):
+        p.apply_async(helpers.square, (1,))
+    p.join()
+
+
+def test_waiters_before_and_after_completion(cpool_Pool, tmp_path):
+    gate = helpers.Gate(tmp_path)
+    with cpool_Pool(2) as p:
+        r = p.apply_async(helpers.gated, (7, gate.path))
+        r_cb = p.apply_async(helpers.gated, (8, gate.path), callback=lambda v: None)
+        got = []
+
+        def waiter(res):
+            got.append(res.get(T))
+
+        threads = [threading.Thread(target=waiter, args=(res,))
+                   for res in (r, r, r, r_cb, r_cb, r_cb)]
+        for t in threads:
+            t.start()
+        with pytest.raises(mp_pool.TimeoutError):
+            r.get(0.05)
+        gate.open()
+        for t in threads:
+            t.join(T)
+        assert sorted(got) == [7, 7, 7, 8, 8, 8]
+        _check_done(p, r, True, 7)
+        _check_done(p, r_cb, True, 8)
+        # waiting after the fact needs no lock
+        late = p.apply_async(helpers.square, (3,))
+        while not late.ready():
+            pass
+        late.wait()
+        assert late._done is None and late.get(0) == 9
+
+
+def test_many_racing_waiters(cpool_Pool):
+    """Waiters that come just as results complete: every one gets through."""
+    with cpool_Pool(2) as p:
+        for _ in range(20):
+            rs = [p.apply_async(helpers.square, (i,)) for i in range(50)]
+            out = {}
+
+            def waiter(k):
+                out[k] = [r.get(T) for r in rs[k::4]]
+
+            threads = [threading.Thread(target=waiter, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(T)
+            assert all(out[k] == [i * i for i in range(k, 50, 4)] for k in range(4))
+            for r in rs:
+                assert r._done is None or not r._done.locked()
