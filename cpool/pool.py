@@ -104,6 +104,9 @@ class ApplyResult(_mp.ApplyResult):
         self._cache = pool._cache
         self._callback = callback
         self._error_callback = error_callback
+        # Set now (as in Core.apply_async): attributes first set later would
+        # give every instance a dict of its own.
+        self._success = self._value = None
         self._cache[job] = self
 
     def ready(self):

@@ -94,11 +94,14 @@ cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
     PyObject *jobno = PyIter_Next(job_counter);
     if (jobno != NULL) {
         *job = PyLong_AsUnsignedLongLong(jobno);
+        /* _success and _value too (None until it is ready): set later,
+         * they would make CPython give every instance a dict of its own. */
         static const int which[] = {A_POOL, A_READY, A_DONE, A_JOB, A_CACHE,
-                                    A_CALLBACK, A_ERROR_CALLBACK};
+                                    A_CALLBACK, A_ERROR_CALLBACK, A_SUCCESS,
+                                    A_VALUE};
         PyObject *values[] = {pool, Py_False, Py_None, jobno, cache, callback,
-                              error_callback};
-        if (!PyErr_Occurred() && set_attrs(r, which, values, 7) == 0 &&
+                              error_callback, Py_None, Py_None};
+        if (!PyErr_Occurred() && set_attrs(r, which, values, 9) == 0 &&
             PyDict_SetItem(cache, jobno, r) == 0) {
             Py_DECREF(jobno);
             return r;
