@@ -49,6 +49,7 @@ def run_workload(wl, backends, repeat):
     """Return {pool name: list of values, or an error string}."""
     active = [b for b in backends if wl.supports(b.name)]
     samples = {b.name: [] for b in active}
+    W.drop_inputs()
     for rep in range(repeat):
         shift = rep % len(active)  # rotate the order so no pool always goes first
         for b in active[shift:] + active[:shift]:

@@ -10,6 +10,7 @@ useful to exercise the harness before cpool builds).
 """
 
 import functools
+import gc
 import importlib.util
 import multiprocessing
 import os
@@ -492,8 +493,23 @@ WORKLOADS = [
 WORKLOADS_BY_NAME = {w.name: w for w in WORKLOADS}
 
 
+def drop_inputs():
+    """Forget the cached inputs and expected results of earlier workloads, so
+    that a workload is not timed while the process holds another one's large
+    lists (every full garbage collection would walk them)."""
+    for f in (_bytes_payload, _array_payload, _squares, _pairs):
+        f.cache_clear()
+    gc.collect()
+
+
 def measure(workload, backend, size):
-    """Run one timed repetition; returns (value in workload.unit, result ok)."""
+    """Run one timed repetition; returns (value in workload.unit, result ok).
+
+    Each repetition starts from a collected heap, so that whether the
+    collector's full pass falls inside a timed run does not depend on what
+    the previous repetitions left behind.  (Collection is not disabled: the
+    garbage a pool makes is part of its cost.)"""
+    gc.collect()
     if workload.manages_pool:
         seconds, out = workload.run(backend, size)
     else:
