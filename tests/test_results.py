@@ -161,3 +161,17 @@ def test_many_racing_waiters(cpool_Pool):
             assert all(out[k] == [i * i for i in range(k, 50, 4)] for k in range(4))
             for r in rs:
                 assert r._done is None or not r._done.locked()
+
+
+def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
+    # Every attribute is set when the result is made, so CPython keeps the
+    # instance's attributes inline: completing it must not allocate a dict.
+    import gc
+    with cpool_Pool(2) as p:
+        p.map(helpers.square, range(4))
+        gc.collect()
+        before = sum(type(o) is dict for o in gc.get_objects())
+        rs = [p.apply_async(helpers.square, (i,)) for i in range(500)]
+        assert [r.get(timeout=30) for r in rs] == [i * i for i in range(500)]
+        after = sum(type(o) is dict for o in gc.get_objects())
+    assert after - before < 50, (before, after)
