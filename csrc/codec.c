@@ -14,8 +14,9 @@
  * within a message (the same list twice is one list after loads()); the
  * encoder refuses such messages (a container met twice) and they go through
  * pickle too, as do recursive ones, deeper ones than CODEC_MAX_DEPTH and
- * strings with lone surrogates.  Plain data too large for one ring record is
- * written as a pickle without memo instead (see "encoding" below).
+ * strings with lone surrogates.  Plain data too large for one ring record
+ * uses the same encoding, in fragments; the receiver gathers it and
+ * dispatches on the first byte as for a single record.
  *
  * Format: the byte CP_CODEC_MAGIC (never the first byte of a protocol 2+
  * pickle, which is PROTO, 0x80), then one value:
@@ -47,12 +48,13 @@
 /* ------------------------------------------------------------ encoding */
 
 /*
- * One walk of the value writes either format: this encoding (small
- * messages), or a pickle of protocol 5 without memo (plain data too large
- * for one ring record: it travels in fragments and the receiver unpickles it
- * as any other pickle).  Pickling plain data is mostly memo work (every
- * tuple is memoized); without it the pickle costs a fraction, and since
- * shared containers are refused, the memo has nothing to do.
+ * One walk of the value writes either format: this encoding, or a pickle of
+ * protocol 5 without memo (`pickle_plain`, for tests and comparisons).
+ * Pickling plain data is mostly memo work (every tuple is memoized); without
+ * it the pickle costs a fraction, and since shared containers are refused,
+ * the memo has nothing to do.  Messages use this encoding whatever their
+ * size: decoding it costs about half of unpickling the same data (making
+ * ints from LONG1 opcodes dominates unpickling a map chunk's results).
  */
 typedef struct {
     uint8_t *buf;
@@ -538,8 +540,11 @@ cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
         PyObject *b = too_big ? Py_NewRef(Py_None)
                               : encode(obj, (size_t)max_plain, 0, &too_big);
         if (b == Py_None && too_big) {
+            /* Too large for one record: the same encoding, in fragments
+             * (decoding it costs half of unpickling the same data, most of
+             * which is making ints out of LONG1 opcodes). */
             Py_DECREF(b);
-            b = cp_codec_pickle(NULL, obj);
+            b = encode(obj, SIZE_MAX, 0, NULL);
         }
         if (b != Py_None)
             return b;

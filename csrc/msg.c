@@ -734,16 +734,14 @@ cp_gather_finish(cp_gather *g)
 {
     if (g->off != g->total || g->pickle == NULL)
         return bad_message(), NULL;
+    if (g->nbuf == 0)   /* plain data (codec.c) or a pickle */
+        return cp_loads((const uint8_t *)PyByteArray_AS_STRING(g->pickle),
+                        g->pickle_len);
     PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(g->pickle),
                                            (Py_ssize_t)g->pickle_len, PyBUF_READ);
     if (mv == NULL)
         return NULL;
     PyObject *obj = NULL;
-    if (g->nbuf == 0) {
-        obj = PyObject_CallOneArg(cp_state->loads, mv);
-        Py_DECREF(mv);
-        return obj;
-    }
     /* PickleBuffers come out of `buffers` in order; bytes objects by index
      * (persistent ids, see SegWriter_pid). */
     PyObject *bufs = PyList_New(0), *table = PyList_New((Py_ssize_t)g->nbuf);
