@@ -209,7 +209,8 @@ def test_malformed_input_raises_and_never_crashes():
 
 
 def test_large_plain_messages_through_a_pool(cpool_Pool):
-    """Plain data too large for one ring record goes as a memo-less pickle."""
+    """Plain data too large for one ring record: the plain encoding in
+    fragments, gathered and decoded (or pickle, where sharing must be kept)."""
     pairs = [(i, -i, float(i), str(i)) for i in range(60000)]
     with cpool_Pool(2) as p:
         assert p.starmap(helpers.echo_args, pairs, chunksize=30000) == [(t, {}) for t in pairs]
@@ -217,6 +218,10 @@ def test_large_plain_messages_through_a_pool(cpool_Pool):
         assert all(_same(a, b) for a, b in zip(got, pairs))
         big = [2**70 + i for i in range(100000)]
         assert p.apply(helpers.identity, (big,)) == big
+        mixed = ["é" * 70000, [None, True, False] * 30000, {"k": [1.5] * 50000},
+                 b"\x00" * 100000, -(2**200)]
+        got = p.apply(helpers.identity, (mixed,))
+        assert got == mixed and [type(x) for x in got] == [type(x) for x in mixed]
         shared = [[1, 2]] * 100000     # one list many times: pickle keeps it shared
         got = p.apply(helpers.identity, (shared,))
         assert got == shared and got[0] is got[1]
