@@ -32,6 +32,8 @@ RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
 #: imap/imap_unordered without buffersize: how far the input is read ahead
 #: of the consumer (in tasks, i.e. chunks).
 DEFAULT_IN_FLIGHT = 1024
+#: map/starmap without chunksize: at most this many items per chunk.
+DEFAULT_CHUNK_MAX = 4096
 
 
 def _default_spin_ns(processes):
@@ -504,15 +506,30 @@ class Pool:
         return self._map_async(func, iterable, _core.MODE_STARMAP, chunksize,
                                callback, error_callback)
 
+    def _default_chunksize(self, n):
+        """map/starmap's chunk size when none is given.
+
+        multiprocessing makes 4 chunks per worker, to spread the cost of
+        sending each one.  A chunk costs cpool a few microseconds, so it
+        makes 16 per worker of at most DEFAULT_CHUNK_MAX items: the workers
+        stay busy to the end instead of one finishing a long last chunk
+        alone, results come back while others are computed, and a chunk's
+        messages fit in one ring record.  With maxtasksperchild a chunk is
+        the task a worker counts, so there multiprocessing's size is kept."""
+        per = 4 if self._maxtasksperchild else 16
+        chunksize, extra = divmod(n, self._processes * per)
+        chunksize += bool(extra)
+        if not self._maxtasksperchild:
+            chunksize = min(chunksize, DEFAULT_CHUNK_MAX)
+        return chunksize
+
     def _map_async(self, func, iterable, mode, chunksize=None, callback=None,
                    error_callback=None):
         self._check_running()
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
         if chunksize is None:
-            chunksize, extra = divmod(len(iterable), self._processes * 4)
-            if extra:
-                chunksize += 1
+            chunksize = self._default_chunksize(len(iterable))
         if len(iterable) == 0:
             chunksize = 0
         result = MapResult(self, chunksize, len(iterable), callback,

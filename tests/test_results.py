@@ -175,3 +175,17 @@ def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
         assert [r.get(timeout=30) for r in rs] == [i * i for i in range(500)]
         after = sum(type(o) is dict for o in gc.get_objects())
     assert after - before < 50, (before, after)
+
+
+def test_default_chunksize(cpool_Pool):
+    # Finer than multiprocessing's 4 chunks per worker, capped; with
+    # maxtasksperchild (where a chunk is the unit a worker counts),
+    # multiprocessing's own size.
+    with cpool_Pool(2) as p:
+        assert p._default_chunksize(10**6) == cpool_pool.DEFAULT_CHUNK_MAX
+        assert p._default_chunksize(100) == 4
+        assert p._default_chunksize(1) == 1
+        assert p.map(helpers.square, range(1000)) == [i * i for i in range(1000)]
+    with cpool_Pool(2, maxtasksperchild=2) as p:
+        assert p._default_chunksize(100) == 13 == -(-100 // (2 * 4))
+        assert p.map(helpers.square, range(100)) == [i * i for i in range(100)]
