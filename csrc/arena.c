@@ -157,6 +157,36 @@ blk_at(cp_arena *a, int p, uint64_t off)
     return (cp_blk *)(part_base(a, p) + off);
 }
 
+/* The partition's header, if it is sane (workers map it writable: the
+ * parent must not walk out of the partition on a header one of them
+ * scribbled over).  NULL otherwise. */
+static cp_part_hdr *
+part_hdr(cp_arena *a, int p)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    uint64_t brk = cp_load_relaxed(&h->brk), limit = cp_load_relaxed(&h->limit);
+    if (cp_load_relaxed(&h->magic) != PART_MAGIC || limit > a->part_size ||
+        brk < PART_HDR || brk > limit || brk % PAGE)
+        return NULL;
+    return h;
+}
+
+/* The block at off, if its header is sane: a whole number of pages, within
+ * brk.  Else the partition is disabled (nothing more is allocated in it;
+ * transfers go through the rings) and NULL returned. */
+static cp_blk *
+walk_blk(cp_arena *a, int p, cp_part_hdr *h, uint64_t off)
+{
+    cp_blk *b = blk_at(a, p, off);
+    uint64_t size = cp_load_relaxed(&b->size);
+    if (cp_load_relaxed(&b->magic) != BLK_MAGIC || size < PAGE || size % PAGE ||
+        size > h->brk - off) {
+        cp_store_relaxed(&h->magic, 0);
+        return NULL;
+    }
+    return b;
+}
+
 static int
 blk_free(cp_blk *b)
 {
@@ -172,17 +202,23 @@ blk_free(cp_blk *b)
 cp_blk *
 cp_arena_alloc(cp_arena *a, int p, uint64_t len)
 {
-    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
-    if (h->magic != PART_MAGIC || len > a->part_size)
+    cp_part_hdr *h = part_hdr(a, p);
+    if (h == NULL || len > a->part_size)
         return NULL;
     uint64_t need = round_up(len + sizeof(cp_blk), PAGE);
     uint64_t off = PART_HDR;
     cp_blk *found = NULL;
     while (off < h->brk) {
-        cp_blk *b = blk_at(a, p, off);
+        cp_blk *b = walk_blk(a, p, h, off);
+        if (b == NULL)
+            return NULL;
         if (blk_free(b)) {
-            while (off + b->size < h->brk && blk_free(blk_at(a, p, off + b->size)))
-                b->size += blk_at(a, p, off + b->size)->size;
+            cp_blk *next;
+            while (off + b->size < h->brk && blk_free(next = blk_at(a, p, off + b->size))) {
+                if (walk_blk(a, p, h, off + b->size) == NULL)
+                    return NULL;
+                b->size += next->size;
+            }
             if (off + b->size == h->brk) {
                 h->brk = off;      /* a free tail goes back to the top */
                 break;
@@ -200,7 +236,7 @@ cp_arena_alloc(cp_arena *a, int p, uint64_t len)
         off += b->size;
     }
     if (found == NULL) {
-        if (h->brk + need > h->limit)
+        if (need > h->limit - h->brk)
             return NULL;
         found = blk_at(a, p, h->brk);
         found->size = need;
@@ -233,7 +269,8 @@ cp_arena_offset(cp_arena *a, cp_blk *b)
  * `pid`.  NULL if the descriptor is bad (a corrupt or repeated message).
  */
 cp_blk *
-cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid)
+cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid,
+              uint64_t *size_out)
 {
     if (p < 0 || p >= a->nparts)
         return NULL;
@@ -251,16 +288,20 @@ cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid)
     if (!__atomic_compare_exchange_n(&b->lent, &expect, CP_LENT_HELD, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return NULL;
+    /* The borrower uses these from now on, never the header again (the
+     * owner could change it). */
+    *size_out = size;
     return b;
 }
 
-/* Borrower: done with block b (of partition p).  Pages beyond the kept
- * part of the partition go back to the system first. */
+/* Borrower: done with block b (of partition p), of `size` bytes as checked
+ * by cp_arena_take().  Pages beyond the kept part of the partition go back
+ * to the system first. */
 void
-cp_arena_give_back(cp_arena *a, int p, cp_blk *b)
+cp_arena_give_back(cp_arena *a, int p, cp_blk *b, uint64_t size)
 {
     uint64_t start = cp_arena_offset(a, b) - (uint64_t)p * a->part_size;
-    uint64_t end = start + cp_load_relaxed(&b->size);
+    uint64_t end = start + size;
     uint64_t from = start + PAGE > CP_ARENA_KEEP ? start + PAGE : CP_ARENA_KEEP;
     if (end > from)
         madvise(part_base(a, p) + from, end - from, MADV_REMOVE);
@@ -285,11 +326,11 @@ cp_arena_drop(cp_blk *b, int unclaimed)
 void
 cp_arena_forget_holder(cp_arena *a, int p, pid_t pid)
 {
-    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
-    if (h->magic != PART_MAGIC)
-        return;
-    for (uint64_t off = PART_HDR; off < h->brk;) {
-        cp_blk *b = blk_at(a, p, off);
+    cp_part_hdr *h = part_hdr(a, p);
+    for (uint64_t off = PART_HDR; h != NULL && off < h->brk;) {
+        cp_blk *b = walk_blk(a, p, h, off);
+        if (b == NULL)
+            return;
         if (cp_load_acquire(&b->lent) == CP_LENT_HELD &&
             cp_load_relaxed(&b->holder) == (int32_t)pid)
             cp_store_release(&b->lent, CP_LENT_NO);
@@ -334,9 +375,9 @@ cp_arena_unlive(cp_arena *a, int p)
 void
 cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy, uint64_t *nbusy)
 {
-    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    cp_part_hdr *h = part_hdr(a, p);
     *brk = *busy = *nbusy = 0;
-    if (cp_load_relaxed(&h->magic) != PART_MAGIC)
+    if (h == NULL)
         return;
     *brk = cp_load_relaxed(&h->brk);
     if (a->part_slot[p] != CP_PART_ARGS)

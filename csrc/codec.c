@@ -12,9 +12,10 @@
  * goes through pickle, as does anything else, so the receiver always gets
  * equal values of the very same types.  Pickle keeps shared references
  * within a message (the same list twice is one list after loads()); the
- * encoder refuses such messages (a container met twice) and they go through
- * pickle too, as do recursive ones, deeper ones than CODEC_MAX_DEPTH and
- * strings with lone surrogates.  Plain data too large for one ring record
+ * encoder refuses such messages (a container, or a str or bytes of 64 or
+ * more, met twice: written out each time, it could grow without bound) and
+ * they go through pickle too, as do recursive ones, deeper ones than
+ * CODEC_MAX_DEPTH and strings with lone surrogates.  Plain data too large for one ring record
  * uses the same encoding, in fragments; the receiver gathers it and
  * dispatches on the first byte as for a single record.
  *
@@ -43,6 +44,7 @@
 #include "cpool.h"
 
 #define CODEC_MAX_DEPTH 32
+#define CODEC_SHARED_ATOM 64     /* str/bytes this long met twice: pickle */
 #define STACK_BYTES 512
 
 /* ------------------------------------------------------------ encoding */
@@ -166,8 +168,8 @@ enc_blob(enc *e, int is_str, const void *p, size_t n)
     return rc == ENC_OK ? enc_put(e, p, n) : rc;
 }
 
-/* Remember a container that may be referenced from elsewhere too; ENC_NO if
- * it was met before in this message. */
+/* Remember a container (or a long string) that may be referenced from
+ * elsewhere too; ENC_NO if it was met before in this message. */
 static int
 enc_seen(enc *e, PyObject *o)
 {
@@ -345,10 +347,19 @@ enc_value(enc *e, PyObject *o, int depth)
         return enc_op(e, e->pk ? PK_NEWTRUE : 'T');
     if (o == Py_False)
         return enc_op(e, e->pk ? PK_NEWFALSE : 'F');
-    if (tp == &PyUnicode_Type)
-        return enc_str(e, o);
-    if (tp == &PyBytes_Type)
+    if (tp == &PyUnicode_Type || tp == &PyBytes_Type) {
+        /* A long string referenced many times would be written out each
+         * time (pickle writes it once and refers back): such messages go
+         * through pickle.  Short ones cost little either way. */
+        Py_ssize_t n = tp == &PyBytes_Type ? PyBytes_GET_SIZE(o)
+                                           : PyUnicode_GET_LENGTH(o);
+        if (n >= CODEC_SHARED_ATOM && Py_REFCNT(o) > 1 &&
+            (rc = enc_seen(e, o)) != ENC_OK)
+            return rc;
+        if (tp == &PyUnicode_Type)
+            return enc_str(e, o);
         return enc_blob(e, 0, PyBytes_AS_STRING(o), (size_t)PyBytes_GET_SIZE(o));
+    }
     if (tp == &PyTuple_Type || tp == &PyList_Type || tp == &PyDict_Type) {
         /* Only a container that something else also references can be met
          * twice (a tuple can be: its refcount counts each reference). */

@@ -221,8 +221,9 @@ void cp_arena_format(cp_arena *a, int p, uint64_t limit);
 cp_blk *cp_arena_alloc(cp_arena *a, int p, uint64_t len);
 uint8_t *cp_blk_data(cp_blk *b);
 uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);
-cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid);
-void cp_arena_give_back(cp_arena *a, int p, cp_blk *b);
+cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid,
+                      uint64_t *size);
+void cp_arena_give_back(cp_arena *a, int p, cp_blk *b, uint64_t size);
 void cp_arena_drop(cp_blk *b, int unclaimed);
 void cp_arena_forget_holder(cp_arena *a, int p, pid_t pid);
 int cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit);
@@ -472,6 +473,7 @@ int cp_msg_has_big_buffer(PyObject *obj, int depth);
 extern PyType_Spec cp_segwriter_spec;
 extern PyType_Spec cp_shmbuf_spec;
 extern PyType_Spec cp_arenaref_spec;
+void cp_msg_fork_hooks(void);
 
 /* codec.c: plain data (None, bool, int, float, str, bytes, and tuples,
  * lists and dicts of them, exact types) without pickle, for small messages.

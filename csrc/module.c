@@ -311,6 +311,7 @@ module_exec(PyObject *m)
         PyModule_AddIntConstant(m, "F_MORE", CP_F_MORE) < 0)
         return -1;
     cp_state = st;
+    cp_msg_fork_hooks();
     return 0;
 }
 

@@ -16,10 +16,14 @@
  *
  * Needs the GIL throughout.
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "cpool.h"
 
@@ -49,6 +53,7 @@ typedef struct {
     cp_arena *a;
     cp_blk *b;
     pid_t pid;
+    int args;           /* an argument's block (else a result's) */
     uint64_t desc[2];   /* arena offset, length */
 } ArenaRef;
 
@@ -175,6 +180,7 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
  * referenced; the result is a tuple of segments.  Without, pickle.dumps (a
  * bytes object).  New reference, or NULL with the pickling error set. */
 static PyObject *dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au);
+static void commit_results(SegWriter *w);
 
 PyObject *
 cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
@@ -219,6 +225,7 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     r = PyObject_CallMethodOneArg(p, name, obj);
     if (r == NULL || seg_flush(w) < 0)
         goto done;
+    commit_results(w);
     Py_ssize_t nbuf = PyList_GET_SIZE(w->oob);
     if (nbuf == 0) {
         res = PyList_AsTuple(w->segs);
@@ -356,29 +363,36 @@ to_arena(SegWriter *w, Py_buffer *v)
     cp_copy(dst, v->buf, (uint64_t)v->len);
     Py_END_ALLOW_THREADS
     uint64_t desc[2] = {cp_arena_offset(a, b), (uint64_t)v->len};
-    PyObject *d;
-    if (w->au.args) {
-        /* The task keeps the block until it goes (ArenaRef). */
-        ArenaRef *r = PyObject_New(ArenaRef, cp_state->arenaref_type);
-        if (r != NULL) {
-            cp_arena_ref(a);
-            r->a = a;
-            r->b = b;
-            r->pid = getpid();
-            memcpy(r->desc, desc, sizeof desc);
-        }
-        d = (PyObject *)r;
-    } else {
-        d = PyBytes_FromStringAndSize((const char *)desc, sizeof desc);
-    }
-    if (d == NULL) {
+    ArenaRef *r = PyObject_New(ArenaRef, cp_state->arenaref_type);
+    if (r == NULL) {
         cp_arena_drop(b, 0);
         return NULL;
     }
-    cp_store_release(&b->lent, CP_LENT_OUT);
-    if (!w->au.args)
-        cp_arena_drop(b, 0);   /* the receiver frees it */
-    return d;
+    cp_arena_ref(a);
+    r->a = a;
+    r->b = b;
+    r->pid = getpid();
+    r->args = w->au.args;
+    memcpy(r->desc, desc, sizeof desc);
+    /* An argument's block is on offer from now on: the task holds it (via
+     * this ArenaRef) and withdraws it if no worker took it.  A result's is
+     * offered only once the whole result is pickled (commit_results()):
+     * if pickling fails, it is simply freed with this ArenaRef. */
+    if (w->au.args)
+        cp_store_release(&b->lent, CP_LENT_OUT);
+    return (PyObject *)r;
+}
+
+/* The result pickled: offer its blocks to the parent.  The ArenaRefs still
+ * drop the worker's own hold when the message goes. */
+static void
+commit_results(SegWriter *w)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->oob); i++) {
+        PyObject *o = PyList_GET_ITEM(w->oob, i);
+        if (Py_IS_TYPE(o, cp_state->arenaref_type) && !((ArenaRef *)o)->args)
+            cp_store_release(&((ArenaRef *)o)->b->lent, CP_LENT_OUT);
+    }
 }
 
 static PyObject *
@@ -458,9 +472,11 @@ SegWriter_pid(SegWriter *w, PyObject *obj)
 /* ------------------------------------------------- arena buffer objects */
 
 /*
- * ArenaRef: the descriptor of an argument's arena block, as a 16-byte
- * buffer (a segment of the task's message).  The task holds the block while
- * it holds this; when it goes, a descriptor no worker took is withdrawn.
+ * ArenaRef: the descriptor of an arena block, as a 16-byte buffer (a segment
+ * of the message), holding the sender's claim on the block.  An argument's:
+ * the task holds the block while it holds this; when it goes, a descriptor
+ * no worker took is withdrawn.  A result's: dropped once the message is
+ * sent (the parent frees the block when done with it).
  */
 static void
 ArenaRef_dealloc(ArenaRef *r)
@@ -468,7 +484,7 @@ ArenaRef_dealloc(ArenaRef *r)
     PyTypeObject *tp = Py_TYPE(r);
     if (r->a != NULL) {
         if (r->pid == getpid())
-            cp_arena_drop(r->b, 1);
+            cp_arena_drop(r->b, r->args);
         cp_arena_unref(r->a);
     }
     tp->tp_free(r);
@@ -500,25 +516,81 @@ PyType_Spec cp_arenaref_spec = {
  * array rebuilt from a message wraps in place.  When the last view of it
  * goes, the block goes back to its owner.
  */
-typedef struct {
+typedef struct ShmBuf {
     PyObject_HEAD
     cp_arena *a;
     cp_blk *b;
+    uint64_t len, size;   /* as checked when taken (the header may change) */
     int part;
     pid_t pid;
+    struct ShmBuf *prev, *next;   /* live ones of this process (fork) */
 } ShmBuf;
 
+/*
+ * Forks.  A ShmBuf's memory is shared with the pool's processes; a child
+ * forked from its process (os.fork(), multiprocessing, or the fork server of
+ * another pool, whose workers inherit the user's arrays) must get a copy, as
+ * it would of any other memory, not a window onto the parent's.  So the
+ * child replaces each live ShmBuf's pages with private copies at the same
+ * address, at once, before any code of its own runs.
+ */
+static ShmBuf *live_bufs;     /* GIL */
+static pid_t fork_parent;
+
+static void
+before_fork(void)
+{
+    fork_parent = getpid();
+}
+
+static void
+privatize(ShmBuf *s)
+{
+    uint8_t *start = (uint8_t *)s->b;               /* page aligned */
+    size_t n = ((size_t)(sizeof(cp_blk) + s->len) + 4095) & ~(size_t)4095;
+    void *tmp = mmap(NULL, n, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (tmp == MAP_FAILED)
+        return;
+    memcpy(tmp, start, n);
+    if (mremap(tmp, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
+        munmap(tmp, n);
+}
+
+static void
+after_fork_child(void)
+{
+    for (ShmBuf *s = live_bufs; s != NULL; s = s->next)
+        if (s->pid == fork_parent)
+            privatize(s);
+}
+
+void
+cp_msg_fork_hooks(void)
+{
+    static int done;
+    if (!done && pthread_atfork(before_fork, NULL, after_fork_child) == 0)
+        done = 1;
+}
+
 static PyObject *
-shmbuf_new(const cp_arena_use *au, cp_blk *b)
+shmbuf_new(const cp_arena_use *au, cp_blk *b, uint64_t len, uint64_t size)
 {
     ShmBuf *s = PyObject_New(ShmBuf, cp_state->shmbuf_type);
     if (s == NULL) {
-        cp_arena_give_back(au->a, au->part, b);
+        cp_arena_give_back(au->a, au->part, b, size);
         return NULL;
     }
     cp_arena_ref(au->a);
     s->a = au->a;
     s->b = b;
+    s->len = len;
+    s->size = size;
+    s->prev = NULL;
+    s->next = live_bufs;
+    if (live_bufs != NULL)
+        live_bufs->prev = s;
+    live_bufs = s;
     s->part = au->part;
     s->pid = getpid();
     if (s->pid == au->a->pid)
@@ -530,10 +602,16 @@ static void
 ShmBuf_dealloc(ShmBuf *s)
 {
     PyTypeObject *tp = Py_TYPE(s);
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        live_bufs = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
     /* Not in a process forked from the one that took it: there the block
-     * is not ours to give back. */
+     * is not ours to give back (and its pages are a private copy). */
     if (s->pid == getpid()) {
-        cp_arena_give_back(s->a, s->part, s->b);
+        cp_arena_give_back(s->a, s->part, s->b, s->size);
         if (s->pid == s->a->pid)
             cp_arena_unlive(s->a, s->part);
     }
@@ -546,7 +624,7 @@ static int
 ShmBuf_getbuffer(ShmBuf *s, Py_buffer *view, int flags)
 {
     return PyBuffer_FillInfo(view, (PyObject *)s, cp_blk_data(s->b),
-                             (Py_ssize_t)s->b->len, 0, flags);
+                             (Py_ssize_t)s->len, 0, flags);
 }
 
 static PyType_Slot ShmBuf_slots[] = {
@@ -622,10 +700,11 @@ take_block(cp_gather *g, uint32_t i)
     memcpy(&len, g->desc + 8, 8);
     if (len != g->alen[i])
         return bad_message();
-    cp_blk *b = cp_arena_take(g->au.a, g->au.part, off, len, getpid());
+    uint64_t size;
+    cp_blk *b = cp_arena_take(g->au.a, g->au.part, off, len, getpid(), &size);
     if (b == NULL)
         return bad_message();
-    g->bufs[i] = shmbuf_new(&g->au, b);
+    g->bufs[i] = shmbuf_new(&g->au, b, len, size);
     return g->bufs[i] == NULL ? -1 : 0;
 }
 

@@ -272,14 +272,22 @@ def test_forked_child_does_not_free_the_parents_blocks(pool):
     assert (held == np.arange(2 * N8) * 3.0).all()
 
 
-def test_unpicklable_result_releases_its_blocks(pool):
+def test_unpicklable_result_releases_its_blocks():
+    # The array is copied into the arena before pickling fails on the
+    # lambda: that block must be freed, not left on offer.
     from multiprocessing.pool import MaybeEncodingError
-    for _ in range(3):
+    from cpool import Pool
+    with Pool(1) as p:
         with pytest.raises(MaybeEncodingError):
-            pool.apply(array_and_lambda, (N8,))
-    for use, live, *_ in info(pool):
-        assert live == 0
-    assert (pool.apply(make, (N8,)) == np.arange(N8)).all()
+            p.apply(array_and_lambda, (N8,))
+        part = [i for i, (use, *_) in enumerate(info(p)) if use == 0][0]
+        brk = info(p)[part][2]
+        for _ in range(10):
+            with pytest.raises(MaybeEncodingError):
+                p.apply(array_and_lambda, (N8,))
+        assert info(p)[part][2] == brk      # the same block, every time
+        assert all(live == 0 for _, live, *_ in info(p))
+        assert (p.apply(make, (N8,)) == np.arange(N8)).all()
 
 
 def array_and_lambda(n):
@@ -324,3 +332,57 @@ def test_threads_submitting_arrays_at_once(pool):
         th.join()
     assert errors == []
     wait_for(lambda: args_busy(pool) == (0, 0))
+
+
+def scribble_on_header(a):
+    # A buggy C extension in the worker zeroes its argument block's size.
+    import ctypes
+    ctypes.c_uint64.from_address(a.ctypes.data - 64 + 8).value = 0
+    return 1
+
+
+def test_a_worker_scribbling_on_block_headers_cannot_hang_the_parent():
+    from cpool import Pool
+    with Pool(1) as p:
+        assert p.apply(scribble_on_header, (np.ones(N8 // 4),)) == 1
+        # The parent finds the header bad when it next allocates, stops
+        # using that partition, and sends arrays through the rings.
+        for k in range(3):
+            assert p.apply(total, (np.full(N8 // 4, float(k)),)) == float(k * (N8 // 4))
+        assert info(p)[0][2] == 0           # partition 0 disabled
+
+
+def test_forked_child_gets_a_copy_not_a_window(pool):
+    held = pool.apply(make, (2 * N8, 3.0))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = bool((held == np.arange(2 * N8) * 3.0).all())
+        held[:] = 7.0                      # its own copy, as after any fork
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert (held == np.arange(2 * N8) * 3.0).all()
+
+
+_held = None
+
+
+def overwrite_held(value):
+    _held[:] = value                       # the worker's inherited copy
+    return float(_held[0])
+
+
+def test_workers_of_a_later_pool_get_copies_of_held_arrays(pool):
+    global _held
+    from cpool import Pool
+    _held = pool.apply(make, (2 * N8, 1.0))
+    try:
+        with Pool(1) as p2:                # forked while _held lives in the arena
+            assert p2.apply(overwrite_held, (5.0,)) == 5.0
+        assert (_held == np.arange(2 * N8)).all()
+    finally:
+        _held = None

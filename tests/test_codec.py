@@ -222,6 +222,9 @@ def test_large_plain_messages_through_a_pool(cpool_Pool):
                  b"\x00" * 100000, -(2**200)]
         got = p.apply(helpers.identity, (mixed,))
         assert got == mixed and [type(x) for x in got] == [type(x) for x in mixed]
+        s = "x" * 200_000               # one long string many times: once on the
+        got = p.apply(helpers.identity, ([s] * 1000,))    # wire, as with pickle
+        assert got == [s] * 1000 and len({id(x) for x in got}) == 1
         shared = [[1, 2]] * 100000     # one list many times: pickle keeps it shared
         got = p.apply(helpers.identity, (shared,))
         assert got == shared and got[0] is got[1]
