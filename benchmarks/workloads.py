@@ -438,6 +438,7 @@ class Workload:
     manages_pool: bool = False   # run() starts/stops the pool itself
     with_serial: bool = False    # also run the serial baseline
     needs_numpy: bool = False
+    isolated: bool = False       # each repetition in a fresh process
 
     def supports(self, pool_name):
         if pool_name == "serial":
@@ -447,9 +448,11 @@ class Workload:
 
 WORKLOADS = [
     Workload("startup", "start-up to first result", run_startup,
-             lambda out, _: out == 49, 1, 1, "apply", manages_pool=True),
+             lambda out, _: out == 49, 1, 1, "apply", manages_pool=True,
+             isolated=True),
     Workload("terminate", "terminate a warm pool", run_terminate,
-             lambda out, _: True, 1, 1, "submit", manages_pool=True),
+             lambda out, _: True, 1, 1, "submit", manages_pool=True,
+             isolated=True),
     Workload("apply", "apply() round trip, tiny task", run_apply,
              lambda out, n: out == _squares(n), 2000, 50, "apply",
              unit="µs/call", scale=1e6),
@@ -502,13 +505,46 @@ def drop_inputs():
     gc.collect()
 
 
-def measure(workload, backend, size):
+ISOLATED_SCRIPT = """
+import json, sys
+sys.path.insert(0, %(here)r)
+import numpy                     # a process with numpy loaded, for every pool
+import workloads as W
+b = W.make_backend(%(pool)r)
+wl = W.WORKLOADS_BY_NAME[%(workload)r]
+W.measure(wl, b, %(size)d, fresh=False)          # first use of the library
+print(json.dumps(W.measure(wl, b, %(size)d, fresh=False)))
+"""
+
+
+def measure_fresh(workload, backend, size):
+    """One repetition in a new Python process (with numpy imported and one
+    untimed run first): pool start-up and shutdown depend on what else the
+    process holds, e.g. threads and memory that other pools' libraries
+    leave behind in this one."""
+    import json
+    import subprocess
+    script = ISOLATED_SCRIPT % {"here": os.path.dirname(os.path.abspath(__file__)),
+                                "pool": backend.name, "workload": workload.name,
+                                "size": size}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else
+                           "exit code %d" % out.returncode)
+    value, ok = json.loads(out.stdout.strip().splitlines()[-1])
+    return value, ok
+
+
+def measure(workload, backend, size, fresh=True):
     """Run one timed repetition; returns (value in workload.unit, result ok).
 
     Each repetition starts from a collected heap, so that whether the
     collector's full pass falls inside a timed run does not depend on what
     the previous repetitions left behind.  (Collection is not disabled: the
     garbage a pool makes is part of its cost.)"""
+    if workload.isolated and fresh:
+        return measure_fresh(workload, backend, size)
     gc.collect()
     if workload.manages_pool:
         seconds, out = workload.run(backend, size)
