@@ -176,10 +176,16 @@ def write_markdown(path, header, rows, pool_names, skipped, repeat):
         "by the cpool median (> 1 means cpool is faster).",
         "- Every pool has 2 workers (fork start method where there is a choice; loky "
         "uses its own start method) and is started and warmed up outside the timed "
-        "region, except in the start-up and terminate rows.",
-        "- cf (concurrent.futures) and loky default to chunksize=1 in `map`; the map and "
-        "starmap rows give them the chunksize multiprocessing would choose. mpire picks "
-        "its own chunk size.",
+        "region, except in the start-up and terminate rows. Those two are measured in a "
+        "fresh Python process per repetition (numpy imported, one untimed run first), "
+        "since what other pools' libraries leave in the benchmark process slows every "
+        "pool's fork.",
+        "- Each repetition starts from a collected heap (`gc.collect()`), and a "
+        "workload's inputs are dropped before the next workload; collection stays on.",
+        "- The map and starmap rows use each pool's default chunk size: cpool cuts 16 "
+        "chunks per worker of at most 4096 items, multiprocessing 4 per worker. cf "
+        "(concurrent.futures) and loky default to chunksize=1 in `map`, so these rows "
+        "give them the chunksize multiprocessing would choose. mpire picks its own.",
         "- `ERR` means the pool failed or returned a wrong result; `-` means the "
         "workload does not fit that pool's API or the pool is not installed.",
     ]
