@@ -370,6 +370,23 @@ cp_arena_unlive(cp_arena *a, int p)
     }
 }
 
+/* Parent: the pool is gone.  Every partition is retired: those without
+ * arrays the user still holds are emptied now, the others when their last
+ * array goes (cp_arena_unlive); the mapping lasts as long as a reference. */
+void
+cp_arena_close(cp_arena *a)
+{
+    if (a->pid == getpid())
+        for (int p = 0; p < a->nparts; p++) {
+            a->part_slot[p] = CP_PART_RETIRED;
+            if (a->part_live[p] == 0) {
+                madvise(part_base(a, p), a->part_size, MADV_REMOVE);
+                a->part_slot[p] = CP_PART_FREE;
+            }
+        }
+    cp_arena_unref(a);
+}
+
 /* Parent: how far partition p reaches (brk), and for a partition it owns
  * (0) the bytes and number of blocks not free.  For tests and diagnostics. */
 void
@@ -383,8 +400,8 @@ cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy, uint64_t *nbus
     if (a->part_slot[p] != CP_PART_ARGS)
         return;
     for (uint64_t off = PART_HDR; off < *brk;) {
-        cp_blk *b = blk_at(a, p, off);
-        if (b->size == 0 || b->size > *brk - off)
+        cp_blk *b = walk_blk(a, p, h, off);
+        if (b == NULL)
             break;
         if (!blk_free(b)) {
             *busy += b->size;

@@ -26,7 +26,6 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -1746,24 +1745,6 @@ arena_setup(Core *c)
     cp_arena_format(c->arena, 0, limit);
 }
 
-static void
-arena_release(Core *c)
-{
-    cp_arena *a = c->arena;
-    if (a == NULL)
-        return;
-    c->arena = NULL;
-    /* Partitions without arrays the user still holds are emptied now. */
-    if (a->pid == getpid())
-        for (int p = 0; p < a->nparts; p++)
-            if (a->part_live[p] == 0) {
-                madvise(a->base + (size_t)p * a->part_size, a->part_size,
-                        MADV_REMOVE);
-                a->part_slot[p] = CP_PART_RETIRED;
-            }
-    cp_arena_unref(a);
-}
-
 /* Core(processes, initializer, initargs, maxtasks, ring_bytes, cache,
  *      make_error, spin_ns) */
 static int
@@ -1933,7 +1914,10 @@ Core_dealloc(Core *c)
     PyMem_Free(c->slots);
     c->slots = NULL;
     cp_shm_destroy(&c->shm);
-    arena_release(c);
+    if (c->arena != NULL) {
+        cp_arena_close(c->arena);
+        c->arena = NULL;
+    }
     Core_clear(c);
     tp->tp_free(c);
     Py_DECREF(tp);

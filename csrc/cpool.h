@@ -228,6 +228,7 @@ void cp_arena_drop(cp_blk *b, int unclaimed);
 void cp_arena_forget_holder(cp_arena *a, int p, pid_t pid);
 int cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit);
 void cp_arena_unlive(cp_arena *a, int p);
+void cp_arena_close(cp_arena *a);
 void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy,
                     uint64_t *nbusy);
 void cp_copy(void *dst, const void *src, uint64_t n);

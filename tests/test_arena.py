@@ -157,21 +157,20 @@ def test_blocks_are_reused(pool):
     a = np.arange(2 * N8, dtype=np.float64)
     for _ in range(3):
         assert pool.apply(total, (a,)) == float(a.sum())
-        del _
     brk_args = info(pool)[0][2]
-    worker_brk = {}
-    for i in range(30):
+    for _ in range(30):
         assert pool.apply(total, (a,)) == float(a.sum())
         out = pool.apply(make, (2 * N8,))
         assert out[-1] == 2 * N8 - 1
         del out
     # No growth: each transfer found the block the previous one freed.
     assert info(pool)[0][2] == brk_args
-    for use, live, brk, _, _ in info(pool)[1:]:
-        if isinstance(use, int):
-            worker_brk[use] = brk
-            assert brk <= 4096 + 2 * (16 * MiB + 4096)
-            assert live == 0
+    used = [(brk, live) for use, live, brk, _, _ in info(pool)[1:]
+            if isinstance(use, int) and brk > 4096]
+    assert used                        # results did go through the arena
+    for brk, live in used:             # at most two 16 MiB blocks each
+        assert brk <= 4096 + 2 * (16 * MiB + 4096)
+        assert live == 0
     wait_for(lambda: args_busy(pool) == (0, 0))
 
 
