@@ -368,8 +368,9 @@ def _sliced(seq, size):
     """Chunks of a sized input.  A range is cut into ranges and a list or
     tuple into slices (C speed, and a range chunk pickles in a few bytes);
     the worker iterates each chunk the same way, so the function sees the
-    same items as with multiprocessing's tuples."""
-    if isinstance(seq, (range, list, tuple)):
+    same items as with multiprocessing's tuples.  Anything else, subclasses
+    included, is iterated, as multiprocessing iterates it."""
+    if type(seq) in (range, list, tuple):
         return (seq[k:k + size] for k in range(0, len(seq), size))
     return _chunks(seq, size)
 
@@ -455,9 +456,15 @@ class Pool:
 
     # ------------------------------------------------------------ submit
 
-    def _submit(self, result, index, mode, func, body):
+    def _submit(self, result, index, mode, func, body, *bounds):
+        # With bounds (start, stop), the chunk is body[start:stop] of a list
+        # or tuple, encoded without making the slice.
         try:
-            self._core.submit(result._job, index, mode, func, body)
+            if bounds:
+                self._core.submit_slice(result._job, index, mode, func, body,
+                                        *bounds)
+            else:
+                self._core.submit(result._job, index, mode, func, body)
         except Exception as e:
             # As in multiprocessing, a task that cannot be sent fails its
             # result; the pool is untouched.
@@ -538,9 +545,15 @@ class Pool:
             nchunks = result._number_left
             sent = 0
             try:
-                for i, chunk in enumerate(_sliced(iterable, chunksize)):
-                    self._submit(result, i, mode, func, chunk)
-                    sent = i + 1
+                if type(iterable) is list or type(iterable) is tuple:
+                    for i, k in enumerate(range(0, len(iterable), chunksize)):
+                        self._submit(result, i, mode, func, iterable, k,
+                                     k + chunksize)
+                        sent = i + 1
+                else:
+                    for i, chunk in enumerate(_sliced(iterable, chunksize)):
+                        self._submit(result, i, mode, func, chunk)
+                        sent = i + 1
             except Exception as e:
                 # Iterating the input failed: the map fails with that error
                 # (multiprocessing would wait forever for the missing chunks).

@@ -370,10 +370,35 @@ enc_value(enc *e, PyObject *o, int depth)
     return ENC_NO;
 }
 
-/* obj in this encoding (pk 0) or as a pickle (pk 1), as bytes; None if it
- * is not plain data or takes more than max_bytes (*too_big is set then). */
+/* The items of a list being sent as n items[]: a list message, as if
+ * items were a list of their own.  Only the container they are in
+ * references an item of refcount 1, so that item is met once: the shared
+ * reference check is skipped for it, as for any container of refcount 1. */
+static int
+enc_items(enc *e, PyObject *const *items, Py_ssize_t n)
+{
+    int rc = enc_len(e, 'l', 0, 0, 0, (size_t)n);
+    if (rc == ENC_OK && e->len + (size_t)n > e->max) {
+        e->too_big = 1;
+        rc = ENC_NO;
+    }
+    for (Py_ssize_t i = 0; rc == ENC_OK && i < n; i++) {
+        PyObject *o = items[i];
+        PyTypeObject *tp = Py_TYPE(o);
+        if (Py_REFCNT(o) == 1 && (tp == &PyTuple_Type || tp == &PyList_Type))
+            rc = enc_seq(e, o, 1);
+        else
+            rc = enc_value(e, o, 1);
+    }
+    return rc;
+}
+
+/* obj (or, if obj is NULL, the n items[] as a list) in this encoding (pk
+ * 0) or as a pickle (pk 1, obj only), as bytes; None if it is not plain
+ * data or takes more than max_bytes (*too_big is set then). */
 static PyObject *
-encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
+encode_any(PyObject *obj, PyObject *const *items, Py_ssize_t n,
+           size_t max_bytes, int pk, int *too_big)
 {
     uint8_t stack[STACK_BYTES];
     enc e = {.buf = stack, .cap = sizeof stack, .max = max_bytes, .pk = pk,
@@ -383,7 +408,7 @@ encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
     static const uint8_t proto[2] = {PK_PROTO, 5};
     int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
     if (rc == ENC_OK)
-        rc = enc_value(&e, obj, 0);
+        rc = obj ? enc_value(&e, obj, 0) : enc_items(&e, items, n);
     if (rc == ENC_OK && pk)
         rc = enc_op(&e, PK_STOP);
     PyObject *res = NULL;
@@ -398,6 +423,12 @@ encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
     if (rc == ENC_NO)
         return Py_NewRef(Py_None);
     return res;
+}
+
+static PyObject *
+encode(PyObject *obj, size_t max_bytes, int pk, int *too_big)
+{
+    return encode_any(obj, NULL, 0, max_bytes, pk, too_big);
 }
 
 PyObject *
@@ -490,17 +521,28 @@ dec_value(dec *d, int depth)
         PyObject *o = tag == 't' ? PyTuple_New(n) : PyList_New(n);
         if (o == NULL)
             return NULL;
+        int atomic = 1;
         for (uint32_t i = 0; i < n; i++) {
             PyObject *v = dec_value(d, depth + 1);
             if (v == NULL) {
                 Py_DECREF(o);
                 return NULL;
             }
-            if (tag == 't')
+            if (tag == 't') {
                 PyTuple_SET_ITEM(o, i, v);
-            else
+                /* As CPython's own rule: a dict or list may become
+                 * tracked later even if it is not now; a tuple cannot. */
+                atomic &= !PyObject_IS_GC(v) ||
+                          (PyTuple_CheckExact(v) && !PyObject_GC_IsTracked(v));
+            } else {
                 PyList_SET_ITEM(o, i, v);
+            }
         }
+        /* What the collector would do on its first pass over it: a tuple
+         * of atomic items can be in no cycle.  Untracked now, a chunk's
+         * thousands of argument tuples cost the collector nothing. */
+        if (tag == 't' && atomic && n > 0)
+            PyObject_GC_UnTrack(o);
         return o;
     }
     case 'D': {
@@ -562,6 +604,22 @@ cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
         Py_DECREF(b);
     }
     return cp_msg_dumps(obj, big_hint, oob, au);
+}
+
+/* cp_dumps() of a list of the n items[] when they are plain data: bytes;
+ * None if they are not (send a real list through cp_dumps() then). */
+PyObject *
+cp_dumps_items(PyObject *const *items, Py_ssize_t n, uint64_t max_plain)
+{
+    if ((uint64_t)n > max_plain / 4)
+        return encode_any(NULL, items, n, SIZE_MAX, 0, NULL);
+    int too_big;
+    PyObject *b = encode_any(NULL, items, n, (size_t)max_plain, 0, &too_big);
+    if (b == Py_None && too_big) {
+        Py_DECREF(b);
+        b = encode_any(NULL, items, n, SIZE_MAX, 0, NULL);
+    }
+    return b;
 }
 
 PyObject *

@@ -1326,14 +1326,12 @@ submit_args(Core *c, PyObject *const *args, unsigned long long *job,
     return 0;
 }
 
-/* Pickle a task and queue it; -1 with the pickling error set. */
+/* Queue a task made by make_task(); -1 (and the task cleared) if the pool
+ * stopped meanwhile. */
 static int
-queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
-           PyObject *body)
+queue_made_task(Core *c, cp_task *tp)
 {
-    cp_task t;
-    if (make_task(c, &t, job, index, mode, func, body) < 0)
-        return -1;
+    cp_task t = *tp;
     if (c->state > CORE_CLOSING) {
         /* Terminated or shut down while pickling (which runs Python). */
         task_clear(&t);
@@ -1351,6 +1349,17 @@ queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
         PyErr_WriteUnraisable((PyObject *)c);
     wake_if_needed(c);
     return 0;
+}
+
+/* Pickle a task and queue it; -1 with the pickling error set. */
+static int
+queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
+           PyObject *body)
+{
+    cp_task t;
+    if (make_task(c, &t, job, index, mode, func, body) < 0)
+        return -1;
+    return queue_made_task(c, &t);
 }
 
 PyDoc_STRVAR(Core_submit_doc,
@@ -1372,6 +1381,82 @@ Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (submit_args(c, args, &job, &index, &mode) < 0)
         return NULL;
     if (queue_task(c, job, index, mode, args[3], args[4]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* A task for items[start:stop] of a list or tuple: encoded straight from
+ * the sequence when they are plain data, without making the slice (nor
+ * checking items of refcount 1 for sharing).  Otherwise the slice goes
+ * through make_task(), as a chunk of any other input does. */
+static int
+make_slice_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
+                PyObject *func, PyObject *seq, Py_ssize_t start, Py_ssize_t stop)
+{
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    if (stop > len)
+        stop = len;
+    if (start > stop)
+        start = stop;
+    PyObject **items = PySequence_Fast_ITEMS(seq) + start;
+    Py_ssize_t n = stop - start;
+    uint32_t fid;
+    if (func_id(c, func, &fid) < 0)
+        return -1;
+    int big = 0;
+    for (Py_ssize_t i = 0; i < n && i < 16 && !big; i++)
+        big = cp_msg_has_big_buffer(items[i], 1);
+    if (fid && !big) {
+        PyObject *payload = cp_dumps_items(items, n, c->slots[0].tq.max_frag);
+        if (payload == NULL)
+            return -1;
+        if (payload != Py_None) {
+            *t = (cp_task){.job = job, .index = index, .payload = payload,
+                           .func = Py_NewRef(func), .fid = fid,
+                           .mode = (uint32_t)mode};
+            return 0;
+        }
+        Py_DECREF(payload);
+    }
+    PyObject *chunk = PySequence_GetSlice(seq, start, stop);
+    if (chunk == NULL)
+        return -1;
+    int rc = make_task(c, t, job, index, mode, func, chunk);
+    Py_DECREF(chunk);
+    return rc;
+}
+
+PyDoc_STRVAR(Core_submit_slice_doc,
+"submit_slice(job, index, mode, func, seq, start, stop)\n--\n\n"
+"submit() of the chunk seq[start:stop] of a list or tuple (mode 1 or 2),\n"
+"without making the slice when its items are plain data.");
+
+static PyObject *
+Core_submit_slice(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !(PyList_CheckExact(args[4]) || PyTuple_CheckExact(args[4]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "submit_slice(job, index, mode, func, list, start, stop)");
+        return NULL;
+    }
+    unsigned long long job, index;
+    int mode;
+    if (submit_args(c, args, &job, &index, &mode) < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t stop = start < 0 ? -1 : PyLong_AsSsize_t(args[6]);
+    if (start < 0 || stop < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "submit_slice: negative bound");
+        return NULL;
+    }
+    if (mode != CP_MODE_MAP && mode != CP_MODE_STARMAP) {
+        PyErr_SetString(PyExc_ValueError, "submit_slice: mode must be MAP or STARMAP");
+        return NULL;
+    }
+    cp_task t;
+    if (make_slice_task(c, &t, job, index, mode, args[3], args[4], start, stop) < 0 ||
+        queue_made_task(c, &t) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1928,6 +2013,8 @@ static PyMethodDef Core_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
     {"apply_async", (PyCFunction)(void (*)(void))Core_apply_async, METH_FASTCALL,
      Core_apply_async_doc},
+    {"submit_slice", (PyCFunction)(void (*)(void))Core_submit_slice, METH_FASTCALL,
+     Core_submit_slice_doc},
     {"submit_many", (PyCFunction)(void (*)(void))Core_submit_many, METH_FASTCALL,
      Core_submit_many_doc},
     {"collect", (PyCFunction)Core_collect, METH_NOARGS,

@@ -486,6 +486,7 @@ PyObject *cp_codec_pickle(PyObject *m, PyObject *obj);
 PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);
 PyObject *cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
                    const cp_arena_use *au);
+PyObject *cp_dumps_items(PyObject *const *items, Py_ssize_t n, uint64_t max_plain);
 PyObject *cp_loads(const uint8_t *p, uint64_t n);
 PyObject *cp_codec_encode_plain_py(PyObject *m, PyObject *const *args,
                                    Py_ssize_t nargs);

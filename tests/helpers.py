@@ -41,6 +41,12 @@ def echo_args(*args, **kwds):
     return args, kwds
 
 
+def append_one(seq, *more):
+    """Mutates its argument: shows whether items of a chunk arrive shared."""
+    seq.append(1)
+    return len(seq)
+
+
 def const_42():
     return 42
 

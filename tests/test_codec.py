@@ -3,11 +3,13 @@ trips of the types it covers, everything else through pickle, and no crash
 on malformed input.  Also end to end through a pool, both directions."""
 import collections
 import enum
+import gc
 import math
 import pickle
 import pickletools
 import random
 import struct
+import weakref
 
 import pytest
 
@@ -245,3 +247,72 @@ def test_through_a_pool_both_ways(cpool_Pool):
         a, b = p.apply(helpers.identity, ([inner, inner],))
         assert a is b
         assert p.apply(helpers.echo_args, (1, "é"), {"k": [2.5, None]}) == ((1, "é"), {"k": [2.5, None]})
+
+
+def test_decoded_tuples_of_atomic_items_are_untracked():
+    """The decoder leaves the collector nothing to do for tuples that can be
+    in no cycle, and keeps tracking every other container, as CPython's own
+    rule has it (a dict or list may gain references later; a tuple not)."""
+    value = [(1, "a", 2.5, None, b"x", True, 2**80), ((1, 2), (3,)), (1, [2]),
+             ({},), ({"a": [1]},), ((1, []),), [1, 2], {"k": (4, 5)}]
+    got = _core.loads(_core.encode_plain(value))
+    assert got == value
+    assert not gc.is_tracked(got[0])
+    assert not gc.is_tracked(got[1]) and not gc.is_tracked(got[1][0])
+    assert gc.is_tracked(got[2])          # holds a list
+    assert gc.is_tracked(got[3])          # an empty dict, which may fill up
+    assert gc.is_tracked(got[4])
+    assert gc.is_tracked(got[5]) and gc.is_tracked(got[5][0])
+    assert gc.is_tracked(got[6])          # lists always are
+    assert not gc.is_tracked(got[7]["k"])
+    # The dict filled later closes a cycle through its tuple, which the
+    # collector must still see (it would leak were the tuple untracked).
+    obj = MyList()
+    alive = weakref.ref(obj)
+    t = got[3]
+    t[0]["obj"] = obj
+    t[0]["self"] = t
+    del got, t, obj
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_chunks_of_a_list_or_tuple_are_sent_as_multiprocessing_sends_them(
+        cpool_Pool, kind):
+    """map/starmap chunks of a list or tuple are encoded straight from it
+    (csrc/core.c, make_slice_task): the same items, the same sharing within
+    a chunk as pickle's, and anything that is not plain data through
+    pickle."""
+    shared = [5]
+    pairs = kind([(i, -i) for i in range(3000)] + [(shared, 1), (shared, 2)])
+    lists = kind([[] for _ in range(10)] + [shared, shared])
+    with cpool_Pool(2) as p:
+        assert p.starmap(helpers.mul, pairs[:3000], chunksize=700) == \
+            [i * -i for i in range(3000)]
+        # one list twice in a chunk arrives as one list, mutated twice
+        assert p.map(helpers.append_one, lists, chunksize=12) == [1] * 10 + [2, 3]
+        assert p.starmap(helpers.append_one, pairs[3000:], chunksize=2) == [2, 3]
+        # split across chunks: each chunk has its own copy, as with pickle
+        assert p.map(helpers.append_one, lists, chunksize=11) == [1] * 10 + [2, 2]
+        odd = kind([Point(1, 2), helpers.Multiplier(3), 2.5, "s"])  # not plain
+        got = p.map(helpers.identity, odd, chunksize=3)
+        assert [type(x) for x in got] == [type(x) for x in odd]
+        assert got[0] == odd[0] and got[2:] == list(odd[2:])
+        big = kind([b"\x01" * (2 << 20), b"\x02" * 10])    # out of band
+        assert p.map(len, big, chunksize=2) == [2 << 20, 10]
+        with pytest.raises(RuntimeError, match="cannot pickle Unpicklable"):
+            p.map(helpers.identity, kind([1, helpers.Unpicklable()]), chunksize=2)
+        # the last chunk is short; an empty input sends nothing
+        assert p.map(helpers.square, kind(range(7)), chunksize=3) == \
+            [i * i for i in range(7)]
+        assert p.map(helpers.square, kind()) == []
+
+
+def test_a_list_subclass_is_iterated_as_multiprocessing_iterates_it(cpool_Pool):
+    class Backwards(list):
+        def __iter__(self):
+            return reversed(self)
+
+    with cpool_Pool(2) as p:
+        assert p.map(helpers.square, Backwards([1, 2, 3]), chunksize=2) == [9, 4, 1]
