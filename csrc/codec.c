@@ -580,25 +580,38 @@ cp_codec_decode(const uint8_t *p, uint64_t n)
 
 /* ------------------------------------------------------------ messages */
 
+/* obj (or, if obj is NULL, the n items[] as a list) as a message in this
+ * encoding: bytes, within max_plain if it fits one ring record, else whole
+ * (sent in fragments; decoding it costs half of unpickling the same data,
+ * most of which is making ints out of LONG1 opcodes).  None if it is not
+ * plain data. */
+static PyObject *
+encode_msg(PyObject *obj, PyObject *const *items, Py_ssize_t n,
+           uint64_t max_plain)
+{
+    /* A long list or tuple cannot fit one record (an item takes a byte at
+     * least, an int five): do not try. */
+    Py_ssize_t count = n;
+    if (obj != NULL)
+        count = PyList_CheckExact(obj) || PyTuple_CheckExact(obj)
+                ? PySequence_Fast_GET_SIZE(obj) : 0;
+    int too_big = (uint64_t)count > max_plain / 4;
+    PyObject *b = too_big ? Py_NewRef(Py_None)
+                          : encode_any(obj, items, n, (size_t)max_plain, 0, &too_big);
+    if (b == Py_None && too_big) {
+        Py_DECREF(b);
+        b = encode_any(obj, items, n, SIZE_MAX, 0, NULL);
+    }
+    return b;
+}
+
 PyObject *
 cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
          const cp_arena_use *au)
 {
     *oob = 0;
     if (!big_hint) {
-        /* A long list or tuple cannot fit (an item takes a byte at least,
-         * an int five): do not try. */
-        int too_big = (PyList_CheckExact(obj) || PyTuple_CheckExact(obj)) &&
-                      (uint64_t)PySequence_Fast_GET_SIZE(obj) > max_plain / 4;
-        PyObject *b = too_big ? Py_NewRef(Py_None)
-                              : encode(obj, (size_t)max_plain, 0, &too_big);
-        if (b == Py_None && too_big) {
-            /* Too large for one record: the same encoding, in fragments
-             * (decoding it costs half of unpickling the same data, most of
-             * which is making ints out of LONG1 opcodes). */
-            Py_DECREF(b);
-            b = encode(obj, SIZE_MAX, 0, NULL);
-        }
+        PyObject *b = encode_msg(obj, NULL, 0, max_plain);
         if (b != Py_None)
             return b;
         Py_DECREF(b);
@@ -611,15 +624,7 @@ cp_dumps(PyObject *obj, int big_hint, uint64_t max_plain, int *oob,
 PyObject *
 cp_dumps_items(PyObject *const *items, Py_ssize_t n, uint64_t max_plain)
 {
-    if ((uint64_t)n > max_plain / 4)
-        return encode_any(NULL, items, n, SIZE_MAX, 0, NULL);
-    int too_big;
-    PyObject *b = encode_any(NULL, items, n, (size_t)max_plain, 0, &too_big);
-    if (b == Py_None && too_big) {
-        Py_DECREF(b);
-        b = encode_any(NULL, items, n, SIZE_MAX, 0, NULL);
-    }
-    return b;
+    return encode_msg(NULL, items, n, max_plain);
 }
 
 PyObject *
