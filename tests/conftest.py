@@ -13,11 +13,22 @@ Environment:
   CPOOL_TEST_TIMEOUT=s   per-test watchdog (default 120 s): on expiry all
                          thread tracebacks are dumped and the run aborts,
                          so a hanging pool never blocks CI forever.
+
+Under AddressSanitizer (libasan in LD_PRELOAD, for a CPOOL_SANITIZE=1 build)
+each test waits, after it ends, for the threads it joined to be gone from the
+OS as well.  GCC 12's libasan does not hold its allocator's locks across
+fork() the way glibc's malloc does, and a thread that is still exiting
+(after join() has returned) drains its allocator cache under such a lock:
+a process forked at that moment -- the next test's fork server -- inherits
+the lock held, and its workers hang in their first malloc().  That is an
+artefact of the sanitizer's allocator; with glibc's malloc the fork is safe.
 """
 import faulthandler
 import multiprocessing
 import os
 import sys
+import threading
+import time
 
 import pytest
 
@@ -31,6 +42,7 @@ _pp = os.environ.get("PYTHONPATH", "")
 if TESTS_DIR not in _pp.split(os.pathsep):
     os.environ["PYTHONPATH"] = TESTS_DIR + (os.pathsep + _pp if _pp else "")
 
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 ONLY_MP = os.environ.get("CPOOL_TEST_ONLY_MP", "") == "1"
 TEST_TIMEOUT = float(os.environ.get("CPOOL_TEST_TIMEOUT", "120"))
 
@@ -112,3 +124,14 @@ def _watchdog(request):
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+        if UNDER_ASAN:
+            _settle_threads()
+
+
+def _settle_threads():
+    """Wait until no thread is still exiting (see the module docstring)."""
+    deadline = time.monotonic() + 5
+    while (len(os.listdir("/proc/self/task")) > threading.active_count()
+           and time.monotonic() < deadline):
+        time.sleep(0.001)
+

@@ -334,9 +334,18 @@ def test_a_thousand_pools_leave_nothing_behind():
         return len(os.listdir("/proc/self/fd"))
 
     def children():
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(os.getpid())],
-                             capture_output=True, text=True).stdout.split()
-        return len(out) - 1   # the ps itself
+        me, n = os.getpid(), 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % pid) as f:
+                    stat = f.read()
+            except OSError:     # gone meanwhile
+                continue
+            # Field 4 (ppid) follows the ")" that ends the command name.
+            n += int(stat.rsplit(")", 1)[1].split()[1]) == me
+        return n
 
     def rss_kb():
         with open("/proc/self/status") as f:
