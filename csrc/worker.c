@@ -207,6 +207,37 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     Py_DECREF(data);
 }
 
+
+/* func(*args, **kwds)'s keywords: kwds itself if it is a dict (None if it is
+ * empty), a dict made from any other mapping, or a TypeError as Python's **
+ * gives.  New reference. */
+static PyObject *
+call_kwds(PyObject *func, PyObject *kwds)
+{
+    if (PyDict_Check(kwds))
+        return Py_NewRef(PyDict_GET_SIZE(kwds) ? kwds : Py_None);
+    PyObject *keys = PyObject_GetAttrString(kwds, "keys");
+    if (keys == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        PyObject *name = PyObject_GetAttrString(func, "__qualname__");
+        if (name == NULL)
+            PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%S() argument after ** must be a mapping, not %.200s",
+                     name ? name : (PyObject *)Py_TYPE(func),
+                     Py_TYPE(kwds)->tp_name);
+        Py_XDECREF(name);
+        return NULL;
+    }
+    Py_DECREF(keys);
+    PyObject *d = PyDict_New();
+    if (d != NULL && PyDict_Merge(d, kwds, 1) < 0)
+        Py_CLEAR(d);
+    return d;
+}
+
 /* Run one task.  Returns the result (new reference) or NULL with an
  * exception set.  `obj` is the unpickled payload:
  *   fid != 0: APPLY (args, kwds); MAP/STARMAP items
@@ -240,10 +271,11 @@ run_task(wctx *w, const cp_rec *h, PyObject *obj)
             PyErr_SetString(PyExc_RuntimeError, "cpool: malformed task");
         } else {
             PyObject *args = PySequence_Tuple(PyTuple_GET_ITEM(body, 0));
-            PyObject *kw = PyTuple_GET_ITEM(body, 1);
-            if (args != NULL)
-                res = PyObject_Call(func, args, PyDict_Check(kw) && PyDict_GET_SIZE(kw) ? kw : NULL);
+            PyObject *kw = args ? call_kwds(func, PyTuple_GET_ITEM(body, 1)) : NULL;
+            if (kw != NULL)
+                res = PyObject_Call(func, args, kw == Py_None ? NULL : kw);
             Py_XDECREF(args);
+            Py_XDECREF(kw);
         }
     } else if (h->aux == CP_MODE_CALL1) {
         res = PyObject_CallOneArg(func, body);

@@ -123,6 +123,19 @@ _init_calls = 0
 _init_tag = None
 
 
+class KeysMapping:
+    """A mapping that is not a dict: keys() and [] only, as ** needs."""
+
+    def __init__(self, **items):
+        self.items = items
+
+    def keys(self):
+        return self.items.keys()
+
+    def __getitem__(self, key):
+        return self.items[key]
+
+
 def init_worker(*args):
     global _init_calls, _init_tag
     _init_calls += 1

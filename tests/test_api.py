@@ -3,6 +3,7 @@
 Every test taking the ``Pool`` fixture runs against both cpool.Pool and
 multiprocessing's fork-context Pool.
 """
+import collections
 import functools
 import gc
 import itertools
@@ -65,6 +66,18 @@ def test_apply_async_returns_result(Pool):
         assert r.get(timeout=T) == 1024
         r = p.apply_async(helpers.echo_args, (1,), {"a": 2})
         assert r.get(timeout=T) == ((1,), {"a": 2})
+
+
+def test_apply_kwds_any_mapping_as_with_double_star(Pool):
+    # func(*args, **kwds) in the worker: any mapping works, anything else is
+    # the TypeError ** gives, in the result (never silently dropped).
+    with Pool(1) as p:
+        for call in (lambda *a: p.apply_async(*a).get(timeout=T), p.apply):
+            assert call(helpers.power, (2,), helpers.KeysMapping(exp=3)) == 8
+            assert call(helpers.power, (2,), collections.OrderedDict(exp=4)) == 16
+            for bad in (None, 5, [("exp", 2)]):
+                with pytest.raises(TypeError, match="must be a mapping"):
+                    call(helpers.power, (2,), bad)
 
 
 def test_apply_async_callback_in_parent_other_thread(Pool):
