@@ -85,17 +85,22 @@ def _report_callback_error():
         (exc[0], exc[1], exc[2], threading.current_thread())))
 
 
-class ApplyResult(_mp.ApplyResult):
+class ApplyResult(_core.ResultBase, _mp.ApplyResult):
     """multiprocessing's ApplyResult, lighter: a single lock stands for the
     Event, and _set always completes, even when a callback raises
     (multiprocessing would leave get() waiting forever).
+
+    _core.ResultBase holds multiprocessing's attributes (_pool, _ready,
+    _job, _value, ...) in C fields and provides ready() and get(), which
+    calls wait() below only if the result is not there yet.
+    Pool.apply_async() makes and completes these objects in C (see
+    csrc/result.c).
 
     The lock (_done) is made only when someone waits before the result is
     there (most results are ready by the time get() is called):
     _core.done_lock() makes it, held, unless the result is ready (it runs
     under the GIL, so it cannot interleave with _set, which sets _ready and
-    then releases the lock if there is one).  Pool.apply_async() makes these
-    objects in C (see csrc/result.c)."""
+    then releases the lock if there is one)."""
 
     def __init__(self, pool, callback, error_callback, _next=next,
                  _counter=_mp.job_counter):
@@ -106,13 +111,7 @@ class ApplyResult(_mp.ApplyResult):
         self._cache = pool._cache
         self._callback = callback
         self._error_callback = error_callback
-        # Set now (as in Core.apply_async): attributes first set later would
-        # give every instance a dict of its own.
-        self._success = self._value = None
         self._cache[job] = self
-
-    def ready(self):
-        return self._ready
 
     def wait(self, timeout=None, _done_lock=_core.done_lock):
         if self._ready:
@@ -131,15 +130,6 @@ class ApplyResult(_mp.ApplyResult):
         if got:
             # Pass it on: every waiter gets through, one after another.
             done.release()
-
-    def get(self, timeout=None):
-        if not self._ready:
-            self.wait(timeout)
-            if not self._ready:
-                raise TimeoutError
-        if self._success:
-            return self._value
-        raise self._value
 
     def _set(self, i, obj):
         self._success, self._value = obj
@@ -361,7 +351,8 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             self._completed_many(len(items))
 
 
-_core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock)
+_core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock,
+                      TimeoutError)
 
 
 def _sliced(seq, size):
@@ -390,7 +381,7 @@ def _finalize(core, owner):
         core.terminate()
 
 
-class Pool:
+class Pool(_core.PoolBase):
     """A drop-in replacement for multiprocessing.Pool."""
 
     def __init__(self, processes=None, initializer=None, initargs=(),
@@ -484,14 +475,8 @@ class Pool:
             return done[1]
         raise done[1]
 
-    def apply_async(self, func, args=(), kwds={}, callback=None,
-                    error_callback=None):
-        """Asynchronous version of `apply()`."""
-        if self._state != RUN:
-            raise ValueError("Pool not running")
-        # An ApplyResult, made (and, without callbacks, completed) in C.
-        return self._core.apply_async(self, func, args, kwds, callback,
-                                      error_callback)
+    # apply_async() is _core.PoolBase's: the ApplyResult is made, and
+    # without callbacks completed, in C (csrc/result.c).
 
     def map(self, func, iterable, chunksize=None):
         """Apply `func` to each element of `iterable`; a list of results."""

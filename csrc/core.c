@@ -158,7 +158,7 @@ lookup_result(Core *c, uint64_t job)
     return r;
 }
 
-static void deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok,
+static void deliver_to(PyObject *r, uint64_t index, int ok,
                        PyObject *value);
 
 /* Hand a result to the result object of `job`: cache[job]._set(index, (ok,
@@ -186,20 +186,18 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
         Py_DECREF(value);
         return;
     }
-    deliver_to(r, job, index, ok, value);
+    deliver_to(r, index, ok, value);
 }
 
 /* r._set(index, (ok, value)), done in C for an apply_async() result
  * without callbacks (result.c).  A result object that raises (a user
  * callback) is reported as unraisable.  Steals `value`. */
 static void
-deliver_to(PyObject *r, uint64_t job, uint64_t index, int ok, PyObject *value)
+deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
 {
-    int done = cp_result_complete(r, job, ok, value);
+    int done = cp_result_complete(r, ok, value);
     if (done > 0)
         return;
-    if (done < 0)
-        PyErr_Clear();    /* _set() gets its chance, and reports */
     Py_INCREF(r);
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
@@ -286,7 +284,7 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
         }
         if (!takes_batches(c, r) || (b->items = PyList_New(0)) == NULL) {
             PyErr_Clear();
-            deliver_to(r, job, index, ok, value);
+            deliver_to(r, index, ok, value);
             return;
         }
         b->r = Py_NewRef(r);
@@ -1473,6 +1471,19 @@ Core_apply_async(Core *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "apply_async() takes 6 arguments");
         return NULL;
     }
+    return cp_core_apply_async((PyObject *)c, args);
+}
+
+/* Core.apply_async(pool, func, args, kwds, callback, error_callback), for
+ * PoolBase.apply_async() (result.c) too. */
+PyObject *
+cp_core_apply_async(PyObject *core, PyObject *const *args)
+{
+    if (!Py_IS_TYPE(core, cp_state->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "apply_async() needs the pool's Core");
+        return NULL;
+    }
+    Core *c = (Core *)core;
     if (check_owner(c) < 0)
         return NULL;
     uint64_t job;
@@ -1495,7 +1506,7 @@ Core_apply_async(Core *c, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_ValueError, "Pool not running");
             return NULL;
         }
-        deliver_to(r, job, 0, 0, cp_err_take());
+        deliver_to(r, 0, 0, cp_err_take());
     }
     return r;
 }

@@ -422,6 +422,8 @@ typedef struct cp_module_state {
     PyTypeObject *shmbuf_type;
     PyTypeObject *arenaref_type;
     PyTypeObject *core_type;
+    PyTypeObject *result_base;   /* ResultBase (result.c) */
+    PyTypeObject *pool_base;     /* PoolBase (result.c) */
 } cp_module_state;
 
 extern cp_module_state *cp_state;
@@ -497,14 +499,17 @@ PyObject *cp_result_set_type(PyObject *m, PyObject *const *args, Py_ssize_t narg
 void cp_result_clear_types(void);
 PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
                         PyObject *error_callback, uint64_t *job);
-int cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value);
+int cp_result_complete(PyObject *r, int ok, PyObject *value);
 PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
+extern PyType_Spec cp_result_base_spec;
+extern PyType_Spec cp_pool_base_spec;
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);
 
 /* core.c */
 extern PyType_Spec cp_core_spec;
+PyObject *cp_core_apply_async(PyObject *core, PyObject *const *args);
 
 #endif /* Py_PYTHON_H */
 

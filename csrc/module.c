@@ -284,6 +284,12 @@ module_exec(PyObject *m)
     st->core_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_core_spec, NULL);
     if (st->core_type == NULL || PyModule_AddType(m, st->core_type) < 0)
         return -1;
+    st->result_base = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_result_base_spec, NULL);
+    if (st->result_base == NULL || PyModule_AddType(m, st->result_base) < 0)
+        return -1;
+    st->pool_base = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_pool_base_spec, NULL);
+    if (st->pool_base == NULL || PyModule_AddType(m, st->pool_base) < 0)
+        return -1;
     PyTypeObject *ring = (PyTypeObject *)PyType_FromModuleAndSpec(m, &Ring_spec, NULL);
     if (ring == NULL)
         return -1;
@@ -328,6 +334,8 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->shmbuf_type);
     Py_VISIT(st->arenaref_type);
     Py_VISIT(st->core_type);
+    Py_VISIT(st->result_base);
+    Py_VISIT(st->pool_base);
     return 0;
 }
 
@@ -348,6 +356,8 @@ module_clear(PyObject *m)
     Py_CLEAR(st->str_set_many);
     Py_CLEAR(st->str_release);
     Py_CLEAR(st->core_type);
+    Py_CLEAR(st->result_base);
+    Py_CLEAR(st->pool_base);
     cp_result_clear_types();
     return 0;
 }
@@ -380,7 +390,8 @@ static PyMethodDef module_methods[] = {
      "done_lock(result) -> its _done lock, made (held) if it has none, or None if\n"
      "it is ready without one (see cpool.pool.ApplyResult)."},
     {"set_result_type", (PyCFunction)(void (*)(void))cp_result_set_type, METH_FASTCALL,
-     "set_result_type(ApplyResult, job_counter, Lock): what Core.apply_async() makes."},
+     "set_result_type(ApplyResult, job_counter, Lock, TimeoutError): what\n"
+     "Core.apply_async() makes (ApplyResult derives from ResultBase)."},
     {NULL, NULL, 0, NULL},
 };
 

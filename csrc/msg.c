@@ -137,11 +137,11 @@ PyType_Spec cp_segwriter_spec = {
 int
 cp_msg_has_big_buffer(PyObject *obj, int depth)
 {
+    /* Checks that read type flags first: PyByteArray_Check() and
+     * PyFloat_Check() walk the MRO of every other type. */
     if (PyBytes_CheckExact(obj))
         return PyBytes_GET_SIZE(obj) >= SEG_MIN;
-    if (PyByteArray_Check(obj))
-        return PyByteArray_GET_SIZE(obj) >= SEG_MIN;
-    if (PyUnicode_Check(obj) || PyLong_Check(obj) || PyFloat_Check(obj))
+    if (PyUnicode_Check(obj) || PyLong_Check(obj) || PyFloat_CheckExact(obj))
         return 0;
     if (PyTuple_Check(obj) || PyList_Check(obj)) {
         if (depth <= 0)
@@ -162,6 +162,8 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
                 return 1;
         return 0;
     }
+    if (PyByteArray_Check(obj))
+        return PyByteArray_GET_SIZE(obj) >= SEG_MIN;
     if (PyObject_CheckBuffer(obj)) {
         Py_buffer v;
         if (PyObject_GetBuffer(obj, &v, PyBUF_RECORDS_RO) < 0) {

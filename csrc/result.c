@@ -1,61 +1,82 @@
 /*
- * result.c - apply_async()'s result objects, made and completed in C.
+ * result.c - apply_async() in C: the method (PoolBase, the C base of
+ * cpool.Pool, at the end of this file) and its result objects (ResultBase).
  *
- * They are cpool.pool.ApplyResult instances (a subclass of
- * multiprocessing.pool.ApplyResult), with exactly the attributes that
- * class's __init__ and _set give them; only the Python frames are skipped:
+ * cpool.pool.ApplyResult derives from ResultBase (this file) and from
+ * multiprocessing.pool.ApplyResult, so its instances are multiprocessing's
+ * ApplyResult objects.  ResultBase holds the attributes that class's
+ * __init__ and _set give an instance in C fields, exposed under the same
+ * names (_pool, _ready, _done, _job, _cache, _callback, _error_callback,
+ * _success, _value): making, completing and reading a result touch no
+ * instance dict, and ready() and get() of a finished result run no Python
+ * frame.
  *
- *   made:       _pool, _ready = False, _done = None, _job =
- *               next(job_counter), _cache, _callback, _error_callback;
- *               cache[_job] = the result
+ *   made:       _pool, _ready = False, _job = next(job_counter), _cache,
+ *               _callback, _error_callback; cache[_job] = the result
  *   completed:  _success, _value, _ready = True, _done released if there
  *               is one, cache.pop(_job), _pool = None
  *
  * _done, a Lock held until the result is set, is made only for a waiter
- * that comes before the result (done_lock()).
+ * that comes before the result (done_lock()); the wait itself is
+ * ApplyResult.wait() in Python.
  *
  * A result with a callback or an error callback is completed by its Python
  * _set() (which runs the callback and reports what it raises).  pool.py
- * registers the class, the job counter and the lock type (set_result_type).
+ * registers the class, the job counter, the lock type and
+ * multiprocessing.TimeoutError (set_result_type).
  *
  * Needs the GIL throughout.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
+#include <structmember.h>
 
 #include "cpool.h"
 
-enum { A_POOL, A_READY, A_DONE, A_JOB, A_CACHE, A_CALLBACK, A_ERROR_CALLBACK,
-       A_SUCCESS, A_VALUE, A_ACQUIRE, A_RELEASE, A_COUNT };
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool;
+    PyObject *done;
+    PyObject *job;
+    PyObject *cache;
+    PyObject *callback;
+    PyObject *error_callback;
+    PyObject *success;
+    PyObject *value;
+    char ready;
+} Result;
 
-static const char *const attr_names[A_COUNT] = {
-    "_pool", "_ready", "_done", "_job", "_cache", "_callback",
-    "_error_callback", "_success", "_value", "acquire", "release",
-};
-
-static PyObject *attr[A_COUNT];
 static PyTypeObject *result_type;   /* cpool.pool.ApplyResult */
 static PyObject *job_counter;       /* multiprocessing.pool.job_counter */
 static PyObject *lock_type;         /* threading.Lock */
-static PyObject *no_args;           /* () */
+static PyObject *timeout_error;     /* multiprocessing.TimeoutError */
+static PyObject *str_acquire, *str_release, *str_wait;
+static PyObject *str_run;   /* "RUN", interned as pool.py's constant is */
+static PyObject *no_args;   /* () */
+static PyObject *no_kwds;   /* {}, never modified */
 
 PyObject *
 cp_result_set_type(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyType_Check(args[0])) {
+    if (nargs != 4 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], cp_state->result_base)) {
         PyErr_SetString(PyExc_TypeError,
-                        "set_result_type(ApplyResult, job_counter, Lock)");
+                        "set_result_type(ApplyResult, job_counter, Lock, "
+                        "TimeoutError), ApplyResult deriving from ResultBase");
         return NULL;
     }
-    for (int i = 0; i < A_COUNT; i++) {
-        if (attr[i] == NULL && (attr[i] = PyUnicode_InternFromString(attr_names[i])) == NULL)
-            return NULL;
-    }
-    if (no_args == NULL && (no_args = PyTuple_New(0)) == NULL)
+    if ((str_acquire == NULL &&
+         (str_acquire = PyUnicode_InternFromString("acquire")) == NULL) ||
+        (str_release == NULL &&
+         (str_release = PyUnicode_InternFromString("release")) == NULL) ||
+        (str_wait == NULL &&
+         (str_wait = PyUnicode_InternFromString("wait")) == NULL))
         return NULL;
     Py_XSETREF(result_type, (PyTypeObject *)Py_NewRef(args[0]));
     Py_XSETREF(job_counter, Py_NewRef(args[1]));
     Py_XSETREF(lock_type, Py_NewRef(args[2]));
+    Py_XSETREF(timeout_error, Py_NewRef(args[3]));
     Py_RETURN_NONE;
 }
 
@@ -65,18 +86,13 @@ cp_result_clear_types(void)
     Py_CLEAR(result_type);
     Py_CLEAR(job_counter);
     Py_CLEAR(lock_type);
+    Py_CLEAR(timeout_error);
+    Py_CLEAR(str_acquire);
+    Py_CLEAR(str_release);
+    Py_CLEAR(str_wait);
+    Py_CLEAR(str_run);
     Py_CLEAR(no_args);
-    for (int i = 0; i < A_COUNT; i++)
-        Py_CLEAR(attr[i]);
-}
-
-static int
-set_attrs(PyObject *r, const int *which, PyObject *const *values, int n)
-{
-    for (int i = 0; i < n; i++)
-        if (PyObject_SetAttr(r, attr[which[i]], values[i]) < 0)
-            return -1;
-    return 0;
+    Py_CLEAR(no_kwds);
 }
 
 /* A new ApplyResult of `pool`, registered in `cache`; its job in *job. */
@@ -88,30 +104,32 @@ cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
         PyErr_SetString(PyExc_RuntimeError, "cpool: result type not registered");
         return NULL;
     }
-    PyObject *r = result_type->tp_new(result_type, no_args, NULL);
+    Result *r = (Result *)result_type->tp_alloc(result_type, 0);
     if (r == NULL)
         return NULL;
-    PyObject *jobno = PyIter_Next(job_counter);
-    if (jobno != NULL) {
-        *job = PyLong_AsUnsignedLongLong(jobno);
-        /* _success and _value too (None until it is ready): set later,
-         * they would make CPython give every instance a dict of its own. */
-        static const int which[] = {A_POOL, A_READY, A_DONE, A_JOB, A_CACHE,
-                                    A_CALLBACK, A_ERROR_CALLBACK, A_SUCCESS,
-                                    A_VALUE};
-        PyObject *values[] = {pool, Py_False, Py_None, jobno, cache, callback,
-                              error_callback, Py_None, Py_None};
-        if (!PyErr_Occurred() && set_attrs(r, which, values, 9) == 0 &&
-            PyDict_SetItem(cache, jobno, r) == 0) {
-            Py_DECREF(jobno);
-            return r;
-        }
-    } else if (!PyErr_Occurred()) {
-        PyErr_SetString(PyExc_RuntimeError, "cpool: job counter exhausted");
+    r->job = PyIter_Next(job_counter);
+    if (r->job == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "cpool: job counter exhausted");
+        Py_DECREF(r);
+        return NULL;
     }
-    Py_XDECREF(jobno);
-    Py_DECREF(r);
-    return NULL;
+    *job = PyLong_AsUnsignedLongLong(r->job);
+    r->pool = Py_NewRef(pool);
+    r->cache = Py_NewRef(cache);
+    r->callback = Py_NewRef(callback);
+    r->error_callback = Py_NewRef(error_callback);
+    if (PyErr_Occurred() || PyDict_SetItem(cache, r->job, (PyObject *)r) < 0) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    return (PyObject *)r;
+}
+
+static PyObject *
+or_none(PyObject *o)
+{
+    return o != NULL ? o : Py_None;
 }
 
 /* done_lock(result) -> its _done lock, made (held) if it has none yet, or
@@ -119,77 +137,346 @@ cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
  * code run between the checks and the store, so it cannot interleave with
  * the completion (_ready set, then _done released if there is one). */
 PyObject *
-cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *r)
+cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *obj)
 {
-    if (attr[A_DONE] == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "cpool: result type not registered");
+    if (lock_type == NULL || !PyObject_TypeCheck(obj, cp_state->result_base)) {
+        PyErr_SetString(PyExc_TypeError, "done_lock() takes a registered ApplyResult");
         return NULL;
     }
-    PyObject *done = PyObject_GetAttr(r, attr[A_DONE]);
-    if (done == NULL || done != Py_None)
-        return done;
-    Py_DECREF(done);
-    PyObject *ready = PyObject_GetAttr(r, attr[A_READY]);
-    if (ready == NULL)
-        return NULL;
-    int is_ready = PyObject_IsTrue(ready);
-    Py_DECREF(ready);
-    if (is_ready != 0)
-        return is_ready < 0 ? NULL : Py_NewRef(Py_None);
+    Result *r = (Result *)obj;
+    if (r->done != NULL && r->done != Py_None)
+        return Py_NewRef(r->done);
+    if (r->ready)
+        Py_RETURN_NONE;
     /* A fresh lock is free: acquiring it does not wait (nor release the
-     * GIL). */
+     * GIL), and no Python code runs in between. */
     PyObject *lock = PyObject_CallNoArgs(lock_type);
-    PyObject *got = lock ? PyObject_CallMethodNoArgs(lock, attr[A_ACQUIRE]) : NULL;
+    PyObject *got = lock ? PyObject_CallMethodNoArgs(lock, str_acquire) : NULL;
     Py_XDECREF(got);
-    if (got == NULL || PyObject_SetAttr(r, attr[A_DONE], lock) < 0) {
+    if (got == NULL) {
         Py_XDECREF(lock);
         return NULL;
     }
+    Py_XSETREF(r->done, Py_NewRef(lock));
     return lock;
 }
 
 /* Complete r as ApplyResult._set(0, (ok, value)) does, when r is one of ours
  * without callbacks.  Returns 1 if done (and steals `value`), 0 if r needs
- * its _set(), -1 with an exception set (value not stolen). */
+ * its _set() (value not stolen). */
 int
-cp_result_complete(PyObject *r, uint64_t job, int ok, PyObject *value)
+cp_result_complete(PyObject *obj, int ok, PyObject *value)
 {
-    if (Py_TYPE(r) != result_type)
+    if (Py_TYPE(obj) != result_type)
         return 0;
-    PyObject *cb = PyObject_GetAttr(r, attr[A_CALLBACK]);
-    PyObject *ecb = cb ? PyObject_GetAttr(r, attr[A_ERROR_CALLBACK]) : NULL;
-    int plain = ecb != NULL && cb == Py_None && ecb == Py_None;
-    Py_XDECREF(cb);
-    Py_XDECREF(ecb);
-    if (ecb == NULL)
-        return -1;
-    if (!plain)
+    Result *r = (Result *)obj;
+    if (or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None)
         return 0;
-    static const int which[] = {A_SUCCESS, A_VALUE, A_READY};
-    PyObject *values[] = {ok ? Py_True : Py_False, value, Py_True};
-    if (set_attrs(r, which, values, 3) < 0)
-        return -1;
-    Py_DECREF(value);
+    Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
+    Py_XSETREF(r->value, value);
     /* From here on, as _set's finally: clause, every step is attempted. */
-    PyObject *done = PyObject_GetAttr(r, attr[A_DONE]);
-    PyObject *res = done == Py_None ? Py_NewRef(Py_None)
-                  : done ? PyObject_CallMethodNoArgs(done, attr[A_RELEASE]) : NULL;
-    Py_XDECREF(done);
-    if (res == NULL)
-        PyErr_WriteUnraisable(r);
-    Py_XDECREF(res);
-    PyObject *cache = PyObject_GetAttr(r, attr[A_CACHE]);
-    PyObject *key = PyLong_FromUnsignedLongLong(job);
-    if (cache == NULL || key == NULL ||
-        (PyDict_Check(cache) ? PyDict_DelItem(cache, key) : PyObject_DelItem(cache, key)) < 0) {
+    r->ready = 1;
+    if (r->done != NULL && r->done != Py_None) {
+        PyObject *res = PyObject_CallMethodNoArgs(r->done, str_release);
+        if (res == NULL)
+            PyErr_WriteUnraisable(obj);
+        Py_XDECREF(res);
+    }
+    PyObject *cache = or_none(r->cache), *job = or_none(r->job);
+    if ((PyDict_CheckExact(cache) ? PyDict_DelItem(cache, job)
+                                  : PyObject_DelItem(cache, job)) < 0) {
         if (PyErr_ExceptionMatches(PyExc_KeyError))
             PyErr_Clear();
         else
-            PyErr_WriteUnraisable(r);
+            PyErr_WriteUnraisable(obj);
     }
-    Py_XDECREF(key);
-    Py_XDECREF(cache);
-    if (PyObject_SetAttr(r, attr[A_POOL], Py_None) < 0)
-        PyErr_WriteUnraisable(r);
+    Py_CLEAR(r->pool);    /* last: dropping the pool may run anything */
     return 1;
 }
+
+/* ------------------------------------------------------ the base type */
+
+static int
+Result_traverse(Result *r, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(r));
+    Py_VISIT(r->pool);
+    Py_VISIT(r->done);
+    Py_VISIT(r->job);
+    Py_VISIT(r->cache);
+    Py_VISIT(r->callback);
+    Py_VISIT(r->error_callback);
+    Py_VISIT(r->success);
+    Py_VISIT(r->value);
+    return 0;
+}
+
+static int
+Result_clear(Result *r)
+{
+    Py_CLEAR(r->pool);
+    Py_CLEAR(r->done);
+    Py_CLEAR(r->job);
+    Py_CLEAR(r->cache);
+    Py_CLEAR(r->callback);
+    Py_CLEAR(r->error_callback);
+    Py_CLEAR(r->success);
+    Py_CLEAR(r->value);
+    return 0;
+}
+
+static void
+Result_dealloc(Result *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    PyObject_GC_UnTrack(r);
+    Result_clear(r);
+    tp->tp_free(r);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Result_ready(Result *r, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(r->ready);
+}
+
+/* get(timeout=None), as multiprocessing's: wait (ApplyResult.wait, in
+ * Python) unless the result is there, then return the value or raise the
+ * exception. */
+static PyObject *
+Result_get(Result *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw > 1 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                                     "timeout") != 0)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "get() takes one optional argument, timeout");
+        return NULL;
+    }
+    if (!r->ready) {
+        PyObject *timeout = nargs + nkw ? args[0] : Py_None;
+        PyObject *res = PyObject_CallMethodOneArg((PyObject *)r, str_wait, timeout);
+        if (res == NULL)
+            return NULL;
+        Py_DECREF(res);
+        if (!r->ready) {
+            PyErr_SetNone(timeout_error);
+            return NULL;
+        }
+    }
+    PyObject *value = or_none(r->value);
+    int ok = PyObject_IsTrue(or_none(r->success));
+    if (ok < 0)
+        return NULL;
+    if (ok)
+        return Py_NewRef(value);
+    /* raise self._value */
+    if (PyExceptionInstance_Check(value))
+        PyErr_SetObject((PyObject *)Py_TYPE(value), value);
+    else if (PyExceptionClass_Check(value))
+        PyErr_SetNone(value);
+    else
+        PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
+    return NULL;
+}
+
+static PyMethodDef Result_methods[] = {
+    {"ready", (PyCFunction)Result_ready, METH_NOARGS,
+     "Whether the result is there (the call completed)."},
+    {"get", (PyCFunction)(void (*)(void))Result_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(timeout=None): the result when it arrives; raises its exception, or\n"
+     "multiprocessing.TimeoutError if it is not there in time."},
+    {NULL, NULL, 0, NULL},
+};
+
+#define RESULT_FIELD(name, field) \
+    {name, T_OBJECT, offsetof(Result, field), 0, NULL}
+
+static PyMemberDef Result_members[] = {
+    RESULT_FIELD("_pool", pool),
+    RESULT_FIELD("_done", done),
+    RESULT_FIELD("_job", job),
+    RESULT_FIELD("_cache", cache),
+    RESULT_FIELD("_callback", callback),
+    RESULT_FIELD("_error_callback", error_callback),
+    RESULT_FIELD("_success", success),
+    RESULT_FIELD("_value", value),
+    {"_ready", T_BOOL, offsetof(Result, ready), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Result_slots[] = {
+    {Py_tp_dealloc, Result_dealloc},
+    {Py_tp_traverse, Result_traverse},
+    {Py_tp_clear, Result_clear},
+    {Py_tp_methods, Result_methods},
+    {Py_tp_members, Result_members},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_doc, "The C part of cpool.pool.ApplyResult: its fields, ready() and get()."},
+    {0, NULL},
+};
+
+PyType_Spec cp_result_base_spec = {
+    .name = "cpool._core.ResultBase",
+    .basicsize = sizeof(Result),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = Result_slots,
+};
+
+/* ------------------------------------------- Pool.apply_async() in C */
+
+/* The C part of cpool.Pool: _core and _state in fields, and apply_async(),
+ * so that the most called method of a pool runs no Python frame. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *core;    /* _core: the pool's Core */
+    PyObject *state;   /* _state: "INIT", "RUN", "CLOSE" or "TERMINATE" */
+} PoolBase;
+
+static const char *const apply_async_names[] = {
+    "func", "args", "kwds", "callback", "error_callback",
+};
+enum { APPLY_ASYNC_NARGS = 5 };
+
+/* apply_async(func, args=(), kwds={}, callback=None, error_callback=None)'s
+ * arguments into v[]. */
+static int
+apply_async_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                 PyObject **v)
+{
+    if (nargs > APPLY_ASYNC_NARGS) {
+        PyErr_Format(PyExc_TypeError,
+                     "apply_async() takes at most %d arguments (%zd given)",
+                     APPLY_ASYNC_NARGS, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        v[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        int i = 0;
+        while (i < APPLY_ASYNC_NARGS &&
+               PyUnicode_CompareWithASCIIString(name, apply_async_names[i]) != 0)
+            i++;
+        if (i == APPLY_ASYNC_NARGS) {
+            PyErr_Format(PyExc_TypeError,
+                         "apply_async() got an unexpected keyword argument '%U'",
+                         name);
+            return -1;
+        }
+        if (v[i] != NULL) {
+            PyErr_Format(PyExc_TypeError,
+                         "apply_async() got multiple values for argument '%s'",
+                         apply_async_names[i]);
+            return -1;
+        }
+        v[i] = args[nargs + k];
+    }
+    if (v[0] == NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "apply_async() missing required argument 'func'");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+PoolBase_apply_async(PoolBase *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    PyObject *v[APPLY_ASYNC_NARGS] = {NULL};
+    if (apply_async_args(args, nargs, kwnames, v) < 0)
+        return NULL;
+    if (self->state != str_run) {
+        int run = self->state != NULL &&
+                  PyObject_RichCompareBool(self->state, str_run, Py_EQ);
+        if (run < 0)
+            return NULL;
+        if (!run) {
+            PyErr_SetString(PyExc_ValueError, "Pool not running");
+            return NULL;
+        }
+    }
+    if (self->core == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        return NULL;
+    }
+    PyObject *call[6] = {(PyObject *)self, v[0], v[1] ? v[1] : no_args,
+                         v[2] ? v[2] : no_kwds, v[3] ? v[3] : Py_None,
+                         v[4] ? v[4] : Py_None};
+    return cp_core_apply_async(self->core, call);
+}
+
+static int
+PoolBase_traverse(PoolBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->core);
+    Py_VISIT(self->state);
+    return 0;
+}
+
+static int
+PoolBase_clear(PoolBase *self)
+{
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->state);
+    return 0;
+}
+
+static void
+PoolBase_dealloc(PoolBase *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    PoolBase_clear(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+PoolBase_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
+             PyObject *Py_UNUSED(kwds))
+{
+    if ((str_run == NULL && (str_run = PyUnicode_InternFromString("RUN")) == NULL) ||
+        (no_args == NULL && (no_args = PyTuple_New(0)) == NULL) ||
+        (no_kwds == NULL && (no_kwds = PyDict_New()) == NULL))
+        return NULL;
+    return type->tp_alloc(type, 0);
+}
+
+static PyMethodDef PoolBase_methods[] = {
+    {"apply_async", (PyCFunction)(void (*)(void))PoolBase_apply_async,
+     METH_FASTCALL | METH_KEYWORDS,
+     "apply_async($self, func, args=(), kwds={}, callback=None, error_callback=None)\n"
+     "--\n\n"
+     "Asynchronous version of apply(): an ApplyResult for func(*args, **kwds)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef PoolBase_members[] = {
+    {"_core", T_OBJECT, offsetof(PoolBase, core), 0, NULL},
+    {"_state", T_OBJECT, offsetof(PoolBase, state), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot PoolBase_slots[] = {
+    {Py_tp_dealloc, PoolBase_dealloc},
+    {Py_tp_traverse, PoolBase_traverse},
+    {Py_tp_clear, PoolBase_clear},
+    {Py_tp_methods, PoolBase_methods},
+    {Py_tp_members, PoolBase_members},
+    {Py_tp_new, PoolBase_new},
+    {Py_tp_doc, "The C part of cpool.Pool: _core, _state and apply_async()."},
+    {0, NULL},
+};
+
+PyType_Spec cp_pool_base_spec = {
+    .name = "cpool._core.PoolBase",
+    .basicsize = sizeof(PoolBase),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = PoolBase_slots,
+};

@@ -68,6 +68,29 @@ def test_apply_async_returns_result(Pool):
         assert r.get(timeout=T) == ((1,), {"a": 2})
 
 
+def test_apply_async_arguments_by_keyword_and_bad_calls(Pool):
+    with Pool(1) as p:
+        got, errs = [], []
+        r = p.apply_async(func=helpers.power, args=(3,), kwds={"exp": 2},
+                          callback=got.append, error_callback=errs.append)
+        assert r.get(timeout=T) == 9
+        r = p.apply_async(helpers.raise_value_error, (), {}, None, errs.append)
+        with pytest.raises(ValueError):
+            r.get(timeout=T)
+        assert got == [9] and len(errs) == 1 and isinstance(errs[0], ValueError)
+        # the same TypeErrors as multiprocessing's Python signature gives
+        bad_calls = [
+            lambda: p.apply_async(),
+            lambda: p.apply_async(helpers.square, (1,), {}, None, None, None),
+            lambda: p.apply_async(helpers.square, (1,), func=helpers.square),
+            lambda: p.apply_async(helpers.square, (1,), timeout=1),
+        ]
+        for call in bad_calls:
+            with pytest.raises(TypeError):
+                call()
+        assert p.apply(helpers.square, (4,)) == 16    # the pool is unharmed
+
+
 def test_apply_kwds_any_mapping_as_with_double_star(Pool):
     # func(*args, **kwds) in the worker: any mapping works, anything else is
     # the TypeError ** gives, in the result (never silently dropped).
@@ -78,6 +101,41 @@ def test_apply_kwds_any_mapping_as_with_double_star(Pool):
             for bad in (None, 5, [("exp", 2)]):
                 with pytest.raises(TypeError, match="must be a mapping"):
                     call(helpers.power, (2,), bad)
+
+
+def test_result_get_arguments(Pool):
+    with Pool(1) as p:
+        r = p.apply_async(helpers.square, (5,))
+        assert r.get(timeout=T) == 25 and r.get(T) == 25 and r.get(None) == 25
+        with pytest.raises(TypeError):
+            r.get(1, 2)
+        with pytest.raises(TypeError):
+            r.get(wait=1)
+        with pytest.raises(TypeError):
+            r.get(1, timeout=2)
+        assert r.get() == 25
+
+
+def test_pool_subclass_overrides_apply_async(Pool, impl):
+    # A library's Pool subclass that wraps apply_async() keeps working.
+    calls = []
+    if impl == "mp":
+        base = multiprocessing.pool.Pool
+        kw = {"context": multiprocessing.get_context("fork")}
+    else:
+        base, kw = Pool, {}
+
+    class Logged(base):
+        def apply_async(self, func, args=(), kwds={}, callback=None,
+                        error_callback=None):
+            calls.append(func.__name__)
+            return super().apply_async(func, args, kwds, callback,
+                                       error_callback)
+
+    with Logged(1, **kw) as p:
+        assert p.apply_async(helpers.square, (6,)).get(timeout=T) == 36
+        assert p.map(helpers.square, [1, 2]) == [1, 4]
+    assert calls[0] == "square"
 
 
 def test_apply_async_callback_in_parent_other_thread(Pool):

@@ -163,9 +163,28 @@ def test_many_racing_waiters(cpool_Pool):
                 assert r._done is None or not r._done.locked()
 
 
+def test_cycles_through_a_result_are_collected(cpool_Pool):
+    # The C fields are visited by the collector: a result reachable only
+    # from its own value or callback is freed.
+    import gc
+    import weakref
+    with cpool_Pool(1) as p:
+        r = p.apply_async(helpers.identity, ([1],))
+        v = r.get(timeout=T)
+        v.append(r)                          # r -> _value -> v -> r
+        box = []
+        r2 = p.apply_async(helpers.square, (3,), callback=lambda _: box)
+        box.append(r2)                       # r2 -> _callback -> box -> r2
+        assert r2.get(timeout=T) == 9
+        refs = [weakref.ref(r), weakref.ref(r2)]
+        del r, v, r2, box
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None]
+
+
 def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
-    # Every attribute is set when the result is made, so CPython keeps the
-    # instance's attributes inline: completing it must not allocate a dict.
+    # multiprocessing's attributes are C fields (ResultBase): making and
+    # completing a result must not allocate an instance dict.
     import gc
     with cpool_Pool(2) as p:
         p.map(helpers.square, range(4))
