@@ -6,6 +6,7 @@ results to the result objects.  The result objects are multiprocessing's own
 classes (subclassed only so that a raising callback cannot leave a result
 unset), so get/wait/ready/successful/next behave exactly as there.
 """
+import collections
 import itertools
 import os
 import sys
@@ -187,7 +188,14 @@ class IMapIterator(_mp.IMapIterator):
     result, so an endless input with a slow consumer uses constant memory.
     Once the pool is closed, room is given back as tasks complete instead, so
     close(); join() finishes all the work even if nobody iterates (as with
-    multiprocessing).  One lock guards items and room alike."""
+    multiprocessing).  One lock guards items and room alike.
+
+    The consumer takes results a few at a time: under the lock, next() moves
+    up to 1/16 of the bound (at most 64) of the results that are there into
+    _taken, a deque only consumers pop from, and the next calls pop from it
+    without the lock (popleft is atomic).  Their room is given back at the
+    next round under the lock (_account_taken: moved - still in _taken), so
+    the feeder may run ahead by at least 15/16 of the bound meanwhile."""
 
     _by_consumer = True
 
@@ -199,6 +207,9 @@ class IMapIterator(_mp.IMapIterator):
         self._room = n
         self._n_done = 0
         self._n_taken = 0
+        self._n_moved = 0       # results moved to _taken (or returned at once)
+        self._taken = collections.deque()
+        self._move_most = min(64, n // 16)
         self._stopped = False
 
     # -- feeder side
@@ -226,6 +237,7 @@ class IMapIterator(_mp.IMapIterator):
 
     def _release_on_completion(self):
         with self._lock:
+            self._account_taken()
             if self._by_consumer:
                 self._by_consumer = False
                 owed = self._n_done - self._n_taken
@@ -302,32 +314,64 @@ class IMapIterator(_mp.IMapIterator):
                 self._pool = None
 
     # -- consumer side
-    def next(self, timeout=None):
-        with self._lock:
-            try:
-                item = self._items.popleft()
-            except IndexError:
-                if self._index == self._length:
-                    self._pool = None
-                    raise StopIteration from None
-                self._cond.wait(timeout)
-                try:
-                    item = self._items.popleft()
-                except IndexError:
-                    if self._index == self._length:
-                        self._pool = None
-                        raise StopIteration from None
-                    raise TimeoutError from None
-            self._n_taken += 1
+    def _account_taken(self):
+        # self._cond's lock held: results popped from _taken since the last
+        # round count as taken now.
+        taken = self._n_moved - len(self._taken)
+        new = taken - self._n_taken
+        if new:
+            self._n_taken = taken
             if self._by_consumer:
-                # _give_room(1), inline: this runs once per result
-                self._room += 1
-                if self._room_cond._waiters:
-                    self._room_cond.notify()
-        success, value = item
+                self._give_room(new)
+
+    def next(self, timeout=None):
+        try:
+            success, value = self._taken.popleft()
+        except IndexError:
+            success, value = self._next_locked(timeout)
         if success:
             return value
         raise value
+
+    def _next_locked(self, timeout):
+        with self._lock:
+            taken = self._taken
+            items = self._items
+            deadline = None
+            # Several threads may consume one iterator: a wake-up that finds
+            # nothing (another consumer came first) waits again, so only
+            # `timeout` running out raises TimeoutError.
+            while not taken and not items:
+                if self._index == self._length:
+                    self._pool = None
+                    self._cond.notify_all()     # other consumers stop too
+                    raise StopIteration from None
+                if timeout is None:
+                    self._cond.wait()
+                    continue
+                if deadline is None:
+                    deadline = time.monotonic() + timeout
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self._cond.wait(left)
+            if taken:
+                # another consumer thread moved some meanwhile
+                item = taken.popleft()
+            else:
+                item = items.popleft()
+                self._n_moved += 1
+                n = min(len(items), self._move_most)
+                if n:
+                    move = taken.append
+                    pop = items.popleft
+                    for _ in range(n):
+                        move(pop())
+                    self._n_moved += n
+            self._account_taken()
+            if (taken or items) and self._cond._waiters:
+                self._cond.notify()     # more for another waiting consumer
+        return item
 
     __next__ = next
 

@@ -908,6 +908,61 @@ def test_unpicklable_function_raises_at_caller(Pool, submit, kind):
 
 @pytest.mark.cpool_only
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_consumed_by_several_threads(cpool_Pool, method):
+    # One iterator, four consumer threads: every result reaches exactly one
+    # of them, and (imap) each thread sees its share in order.  None of
+    # them gets a TimeoutError without a timeout because another took the
+    # result it was woken for (multiprocessing's next() raises it then).
+    n = 3000
+    with cpool_Pool(2) as p:
+        it = getattr(p, method)(helpers.square, range(n))
+        got = [[] for _ in range(4)]
+
+        def consume(out):
+            try:
+                for v in it:
+                    out.append(v)
+            except BaseException as e:      # noqa: B036 (reported below)
+                out.append(e)
+
+        threads = [threading.Thread(target=consume, args=(out,)) for out in got]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T)
+        assert not any(t.is_alive() for t in threads)
+    assert [v for out in got for v in out if isinstance(v, BaseException)] == []
+    assert sorted(v for out in got for v in out) == [i * i for i in range(n)]
+    if method == "imap":
+        assert all(out == sorted(out) for out in got)
+
+
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("buffersize", [64, 1024])
+def test_imap_bound_holds_with_results_taken_in_batches(cpool_Pool, method,
+                                                        buffersize):
+    # Results moved to the consumer's side in batches still count against
+    # the bound until they are taken, and the room comes back: an endless
+    # input is read at most `buffersize` ahead, and never stalls.
+    read = [0]
+
+    def source():
+        while True:
+            read[0] += 1
+            yield read[0]
+
+    with cpool_Pool(2) as p:
+        it = getattr(p, method)(helpers.square, source(), buffersize=buffersize)
+        for k in range(1, 4001):
+            helpers.call_within(next, T, it)
+            if k % 500 == 0:
+                time.sleep(0.02)          # let the feeder use all its room
+                assert k <= read[0] <= k + buffersize + 1, (k, read[0])
+
+
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 @pytest.mark.parametrize("chunksize", [1, 3])
 def test_imap_buffersize_argument(cpool_Pool, method, chunksize):
     # API_SPEC: imap/imap_unordered(func, iterable, chunksize=1, buffersize=None)
