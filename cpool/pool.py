@@ -568,6 +568,9 @@ class Pool(_core.PoolBase):
             chunksize = self._default_chunksize(len(iterable))
         if len(iterable) == 0:
             chunksize = 0
+        elif chunksize < 1:
+            # multiprocessing would wait forever (0) or return wrong results
+            raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
         if chunksize > 0:

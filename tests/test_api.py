@@ -326,6 +326,24 @@ def test_imap_bad_chunksize(Pool, method, chunksize):
         assert p.apply(helpers.square, (3,)) == 9
 
 
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["map", "map_async", "starmap", "starmap_async"])
+@pytest.mark.parametrize("chunksize", [0, -1])
+def test_map_bad_chunksize(cpool_Pool, method, chunksize):
+    # multiprocessing waits forever here; cpool raises imap's ValueError
+    # (it used to return a list of None).  An empty input still gives [], as
+    # with multiprocessing.
+    star = method.startswith("star")
+    items = [(i, 2) for i in range(5)] if star else range(5)
+    func = helpers.mul if star else helpers.square
+    with cpool_Pool(1) as p:
+        with pytest.raises(ValueError, match="Chunksize must be 1"):
+            getattr(p, method)(func, items, chunksize)
+        out = getattr(p, method)(func, [], chunksize)
+        assert (out.get(T) if method.endswith("async") else out) == []
+        assert p.apply(helpers.square, (3,)) == 9
+
+
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_imap_next_timeout(Pool, method, gate):
     with Pool(2) as p:
