@@ -132,6 +132,13 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
             # Pass it on: every waiter gets through, one after another.
             done.release()
 
+    def __reduce__(self):
+        # As multiprocessing's: a pending result pickles its pool, which
+        # refuses; a finished one its lock, which cannot be pickled.
+        if self._pool is not None:
+            return self._pool.__reduce__()
+        raise TypeError("cannot pickle %r object" % type(self).__name__)
+
     def _set(self, i, obj):
         self._success, self._value = obj
         try:

@@ -576,6 +576,14 @@ def test_pool_cannot_be_pickled(Pool):
         with pytest.raises(NotImplementedError):
             p.apply_async(helpers.identity, (p,)).get(timeout=T)
         assert p.apply(helpers.square, (5,)) == 25
+        # a pending result holds its pool, and refuses the same way; a
+        # finished one cannot be pickled either
+        r = p.apply_async(helpers.wait_for_path, ("/nonexistent", 0.2))
+        with pytest.raises(NotImplementedError):
+            pickle.dumps(r)
+        r.wait(T)
+        with pytest.raises(TypeError):
+            pickle.dumps(r)
 
 
 def _make_and_drop_running_pool(Pool):
