@@ -40,6 +40,7 @@
 #define CREDIT_START 4
 #define QUEUED_WORK_US 2000.0   /* aim for this much queued work per worker */
 #define DRAIN_BUDGET 256        /* records per slot per collector round */
+#define ZCHECK_NS 1000000       /* the zygote's socket, read at least this often */
 #define COLLECTOR_SPIN_NS 10000
 
 /* ----------------------------------------------------------------- fifo */
@@ -1116,10 +1117,13 @@ collector_sleep(Core *c, const uint64_t *watch, int timeout_ms)
     if (!results_waiting(c, watch)) {
         struct pollfd p[2] = {{.fd = c->efd, .events = POLLIN},
                               {.fd = c->zsock, .events = POLLIN}};
-        if (poll(p, 2, timeout_ms) > 0 && p[0].revents) {
+        if (poll(p, 2, timeout_ms) > 0) {
             uint64_t v;
-            while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
-                ;
+            if (p[0].revents)
+                while (read(c->efd, &v, sizeof v) < 0 && errno == EINTR)
+                    ;
+            if (p[1].revents)
+                c->zsock_ready = 1;
         }
     }
     for (int i = 0; i < c->nslots; i++) {
@@ -1151,7 +1155,16 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         }
         if (c->state == CORE_DONE)
             break;
-        int progress = zygote_events(c);
+        /* The zygote's messages (deaths, spawns) are read when its socket
+         * woke the collector's poll, and at least every ZCHECK_NS while
+         * results keep it from sleeping: not a recv() per round. */
+        int progress = 0;
+        uint64_t now = cp_now_ns();
+        if (c->zsock_ready || now - c->zcheck_ns >= ZCHECK_NS) {
+            c->zsock_ready = 0;
+            c->zcheck_ns = now;
+            progress = zygote_events(c);
+        }
         for (int i = 0; i < c->nslots && c->state < CORE_TERMINATED; i++) {
             cp_slot *s = &c->slots[i];
             if (s->live && !s->owner)

@@ -344,6 +344,8 @@ typedef struct Core {
     cp_slot *slots;
     int efd;               /* eventfd: workers ring it when the collector sleeps */
     int zsock;             /* socket to the zygote */
+    int zsock_ready;       /* the collector's poll saw the zygote speak */
+    uint64_t zcheck_ns;    /* when the collector last read the zygote */
     int zpidfd;
     pid_t zpid;
     int state;             /* CORE_* */
