@@ -695,18 +695,31 @@ class Pool(_core.PoolBase):
     def _submit_batch(self, result, first, mode, func, bodies):
         try:
             self._core.submit_many(result._job, first, mode, func, bodies)
+            return
         except Exception:
+            # submit_many() queues all of them or none
             if self._state == TERMINATE:
+                self._fail_unsent(result, first, len(bodies))
                 return
-            # Find the item(s) that cannot be sent: as with multiprocessing,
-            # they fail and the rest go on.
-            for k, body in enumerate(bodies):
-                try:
-                    self._core.submit(result._job, first + k, mode, func, body)
-                except Exception as e:
-                    if self._state == TERMINATE:
-                        return
-                    result._set(first + k, (False, e))
+        # Find the item(s) that cannot be sent: as with multiprocessing,
+        # they fail and the rest go on.
+        for k, body in enumerate(bodies):
+            try:
+                self._core.submit(result._job, first + k, mode, func, body)
+            except Exception as e:
+                if self._state == TERMINATE:
+                    self._fail_unsent(result, first + k, len(bodies) - k)
+                    return
+                result._set(first + k, (False, e))
+
+    @staticmethod
+    def _fail_unsent(result, first, n):
+        """Items read but never queued, the pool terminated meanwhile (by
+        another thread, or by pickling them): each gets the error, so the
+        consumer never waits for them."""
+        for i in range(first, first + n):
+            result._set(i, (False, PoolTerminatedError(
+                "the pool was terminated before item %d was sent" % i)))
 
     # ---------------------------------------------------------- lifetime
 

@@ -1715,6 +1715,13 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
     }
     for (k = 0; k < n; k++) {
         if (fifo_push_back(&c->pending, &ts[k]) < 0) {
+            /* None is queued, as after a pickling error (the caller may
+             * retry them one by one): take back the ones pushed (no Python
+             * runs here, so they are still the last ones). */
+            for (Py_ssize_t j = 0; j < k; j++) {
+                cp_task t = fifo_pop_back(&c->pending);
+                task_clear(&t);
+            }
             for (Py_ssize_t j = k; j < n; j++)
                 task_clear(&ts[j]);
             PyMem_Free(ts);

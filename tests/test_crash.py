@@ -14,6 +14,7 @@ import logging
 import pytest
 
 import crash_tasks as T
+import helpers
 
 pytestmark = pytest.mark.cpool_only
 from cpool import Pool, PoolTerminatedError, WorkerLostError
@@ -419,6 +420,33 @@ def test_terminate_during_pickling_raises_instead_of_hanging(how):
                 p.map(T.square, [arg], chunksize=1)
             else:
                 list(p.imap(T.square, [1, arg, 3]))
+    finally:
+        p.terminate()
+        p.join()
+    assert p._core.unfinished == 0
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_terminate_while_pickling_an_imap_batch_fails_its_items(method):
+    # The first item's result is in before the feeder reads the next ones,
+    # and pickling one of those terminates the pool: every item read but
+    # never queued gets PoolTerminatedError, so the consumer, which took the
+    # first result, does not wait for them forever.
+    p = Pool(2)
+    first_taken = threading.Event()
+
+    def items():
+        yield 1
+        first_taken.wait(helpers.START_TIMEOUT)
+        yield TerminateWhilePickled(p)
+        yield 3
+
+    try:
+        it = getattr(p, method)(T.square, items())
+        assert helpers.call_within(next, helpers.START_TIMEOUT, it) == 1
+        first_taken.set()
+        with pytest.raises(PoolTerminatedError):
+            helpers.call_within(list, helpers.START_TIMEOUT, it)
     finally:
         p.terminate()
         p.join()
