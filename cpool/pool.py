@@ -33,6 +33,7 @@ RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
 #: imap/imap_unordered without buffersize: how far the input is read ahead
 #: of the consumer (in tasks, i.e. chunks).
 DEFAULT_IN_FLIGHT = 1024
+MAX_IDLE_FEEDERS = 4     # imap feeder threads kept waiting for the next call
 #: map/starmap without chunksize: at most this many items per chunk.
 DEFAULT_CHUNK_MAX = 4096
 
@@ -426,10 +427,53 @@ def _chunks(iterable, size):
         yield x
 
 
-def _finalize(core, owner):
+class _Feeder:
+    """A feeder thread's mailbox: its next imap call, and the lock it waits
+    on (held while there is nothing to do)."""
+    __slots__ = ("job", "thread", "wake")
+
+    def __init__(self, job):
+        self.job = job
+        self.thread = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+def _feeder_main(pool_ref, feeder):
+    """A feeder thread: feeds one imap call after another, waiting idle in
+    between while the pool runs (at most MAX_IDLE_FEEDERS wait).  While idle
+    it holds no reference to the pool (nor to a result, which holds one), so
+    an abandoned pool is still collected; its finalizer dismisses them."""
+    while feeder.job is not None:
+        job, feeder.job = feeder.job, None
+        pool = pool_ref()
+        if pool is None:
+            return
+        pool._feed(*job)
+        del job
+        with pool._feed_lock:
+            if (pool._state != RUN or
+                    len(pool._idle_feeders) >= MAX_IDLE_FEEDERS):
+                return
+            pool._idle_feeders.append(feeder)
+        del pool
+        feeder.wake.acquire()    # a job, or None: the pool is going away
+
+
+def _dismiss_feeders(lock, idle):
+    with lock:
+        feeders = idle[:]
+        del idle[:]
+    for feeder in feeders:
+        feeder.job = None
+        feeder.wake.release()
+
+
+def _finalize(core, owner, feed_lock, idle_feeders):
     # Runs when the Pool is garbage collected or at interpreter exit.
     if os.getpid() == owner:
         core.terminate()
+        _dismiss_feeders(feed_lock, idle_feeders)
 
 
 class Pool(_core.PoolBase):
@@ -442,6 +486,8 @@ class Pool(_core.PoolBase):
         self._cache = {}
         self._ctx = context
         self._feeders = {}      # feeder thread -> its imap result
+        self._idle_feeders = []  # feeder threads waiting for their next call
+        self._feed_threads = []  # every feeder thread started (join() joins them)
         self._feed_lock = threading.Lock()
         if processes is None:
             try:
@@ -467,7 +513,8 @@ class Pool(_core.PoolBase):
                                            name="cpool-collector", daemon=True)
         self._collector.start()
         self._terminate = weakref.finalize(self, _finalize, self._core,
-                                           os.getpid())
+                                           os.getpid(), self._feed_lock,
+                                           self._idle_feeders)
         self._state = RUN
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
@@ -630,15 +677,31 @@ class Pool(_core.PoolBase):
         result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
         if buffersize is None and self._state != RUN:
             result._release_on_completion()
-        feeder = threading.Thread(target=self._feed,
-                                  args=(result, func, iterable, chunksize),
-                                  name="cpool-feeder", daemon=True)
+        job = (result, func, iterable, chunksize)
         with self._feed_lock:
-            self._feeders[feeder] = result
-        feeder.start()
+            if self._idle_feeders:
+                # A feeder thread from an earlier call: starting a thread
+                # costs most of a millisecond here.
+                feeder = self._idle_feeders.pop()
+                self._feeders[feeder.thread] = result
+                feeder.job = job
+                feeder.wake.release()
+            else:
+                feeder = _Feeder(job)
+                feeder.thread = threading.Thread(
+                    target=_feeder_main, args=(weakref.ref(self), feeder),
+                    name="cpool-feeder", daemon=True)
+                self._feeders[feeder.thread] = result
+                self._feed_threads = [t for t in self._feed_threads
+                                      if t.is_alive()]
+                self._feed_threads.append(feeder.thread)
+                feeder.thread.start()
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
+
+    def _dismiss_idle_feeders(self):
+        _dismiss_feeders(self._feed_lock, self._idle_feeders)
 
     def _feed(self, result, func, iterable, chunksize):
         """Feeder thread of one imap call (multiprocessing's task handler
@@ -727,6 +790,7 @@ class Pool(_core.PoolBase):
         """Accept no more tasks; the workers exit once all work is done."""
         if self._state == RUN:
             self._state = CLOSE
+            self._dismiss_idle_feeders()
             with self._feed_lock:
                 feeding = list(self._feeders.values())
             for result in feeding:
@@ -738,6 +802,7 @@ class Pool(_core.PoolBase):
         """Stop the workers now.  Unfinished results fail with
         PoolTerminatedError."""
         self._state = TERMINATE
+        self._dismiss_idle_feeders()
         self._terminate()
         with self._feed_lock:
             waiting = list(self._feeders.values())
@@ -752,7 +817,7 @@ class Pool(_core.PoolBase):
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
         with self._feed_lock:
-            feeders = list(self._feeders)
+            feeders = list(self._feed_threads)
         for f in feeders:
             if f is not threading.current_thread():
                 f.join()

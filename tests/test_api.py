@@ -964,6 +964,65 @@ def test_imap_consumed_by_several_threads(cpool_Pool, method):
 
 
 @pytest.mark.cpool_only
+def test_imap_feeder_threads_are_reused(cpool_Pool):
+    # One imap call after another is fed by the same thread (starting one
+    # costs most of a millisecond); calls at the same time each get one, and
+    # at most MAX_IDLE_FEEDERS wait idle afterwards; close() and join() end
+    # them all.
+    from cpool.pool import MAX_IDLE_FEEDERS
+    before = threading.active_count()
+    def wait_idle(p):
+        # the feeder goes idle just after the consumer has seen the end
+        deadline = time.monotonic() + T
+        while not p._idle_feeders and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    with cpool_Pool(2) as p:
+        for k in range(20):
+            assert list(p.imap(helpers.square, range(k))) == [i * i for i in range(k)]
+            wait_idle(p)
+        assert len(p._feed_threads) == 1 and len(p._idle_feeders) == 1
+        # an input that raises leaves the thread fit for the next call
+        with pytest.raises(ZeroDivisionError):
+            list(p.imap(helpers.square, (1 // (2 - i) for i in range(5))))
+        assert list(p.imap_unordered(helpers.square, [3])) == [9]
+        # several at once
+        its = [p.imap(helpers.square, range(200)) for _ in range(MAX_IDLE_FEEDERS + 2)]
+        assert all(list(it) == [i * i for i in range(200)] for it in its)
+        deadline = time.monotonic() + T
+        while (sum(t.is_alive() for t in p._feed_threads) > MAX_IDLE_FEEDERS
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert sum(t.is_alive() for t in p._feed_threads) <= MAX_IDLE_FEEDERS
+        assert len(p._idle_feeders) <= MAX_IDLE_FEEDERS
+        p.close()
+        p.join()
+        assert not any(t.is_alive() for t in p._feed_threads)
+    assert threading.active_count() == before
+
+
+@pytest.mark.cpool_only
+def test_pool_dropped_after_imap_is_collected(cpool_Pool):
+    # An idle feeder thread does not keep its pool alive: a running pool
+    # dropped after an imap call is collected (and terminated, with the
+    # usual ResourceWarning), and its threads end.
+    import weakref
+    before = threading.active_count()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        p = cpool_Pool(1)
+        assert list(p.imap(helpers.square, range(3))) == [0, 1, 4]
+        ref = weakref.ref(p)
+        del p
+        gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + T
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+@pytest.mark.cpool_only
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 @pytest.mark.parametrize("buffersize", [64, 1024])
 def test_imap_bound_holds_with_results_taken_in_batches(cpool_Pool, method,
