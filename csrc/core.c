@@ -196,10 +196,13 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
 static void
 deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
 {
-    int done = cp_result_complete(r, ok, value);
-    if (done > 0)
-        return;
+    /* r is borrowed from the cache, which completing it removes it from:
+     * hold it until we are done with it. */
     Py_INCREF(r);
+    if (cp_result_complete(r, ok, value) > 0) {
+        Py_DECREF(r);
+        return;
+    }
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
     PyObject *idx = PyLong_FromUnsignedLongLong(index);
@@ -1510,10 +1513,12 @@ cp_core_apply_async(PyObject *core, PyObject *const *args)
         /* As in multiprocessing, a task that cannot be sent fails its
          * result; the pool is untouched. */
         if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            cp_result_forget(r);
             Py_DECREF(r);
             return NULL;
         }
         if (c->state > CORE_CLOSING) {
+            cp_result_forget(r);
             Py_DECREF(r);
             PyErr_Clear();
             PyErr_SetString(PyExc_ValueError, "Pool not running");

@@ -172,6 +172,7 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
     Result *r = (Result *)obj;
     if (or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None)
         return 0;
+    Py_INCREF(obj);       /* the cache may hold the only reference */
     Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
     Py_XSETREF(r->value, value);
     /* From here on, as _set's finally: clause, every step is attempted. */
@@ -191,7 +192,27 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
             PyErr_WriteUnraisable(obj);
     }
     Py_CLEAR(r->pool);    /* last: dropping the pool may run anything */
+    Py_DECREF(obj);
     return 1;
+}
+
+/* A result whose task was never queued, dropped by its caller (the error
+ * is raised instead): out of the cache, and its pool let go, so that
+ * neither keeps the other. */
+void
+cp_result_forget(PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, cp_state->result_base))
+        return;
+    Result *r = (Result *)obj;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);   /* the caller's error, kept as is */
+    if (r->cache != NULL && r->job != NULL && PyDict_Check(r->cache) &&
+        PyDict_GetItemWithError(r->cache, r->job) == obj)
+        PyDict_DelItem(r->cache, r->job);
+    PyErr_Clear();
+    Py_CLEAR(r->pool);
+    PyErr_Restore(type, value, tb);
 }
 
 /* ------------------------------------------------------ the base type */

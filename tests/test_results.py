@@ -208,3 +208,58 @@ def test_default_chunksize(cpool_Pool):
     with cpool_Pool(2, maxtasksperchild=2) as p:
         assert p._default_chunksize(100) == 13 == -(-100 // (2 * 4))
         assert p.map(helpers.square, range(100)) == [i * i for i in range(100)]
+
+
+def test_results_nobody_holds_complete_cleanly(cpool_Pool):
+    # Fire and forget: the cache holds a result's only reference until it
+    # completes.  (Run under -X dev too, where freed memory is poisoned:
+    # completing must not touch the result after the cache let it go.)
+    import subprocess
+    import sys
+    import textwrap
+    with cpool_Pool(2) as p:
+        for i in range(3000):
+            p.apply_async(helpers.square, (i,))
+        p.close()
+        p.join()
+        assert p._cache == {}
+    code = textwrap.dedent("""
+        import cpool, helpers
+        with cpool.Pool(2) as p:
+            for i in range(3000):
+                p.apply_async(helpers.square, (i,))
+            p.close()
+            p.join()
+            assert p._cache == {}, p._cache
+        print("ok")
+        """)
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+class _InterruptOnPickle:
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+class _TerminateOnPickle:
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __reduce__(self):
+        self.pool.terminate()
+        return (int, (0,))
+
+
+def test_a_task_that_never_went_out_leaves_no_result_behind(cpool_Pool):
+    # apply_async() raises instead of returning the result: the result must
+    # not stay in the pool's cache (holding the pool) for ever.
+    with cpool_Pool(1) as p:
+        with pytest.raises(KeyboardInterrupt):
+            p.apply_async(helpers.identity, (_InterruptOnPickle(),))
+        assert p._cache == {}
+        assert p.apply(helpers.square, (3,)) == 9
+        with pytest.raises(ValueError, match="Pool not running"):
+            p.apply_async(helpers.identity, (_TerminateOnPickle(p),))
+        assert p._cache == {}
