@@ -8,6 +8,7 @@ unset), so get/wait/ready/successful/next behave exactly as there.
 """
 import collections
 import itertools
+import operator
 import os
 import sys
 import threading
@@ -418,6 +419,21 @@ def _sliced(seq, size):
     return _chunks(seq, size)
 
 
+def _may_have_more(it):
+    """False if the iterator is known to be exhausted (a list's or a
+    range's tells its length), without reading it."""
+    try:
+        return operator.length_hint(it, 1) != 0
+    except Exception:
+        return True
+
+
+def _raising(exc):
+    """An iterator whose first next() raises exc."""
+    raise exc
+    yield   # noqa: unreachable (makes this a generator)
+
+
 def _chunks(iterable, size):
     it = iter(iterable)
     while True:
@@ -512,8 +528,9 @@ class Pool(_core.PoolBase):
         self._collector = threading.Thread(target=self._core.collect,
                                            name="cpool-collector", daemon=True)
         self._collector.start()
+        self._owner = os.getpid()
         self._terminate = weakref.finalize(self, _finalize, self._core,
-                                           os.getpid(), self._feed_lock,
+                                           self._owner, self._feed_lock,
                                            self._idle_feeders)
         self._state = RUN
 
@@ -668,6 +685,11 @@ class Pool(_core.PoolBase):
                           buffersize)
 
     def _imap(self, cls, func, iterable, chunksize, buffersize):
+        if os.getpid() != self._owner:
+            # before any of the pool's locks, which a forked child may have
+            # inherited held by a thread it does not have
+            raise RuntimeError(
+                "cpool: a pool can only be used by the process that created it")
         if buffersize is not None:
             if not isinstance(buffersize, int):
                 raise TypeError("buffersize must be an integer or None")
@@ -679,6 +701,9 @@ class Pool(_core.PoolBase):
             result._release_on_completion()
         job = (result, func, iterable, chunksize)
         with self._feed_lock:
+            # In a forked child the idle feeders' threads do not exist.
+            while self._idle_feeders and not self._idle_feeders[-1].thread.is_alive():
+                self._idle_feeders.pop()
             if self._idle_feeders:
                 # A feeder thread from an earlier call: starting a thread
                 # costs most of a millisecond here.
@@ -710,43 +735,14 @@ class Pool(_core.PoolBase):
         per batch) and shrink when it is slow, so a slow generator's items
         still go out one by one as they come."""
         i = 0
-        batch = 1
         try:
-            if chunksize == 1:
-                mode, tasks = _core.MODE_CALL1, iter(iterable)
-            else:
-                mode, tasks = _core.MODE_MAP, _chunks(iterable, chunksize)
-            while True:
-                room = result._take_room(batch)
-                if self._state == TERMINATE or room == 0:
-                    break
-                t0 = time.perf_counter()
-                bodies = []
-                failed = None
-                try:
-                    for _ in range(room):
-                        bodies.append(next(tasks))
-                except StopIteration:
-                    pass
-                except Exception as e:
-                    failed = e
-                if bodies:
-                    slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
-                    batch = max(1, batch // 2) if slow else min(batch * 2, 256)
-                    self._submit_batch(result, i, mode, func, bodies)
-                    i += len(bodies)
-                if failed is not None:
-                    # The input iterable raised: the consumer gets it,
-                    # unchanged, after the items read before it.
-                    result._set(i, (False, failed))
-                    i += 1
-                    break
-                if len(bodies) < room:
-                    break
-            if self._state == TERMINATE:
-                result._set(i, (False, PoolTerminatedError(
-                    "the pool was terminated before item %d was sent" % i)))
-                i += 1
+            try:
+                i = self._feed_items(result, func, iterable, chunksize)
+            except Exception as e:
+                # Whatever went wrong here, the consumer gets it rather than
+                # waiting for results that will not come.
+                result._set(result._n_read, (False, e))
+                i = result._n_read + 1
             result._set_length(i)
         finally:
             with self._feed_lock:
@@ -754,6 +750,54 @@ class Pool(_core.PoolBase):
                 done = not self._feeders
             if done and self._state == CLOSE:
                 self._core.close()
+
+    def _feed_items(self, result, func, iterable, chunksize):
+        """_feed()'s loop; returns the number of results the call has."""
+        result._n_read = i = 0      # items read so far (for _feed's errors)
+        batch = 1
+        ended = False               # the input ran out, or raised
+        try:
+            if chunksize == 1:
+                mode, tasks = _core.MODE_CALL1, iter(iterable)
+            else:
+                mode, tasks = _core.MODE_MAP, _chunks(iterable, chunksize)
+        except Exception as e:
+            # Not iterable: the consumer gets the TypeError, as with
+            # multiprocessing.
+            mode, tasks = _core.MODE_CALL1, _raising(e)
+        while True:
+            room = result._take_room(batch)
+            if self._state == TERMINATE or room == 0:
+                break
+            t0 = time.perf_counter()
+            bodies = []
+            failed = None
+            try:
+                for _ in range(room):
+                    bodies.append(next(tasks))
+            except StopIteration:
+                pass
+            except Exception as e:
+                failed = e
+            if bodies:
+                slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
+                batch = max(1, batch // 2) if slow else min(batch * 2, 256)
+                self._submit_batch(result, i, mode, func, bodies)
+                result._n_read = i = i + len(bodies)
+            if failed is not None:
+                # The input iterable raised: the consumer gets it,
+                # unchanged, after the items read before it.
+                result._set(i, (False, failed))
+                return i + 1
+            if len(bodies) < room:
+                ended = True
+                break
+        if self._state == TERMINATE and not ended and _may_have_more(tasks):
+            # Input was left unread: the consumer learns why it stops here.
+            result._set(i, (False, PoolTerminatedError(
+                "the pool was terminated before item %d was sent" % i)))
+            i += 1
+        return i
 
     def _submit_batch(self, result, first, mode, func, bodies):
         try:

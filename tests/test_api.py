@@ -345,6 +345,16 @@ def test_map_bad_chunksize(cpool_Pool, method, chunksize):
 
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_of_a_non_iterable_raises_type_error(Pool, method, chunksize):
+    with Pool(1) as p:
+        it = getattr(p, method)(helpers.square, 5, chunksize)
+        with pytest.raises(TypeError):
+            helpers.call_within(list, T, it)
+        assert p.apply(helpers.square, (3,)) == 9
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_imap_next_timeout(Pool, method, gate):
     with Pool(2) as p:
         it = getattr(p, method)(helpers.gated_item, [(5, gate.path)])

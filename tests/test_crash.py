@@ -426,6 +426,58 @@ def test_terminate_during_pickling_raises_instead_of_hanging(how):
     assert p._core.unfinished == 0
 
 
+def test_terminate_while_pickling_the_last_item_adds_no_result():
+    # The whole input was read: the items get their results (the one being
+    # pickled an error), and nothing is added after them.
+    p = Pool(2)
+    try:
+        it = p.imap_unordered(T.square, [1, 2, TerminateWhilePickled(p)])
+        got = []
+        while True:
+            try:
+                got.append(helpers.call_within(next, helpers.START_TIMEOUT, it))
+            except StopIteration:
+                break
+            except PoolTerminatedError as e:
+                got.append(e)
+        assert len(got) == 3, got
+        assert any(isinstance(g, PoolTerminatedError) for g in got)
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_imap_in_a_forked_child_raises_instead_of_hanging(pool):
+    # After an imap call the parent keeps its feeder thread idle; a child
+    # forked then has no such thread, and using the pool there fails as
+    # every other call does (the pool belongs to its parent).
+    assert list(pool.imap(T.square, range(3))) == [0, 1, 4]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            list(pool.imap(T.square, range(3)))
+        except RuntimeError:
+            code = 0
+        except BaseException:
+            code = 2
+        finally:
+            os.write(w, b"%d" % code)
+            os._exit(code)
+    os.close(w)
+    try:
+        import select
+        ready, _, _ = select.select([r], [], [], helpers.START_TIMEOUT)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        assert ready, "imap in the forked child hung"
+        assert os.read(r, 16) == b"0"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_terminate_while_pickling_an_imap_batch_fails_its_items(method):
     # The first item's result is in before the feeder reads the next ones,
