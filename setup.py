@@ -27,7 +27,7 @@ else:
     cflags += ["-O2"]
 if sanitize:
     san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    cflags += san
+    cflags += san + ["-DCPOOL_SANITIZED=1"]
     ldflags += san
 if os.environ.get("CPOOL_WERROR") == "1":
     cflags.append("-Werror")

@@ -443,6 +443,21 @@ def _chunks(iterable, size):
         yield x
 
 
+def _wait_os_exit(threads, timeout=5.0):
+    """AddressSanitizer builds only: wait until joined threads are gone from
+    the OS too.  A thread still exiting after join() drains its allocator
+    cache under a lock of the sanitizer's allocator, which (unlike glibc's
+    malloc) is not held across fork(): a pool forked at that moment would
+    hand its workers the lock held.  (tests/conftest.py does the same
+    between tests for every thread.)"""
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        tid = t.native_id
+        while (tid is not None and os.path.exists("/proc/self/task/%d" % tid)
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+
+
 class _Feeder:
     """A feeder thread's mailbox: its next imap call, and the lock it waits
     on (held while there is nothing to do)."""
@@ -867,3 +882,5 @@ class Pool(_core.PoolBase):
                 f.join()
         if self._collector is not threading.current_thread():
             self._collector.join()
+        if _core.SANITIZED:
+            _wait_os_exit([self._collector] + feeders)

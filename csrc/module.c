@@ -12,6 +12,10 @@
 #include "structmember.h"
 #include "cpool.h"
 
+#ifndef CPOOL_SANITIZED
+#define CPOOL_SANITIZED 0   /* 1 in a CPOOL_SANITIZE=1 build (setup.py) */
+#endif
+
 cp_module_state *cp_state;
 
 /* ------------------------------------------------------------ test ring */
@@ -304,6 +308,7 @@ module_exec(PyObject *m)
         PyModule_AddIntConstant(m, "E_LOST", CP_E_LOST) < 0 ||
         PyModule_AddIntConstant(m, "E_TERMINATED", CP_E_TERMINATED) < 0 ||
         PyModule_AddIntConstant(m, "E_BROKEN", CP_E_BROKEN) < 0 ||
+        PyModule_AddIntConstant(m, "SANITIZED", CPOOL_SANITIZED) < 0 ||
         PyModule_AddIntConstant(m, "E_PROTO", CP_E_PROTO) < 0 ||
         PyModule_AddIntConstant(m, "E_STARTUP", CP_E_STARTUP) < 0 ||
         PyModule_AddIntConstant(m, "STATE_RUN", CORE_RUN) < 0 ||
