@@ -419,13 +419,17 @@ def _sliced(seq, size):
     return _chunks(seq, size)
 
 
+# Iterators whose length hint is exact (and runs no user code).
+_EXACT_LENGTH_ITERATORS = frozenset(
+    type(iter(x)) for x in ([], (), range(0), range(1 << 64)))
+
+
 def _may_have_more(it):
-    """False if the iterator is known to be exhausted (a list's or a
-    range's tells its length), without reading it."""
-    try:
-        return operator.length_hint(it, 1) != 0
-    except Exception:
-        return True
+    """False if the iterator is known to be exhausted, without reading it:
+    only built-in list, tuple and range iterators say so exactly."""
+    if type(it) in _EXACT_LENGTH_ITERATORS:
+        return operator.length_hint(it) != 0
+    return True
 
 
 def _raising(exc):
@@ -677,6 +681,14 @@ class Pool(_core.PoolBase):
                 # (multiprocessing would wait forever for the missing chunks).
                 for k in range(sent, nchunks):
                     result._set(k, (False, e))
+            except BaseException:
+                # Ctrl-C while pickling a chunk: the call is abandoned, and
+                # its result must not stay in the cache holding the pool
+                # (results of chunks already sent find no one and are
+                # dropped).
+                self._cache.pop(result._job, None)
+                result._pool = None
+                raise
         return result
 
     # -------------------------------------------------------------- imap
@@ -883,4 +895,5 @@ class Pool(_core.PoolBase):
         if self._collector is not threading.current_thread():
             self._collector.join()
         if _core.SANITIZED:
-            _wait_os_exit([self._collector] + feeders)
+            me = threading.current_thread()
+            _wait_os_exit([t for t in [self._collector] + feeders if t is not me])

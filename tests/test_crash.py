@@ -447,6 +447,66 @@ def test_terminate_while_pickling_the_last_item_adds_no_result():
         p.join()
 
 
+class _NoLengthHint:
+    """An iterator whose length hint says 0 while items are left (hints may
+    be wrong)."""
+
+    def __init__(self, items):
+        self.it = iter(items)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.it)
+
+    def __length_hint__(self):
+        return 0
+
+
+def test_terminate_with_input_left_ends_with_the_error_whatever_the_hint():
+    # Items 3.. are never read: the consumer is told why it stops there, even
+    # though the input's length hint claims it is exhausted.
+    p = Pool(2)
+    try:
+        it = p.imap(T.square, _NoLengthHint([1, 2, TerminateWhilePickled(p), 4, 5, 6]))
+        got = []
+        while True:
+            try:
+                got.append(helpers.call_within(next, helpers.START_TIMEOUT, it))
+            except StopIteration:
+                break
+            except PoolTerminatedError as e:
+                got.append(e)
+        assert len(got) == 4, got
+        assert "before item 3 was sent" in str(got[-1])
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_join_from_a_callback_in_a_sanitizer_build_does_not_wait(monkeypatch):
+    # In sanitizer builds join() waits for the pool's threads to leave the
+    # OS, but never for the thread it runs in (a callback runs in the
+    # collector).
+    import cpool.pool
+    monkeypatch.setattr(cpool.pool._core, "SANITIZED", 1)
+    p = Pool(1)
+    done = threading.Event()
+
+    def stop(_):
+        t0 = time.monotonic()
+        p.terminate()
+        p.join()
+        done.took = time.monotonic() - t0
+        done.set()
+
+    p.apply_async(T.square, (2,), callback=stop)
+    assert done.wait(helpers.START_TIMEOUT)
+    assert done.took < 2.0
+    p.join()
+
+
 def test_imap_in_a_forked_child_raises_instead_of_hanging(pool):
     # After an imap call the parent keeps its feeder thread idle; a child
     # forked then has no such thread, and using the pool there fails as

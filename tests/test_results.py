@@ -263,3 +263,16 @@ def test_a_task_that_never_went_out_leaves_no_result_behind(cpool_Pool):
         with pytest.raises(ValueError, match="Pool not running"):
             p.apply_async(helpers.identity, (_TerminateOnPickle(p),))
         assert p._cache == {}
+
+
+@pytest.mark.parametrize("method", ["map", "map_async", "starmap_async"])
+def test_a_map_abandoned_by_ctrl_c_leaves_no_result_behind(cpool_Pool, method):
+    with cpool_Pool(1) as p:
+        star = method.startswith("star")
+        items = [1, 2, _InterruptOnPickle(), 4]
+        if star:
+            items = [(x,) for x in items]
+        with pytest.raises(KeyboardInterrupt):
+            getattr(p, method)(helpers.identity, items, 1)
+        assert p._cache == {}
+        assert p.map(helpers.square, range(4)) == [0, 1, 4, 9]
