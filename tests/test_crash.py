@@ -426,20 +426,25 @@ def test_terminate_during_pickling_raises_instead_of_hanging(how):
     assert p._core.unfinished == 0
 
 
+def _results_and_errors(it):
+    """Everything an imap iterator yields, PoolTerminatedErrors included."""
+    got = []
+    while True:
+        try:
+            got.append(helpers.call_within(next, helpers.START_TIMEOUT, it))
+        except StopIteration:
+            return got
+        except PoolTerminatedError as e:
+            got.append(e)
+
+
 def test_terminate_while_pickling_the_last_item_adds_no_result():
     # The whole input was read: the items get their results (the one being
     # pickled an error), and nothing is added after them.
     p = Pool(2)
     try:
         it = p.imap_unordered(T.square, [1, 2, TerminateWhilePickled(p)])
-        got = []
-        while True:
-            try:
-                got.append(helpers.call_within(next, helpers.START_TIMEOUT, it))
-            except StopIteration:
-                break
-            except PoolTerminatedError as e:
-                got.append(e)
+        got = _results_and_errors(it)
         assert len(got) == 3, got
         assert any(isinstance(g, PoolTerminatedError) for g in got)
     finally:
@@ -470,14 +475,7 @@ def test_terminate_with_input_left_ends_with_the_error_whatever_the_hint():
     p = Pool(2)
     try:
         it = p.imap(T.square, _NoLengthHint([1, 2, TerminateWhilePickled(p), 4, 5, 6]))
-        got = []
-        while True:
-            try:
-                got.append(helpers.call_within(next, helpers.START_TIMEOUT, it))
-            except StopIteration:
-                break
-            except PoolTerminatedError as e:
-                got.append(e)
+        got = _results_and_errors(it)
         assert len(got) == 4, got
         assert "before item 3 was sent" in str(got[-1])
     finally:
