@@ -728,9 +728,6 @@ class Pool(_core.PoolBase):
             result._release_on_completion()
         job = (result, func, iterable, chunksize)
         with self._feed_lock:
-            # In a forked child the idle feeders' threads do not exist.
-            while self._idle_feeders and not self._idle_feeders[-1].thread.is_alive():
-                self._idle_feeders.pop()
             if self._idle_feeders:
                 # A feeder thread from an earlier call: starting a thread
                 # costs most of a millisecond here.
@@ -821,8 +818,7 @@ class Pool(_core.PoolBase):
                 break
         if self._state == TERMINATE and not ended and _may_have_more(tasks):
             # Input was left unread: the consumer learns why it stops here.
-            result._set(i, (False, PoolTerminatedError(
-                "the pool was terminated before item %d was sent" % i)))
+            self._fail_unsent(result, i, 1)
             i += 1
         return i
 

@@ -196,13 +196,10 @@ deliver(Core *c, uint64_t job, uint64_t index, int ok, PyObject *value)
 static void
 deliver_to(PyObject *r, uint64_t index, int ok, PyObject *value)
 {
-    /* r is borrowed from the cache, which completing it removes it from:
-     * hold it until we are done with it. */
-    Py_INCREF(r);
-    if (cp_result_complete(r, ok, value) > 0) {
-        Py_DECREF(r);
+    if (cp_result_complete(r, ok, value) > 0)
         return;
-    }
+    /* r is borrowed from the cache, which _set() removes it from. */
+    Py_INCREF(r);
     PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
     Py_DECREF(value);
     PyObject *idx = PyLong_FromUnsignedLongLong(index);
@@ -1475,23 +1472,10 @@ Core_submit_slice(Core *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(Core_apply_async_doc,
-"apply_async(pool, func, args, kwds, callback, error_callback) -> ApplyResult\n--\n\n"
-"Pool.apply_async() after its state check: the result object is made here\n"
-"(see result.c).  A task that cannot be pickled fails its result.");
-
-static PyObject *
-Core_apply_async(Core *c, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "apply_async() takes 6 arguments");
-        return NULL;
-    }
-    return cp_core_apply_async((PyObject *)c, args);
-}
-
-/* Core.apply_async(pool, func, args, kwds, callback, error_callback), for
- * PoolBase.apply_async() (result.c) too. */
+/* apply_async() once PoolBase.apply_async() (result.c) has parsed its
+ * arguments and checked the pool's state: args are (pool, func, args, kwds,
+ * callback, error_callback).  The result object is made here; a task that
+ * cannot be pickled fails its result, as in multiprocessing. */
 PyObject *
 cp_core_apply_async(PyObject *core, PyObject *const *args)
 {
@@ -2047,8 +2031,6 @@ Core_dealloc(Core *c)
 static PyMethodDef Core_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
-    {"apply_async", (PyCFunction)(void (*)(void))Core_apply_async, METH_FASTCALL,
-     Core_apply_async_doc},
     {"submit_slice", (PyCFunction)(void (*)(void))Core_submit_slice, METH_FASTCALL,
      Core_submit_slice_doc},
     {"submit_many", (PyCFunction)(void (*)(void))Core_submit_many, METH_FASTCALL,

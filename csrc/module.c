@@ -396,7 +396,7 @@ static PyMethodDef module_methods[] = {
      "it is ready without one (see cpool.pool.ApplyResult)."},
     {"set_result_type", (PyCFunction)(void (*)(void))cp_result_set_type, METH_FASTCALL,
      "set_result_type(ApplyResult, job_counter, Lock, TimeoutError): what\n"
-     "Core.apply_async() makes (ApplyResult derives from ResultBase)."},
+     "apply_async() makes (ApplyResult derives from ResultBase)."},
     {NULL, NULL, 0, NULL},
 };
 

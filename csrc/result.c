@@ -172,7 +172,8 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
     Result *r = (Result *)obj;
     if (or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None)
         return 0;
-    Py_INCREF(obj);       /* the cache may hold the only reference */
+    Py_INCREF(obj);       /* the cache, which we remove it from below, may
+                           * hold the only reference */
     Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
     Py_XSETREF(r->value, value);
     /* From here on, as _set's finally: clause, every step is attempted. */

@@ -207,7 +207,6 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     Py_DECREF(data);
 }
 
-
 /* func(*args, **kwds)'s keywords: kwds itself if it is a dict (None if it is
  * empty), a dict made from any other mapping, or a TypeError as Python's **
  * gives.  New reference. */
