@@ -1783,18 +1783,19 @@ Core_arena_info(Core *c, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     PyObject *l = PyList_New(a->nparts);
     for (int p = 0; l != NULL && p < a->nparts; p++) {
-        uint64_t brk, busy, nbusy;
-        cp_arena_stats(a, p, &brk, &busy, &nbusy);
+        uint64_t brk, warm, busy, nbusy;
+        cp_arena_stats(a, p, &brk, &warm, &busy, &nbusy);
         int32_t u = a->part_slot[p];
         PyObject *use = u >= 0 ? PyLong_FromLong(u)
                                : PyUnicode_FromString(u == CP_PART_ARGS ? "args"
                                                       : u == CP_PART_FREE ? "free"
                                                                           : "retired");
-        PyObject *t = use ? Py_BuildValue("(NKKKK)", use,
+        PyObject *t = use ? Py_BuildValue("(NKKKKK)", use,
                                           (unsigned long long)a->part_live[p],
                                           (unsigned long long)brk,
                                           (unsigned long long)busy,
-                                          (unsigned long long)nbusy)
+                                          (unsigned long long)nbusy,
+                                          (unsigned long long)warm)
                           : NULL;
         if (t == NULL)
             Py_CLEAR(l);
@@ -2044,7 +2045,8 @@ static PyMethodDef Core_methods[] = {
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
     {"arena_info", (PyCFunction)Core_arena_info, METH_NOARGS,
      "Per arena partition: (use, blocks the parent wraps, brk, busy bytes, "
-     "busy blocks); None without an arena."},
+     "busy blocks, bytes known populated from its start); None without an "
+     "arena."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -209,6 +209,7 @@ typedef struct cp_arena {
     uint64_t part_size;
     int nparts;
     long refs;           /* process-local (GIL): Core and live wrappers */
+    int fd;              /* the memfd, kept for fallocate() */
     pid_t pid;           /* the parent, which created it */
     int32_t *part_slot;  /* parent only: what each partition is for */
     uint64_t *part_live; /* parent only: blocks it wraps, per partition */
@@ -229,9 +230,9 @@ void cp_arena_forget_holder(cp_arena *a, int p, pid_t pid);
 int cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit);
 void cp_arena_unlive(cp_arena *a, int p);
 void cp_arena_close(cp_arena *a);
-void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *busy,
-                    uint64_t *nbusy);
-void cp_copy(void *dst, const void *src, uint64_t n);
+void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm,
+                    uint64_t *busy, uint64_t *nbusy);
+void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);
 
 /* ------------------------------------------------------------------ proc */
 

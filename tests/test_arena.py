@@ -36,6 +36,15 @@ def bump_and_sum(a):
 _kept = []
 
 
+def digest(*arrays):
+    import hashlib
+    return [hashlib.sha256(a).hexdigest() for a in arrays]
+
+
+def make_pattern(n, seed):
+    return np.random.default_rng(seed).integers(0, 2**63, n, dtype=np.int64)
+
+
 def keep(a):
     _kept.append(a)             # the worker goes on holding the block
     return len(_kept)
@@ -65,7 +74,7 @@ def info(pool):
 
 
 def args_busy(pool):
-    use, live, brk, busy, nbusy = info(pool)[0]
+    use, live, brk, busy, nbusy, warm = info(pool)[0]
     assert use == "args"
     return busy, nbusy
 
@@ -165,7 +174,7 @@ def test_blocks_are_reused(pool):
         del out
     # No growth: each transfer found the block the previous one freed.
     assert info(pool)[0][2] == brk_args
-    used = [(brk, live) for use, live, brk, _, _ in info(pool)[1:]
+    used = [(brk, live) for use, live, brk, *_ in info(pool)[1:]
             if isinstance(use, int) and brk > 4096]
     assert used                        # results did go through the arena
     for brk, live in used:             # at most two 16 MiB blocks each
@@ -385,3 +394,85 @@ def test_workers_of_a_later_pool_get_copies_of_held_arrays(pool):
         assert (_held == np.arange(2 * N8)).all()
     finally:
         _held = None
+
+
+def warm_mark(pool, part=0):
+    return info(pool)[part][5]
+
+
+def pattern(nbytes, seed):
+    """nbytes of data that differs everywhere (int64s, then odd bytes)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def test_fresh_and_warm_pages_are_filled_exactly(pool):
+    # Blocks landing on fresh pages (prepared, then copied: by two threads
+    # past 16 MiB, split at a page boundary inside odd lengths), on pages a
+    # block used before, and across the edge between the two.
+    first = pattern(20 * MiB + 123, 1)
+    assert warm_mark(pool) <= 4096                 # nothing populated yet
+    assert pool.apply(digest, (first,)) == digest(first)
+    assert warm_mark(pool) >= 20 * MiB             # the pages it filled
+    # Two at once: the second block starts beyond the first, on fresh pages.
+    a, b = pattern(3 * MiB + 7, 2), pattern(18 * MiB + 4097, 3)
+    assert pool.apply(digest, (a, b)) == digest(a, b)
+    mark = warm_mark(pool)
+    assert mark >= 21 * MiB
+    # Both free again: a bigger one starts on warm pages and runs past them.
+    big = pattern(mark + 9 * MiB + 5, 4)
+    assert pool.apply(digest, (big,)) == digest(big)
+    assert warm_mark(pool) >= mark + 9 * MiB
+    # Warm pages throughout, again.
+    again = pattern(20 * MiB + 1, 5)
+    assert pool.apply(digest, (again,)) == digest(again)
+
+
+def test_results_fill_the_workers_partitions_exactly(pool):
+    outs = [pool.apply(make_pattern, (n, seed))
+            for seed, n in enumerate([3 * MiB + 1, 2 * MiB + 3, 5 * MiB + 11])]
+    for seed, (n, out) in enumerate(zip([3 * MiB + 1, 2 * MiB + 3, 5 * MiB + 11],
+                                        outs)):
+        assert out.shape == (n,)
+        assert (out == make_pattern(n, seed)).all()
+    used = [warm for use, _, _, _, _, warm in info(pool) if isinstance(use, int)]
+    assert max(used) >= 2 * MiB * 8     # a result partition's pages, recorded
+
+
+def _advised_huge(addr):
+    """Whether the mapping holding addr was given MADV_HUGEPAGE ('hg')."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds %#x" % addr)
+
+
+def buffer_address(b):
+    import ctypes
+    return ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
+
+
+def advised_huge_in_worker(b):
+    return _advised_huge(buffer_address(b) + len(b) // 2)
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="no transparent huge pages in this kernel")
+def test_large_received_buffers_ask_for_huge_pages(pool):
+    from helpers import identity
+    data = bytes(range(256)) * (32 * MiB // 256)
+    # A bytes object the worker received, and one the parent received.
+    assert pool.apply(advised_huge_in_worker, (data,)) is True
+    back = pool.apply(identity, (data,))
+    assert back == data
+    assert _advised_huge(buffer_address(back) + len(back) // 2)
+    # Memory the process allocated itself is left as it was (64 MiB: glibc
+    # maps it apart from anything received).
+    own = bytes(range(256)) * (64 * MiB // 256)
+    assert not _advised_huge(buffer_address(own) + len(own) // 2)
