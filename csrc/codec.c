@@ -43,6 +43,16 @@
 
 #include "cpool.h"
 
+/* C-API that moved between the supported versions (3.10 to 3.13). */
+#if PY_VERSION_HEX < 0x030B0000
+#define PyFloat_Pack8(x, p, le) _PyFloat_Pack8((x), (unsigned char *)(p), (le))
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+#define long_as_bytes(v, p, n) _PyLong_AsByteArray((v), (p), (n), 1, 1, 1)
+#else
+#define long_as_bytes(v, p, n) _PyLong_AsByteArray((v), (p), (n), 1, 1)
+#endif
+
 #define CODEC_MAX_DEPTH 32
 #define CODEC_SHARED_ATOM 64     /* str/bytes this long met twice: pickle */
 #define STACK_BYTES 512
@@ -240,7 +250,7 @@ enc_long(enc *e, PyObject *o)
     int rc = enc_len(e, 'I', PK_LONG1, PK_LONG4, 0, n);
     if (rc != ENC_OK || (rc = enc_reserve(e, n)) != ENC_OK)
         return rc;
-    if (_PyLong_AsByteArray((PyLongObject *)o, e->buf + e->len, n, 1, 1) < 0)
+    if (long_as_bytes((PyLongObject *)o, e->buf + e->len, n) < 0)
         return ENC_ERR;
     e->len += n;
     return ENC_OK;

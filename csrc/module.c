@@ -253,6 +253,21 @@ decode_message(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 
+#if PY_VERSION_HEX >= 0x030D0000
+/* type(name, (base,), {"__slots__": (slot,)}); steals base. */
+static PyObject *
+subclass_with_slot(PyObject *base, const char *name, const char *slot)
+{
+    if (base == NULL)
+        return NULL;
+    PyObject *sub = PyObject_CallFunction((PyObject *)&PyType_Type, "s(O){s(s)s s}",
+                                          name, base, "__slots__", slot,
+                                          "__module__", "cpool._core");
+    Py_DECREF(base);
+    return sub;
+}
+#endif
+
 static int
 module_exec(PyObject *m)
 {
@@ -265,6 +280,14 @@ module_exec(PyObject *m)
     st->pickler = PyObject_GetAttrString(pickle, "Pickler");
     st->unpickler = PyObject_GetAttrString(pickle, "Unpickler");
     Py_DECREF(pickle);
+#if PY_VERSION_HEX >= 0x030D0000
+    /* From 3.13 a pickler's persistent_id (an unpickler's persistent_load)
+     * is a method, which an instance of the C classes cannot override; an
+     * instance of a subclass can, by an attribute of its own. */
+    st->pickler = subclass_with_slot(st->pickler, "Pickler", "persistent_id");
+    st->unpickler = subclass_with_slot(st->unpickler, "Unpickler",
+                                       "persistent_load");
+#endif
     PyObject *io = PyImport_ImportModule("io");
     if (io == NULL)
         return -1;

@@ -16,9 +16,8 @@
  *
  * Needs the GIL throughout.
  */
-#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include <Python.h>     /* first: it defines _GNU_SOURCE */
 
 #include <pthread.h>
 #include <string.h>
