@@ -57,9 +57,15 @@ def _task_name(func):
     return "%s.%s" % (mod, name) if mod else name
 
 
+_SYNC_JOB = 1 << 63     # csrc: CP_SYNC_JOB, apply()'s own calls
+
+
 def _make_error(kind, pid, status, job, index, func):
     """Build the exception for a task the C core could not finish."""
-    task = "%s (job %d, chunk %d)" % (_task_name(func), job, index)
+    if job & _SYNC_JOB:
+        task = "%s (an apply() call)" % _task_name(func)
+    else:
+        task = "%s (job %d, chunk %d)" % (_task_name(func), job, index)
     if kind == _core.E_LOST:
         how, exitcode, hint = describe_status(status)
         return WorkerLostError(
@@ -78,6 +84,11 @@ def _make_error(kind, pid, status, job, index, func):
         return PoolBrokenError(
             "the pool's fork server died; task %s cannot run" % task)
     return WorkerLostError("protocol error on task %s" % task, pid=pid, task=task)
+
+
+def _not_the_owner():
+    return RuntimeError(
+        "cpool: a pool can only be used by the process that created it")
 
 
 def _report_callback_error():
@@ -119,6 +130,11 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
     def wait(self, timeout=None, _done_lock=_core.done_lock):
         if self._ready:
             return
+        pool = self._pool
+        if pool is not None and pool._owner != os.getpid():
+            # A forked child: nothing here will ever complete it (and the
+            # locks may have been inherited held).
+            raise _not_the_owner()
         done = self._done
         if done is None:
             done = _done_lock(self)
@@ -161,6 +177,13 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
 
 class MapResult(_mp.MapResult):
     """multiprocessing's MapResult with the same guarantee as ApplyResult."""
+
+    def wait(self, timeout=None):
+        if not self._event.is_set():
+            pool = self._pool
+            if pool is not None and pool._owner != os.getpid():
+                raise _not_the_owner()
+        self._event.wait(timeout)
 
     def _finish(self, callback):
         try:
@@ -212,6 +235,7 @@ class IMapIterator(_mp.IMapIterator):
         # The conditions' lock itself: `with self._lock` is what `with
         # self._cond` does, without two Python-level calls.
         self._lock = self._cond._lock
+        self._owner = self._pool._owner
         self._room_cond = threading.Condition(self._lock)
         self._room = n
         self._n_done = 0
@@ -343,6 +367,9 @@ class IMapIterator(_mp.IMapIterator):
         raise value
 
     def _next_locked(self, timeout):
+        if self._owner != os.getpid():
+            # before the lock, which a forked child may have inherited held
+            raise _not_the_owner()
         with self._lock:
             taken = self._taken
             items = self._items
@@ -715,8 +742,7 @@ class Pool(_core.PoolBase):
         if os.getpid() != self._owner:
             # before any of the pool's locks, which a forked child may have
             # inherited held by a thread it does not have
-            raise RuntimeError(
-                "cpool: a pool can only be used by the process that created it")
+            raise _not_the_owner()
         if buffersize is not None:
             if not isinstance(buffersize, int):
                 raise TypeError("buffersize must be an integer or None")
@@ -855,6 +881,12 @@ class Pool(_core.PoolBase):
 
     def close(self):
         """Accept no more tasks; the workers exit once all work is done."""
+        if os.getpid() != self._owner:
+            # A forked child's copy: the pool is the parent's; only the copy
+            # closes (as multiprocessing's does, touching no lock).
+            if self._state == RUN:
+                self._state = CLOSE
+            return
         if self._state == RUN:
             self._state = CLOSE
             self._dismiss_idle_feeders()
@@ -869,6 +901,8 @@ class Pool(_core.PoolBase):
         """Stop the workers now.  Unfinished results fail with
         PoolTerminatedError."""
         self._state = TERMINATE
+        if os.getpid() != self._owner:
+            return          # a forked child's copy (see close())
         self._dismiss_idle_feeders()
         self._terminate()
         with self._feed_lock:
@@ -883,6 +917,8 @@ class Pool(_core.PoolBase):
             raise ValueError("Pool is still running")
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
+        if os.getpid() != self._owner:
+            return          # a forked child has no workers to wait for
         with self._feed_lock:
             feeders = list(self._feed_threads)
         for f in feeders:

@@ -42,6 +42,11 @@
 #define DRAIN_BUDGET 256        /* records per slot per collector round */
 #define ZCHECK_NS 1000000       /* the zygote's socket, read at least this often */
 #define COLLECTOR_SPIN_NS 10000
+/* The collector looks at the rings at least this often even if no doorbell
+ * rang: a task that closed its worker's eventfd and let a file take its
+ * number (the worker's wake-ups then land in the file) delays that worker's
+ * results, it does not lose them.  (Idle, this is two wake-ups a second.) */
+#define RING_CHECK_MS 500
 
 /* ----------------------------------------------------------------- fifo */
 
@@ -1202,6 +1207,8 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
             c->state = CORE_BROKEN;
             continue;
         }
+        if (timeout_ms < 0 || timeout_ms > RING_CHECK_MS)
+            timeout_ms = RING_CHECK_MS;
         c->asleep = 1;
         Py_BEGIN_ALLOW_THREADS
         collector_sleep(c, watch, timeout_ms);

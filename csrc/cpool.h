@@ -162,6 +162,10 @@ typedef struct cp_ctl {
 
 enum { CP_W_EMPTY = 0, CP_W_STARTING = 1, CP_W_READY = 2, CP_W_DEAD = 3 };
 
+/* A worker's exit code when a task closed the fd it wakes the parent with
+ * (ring.c).  (70-78 are the worker's other exits: worker.c, proc.c.) */
+#define CP_EXIT_NO_DOORBELL 79
+
 /* The shared region: a header, then per slot [ctl | task ring | result ring]. */
 typedef struct cp_shm {
     void *base;

@@ -90,7 +90,13 @@ ring_wake_if_asleep(cp_ring *r, uint32_t *flag, uint32_t *word)
         do {
             n = write(r->wake_fd, &one, sizeof one);
         } while (n < 0 && errno == EINTR);
-        /* EAGAIN means the counter is saturated: the reader is awake anyway. */
+        /* EAGAIN means the counter is saturated: the reader is awake anyway.
+         * Anything else: the fd is gone (only workers ring through an fd, and
+         * a task may close it).  Such a worker could never wake the parent
+         * again: it exits, the parent takes what it published and replaces
+         * it. */
+        if (n < 0 && errno != EAGAIN)
+            _exit(CP_EXIT_NO_DOORBELL);
     } else {
         cp_futex_wake(word);
     }

@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -58,12 +59,33 @@ worker_exit(int code)
     _exit(code);
 }
 
+/* A task (or the initializer) may fork.  A child that returns from the
+ * function instead of exiting would go on as a second copy of this worker,
+ * taking tasks and publishing results (or arena blocks) beside it: it exits
+ * here, before it touches anything shared.  The atfork hook (which
+ * os.fork() and libc's fork() run) marks such a child. */
+static volatile int forked_copy;
+
+static void
+mark_forked_copy(void)
+{
+    forked_copy = 1;
+}
+
+static void
+exit_if_forked_copy(void)
+{
+    if (forked_copy)
+        _exit(0);
+}
+
 /* Send a whole message, waiting for room.  The parent never stops reading,
  * so this only blocks while the parent is busy or while its own death is
  * about to kill us (PR_SET_PDEATHSIG). */
 static void
 send_msg(wctx *w, const cp_rec *tmpl, PyObject *msg)
 {
+    exit_if_forked_copy();
     uint64_t off = 0, total = cp_msg_size(msg);
     for (;;) {
         int rc = cp_msg_send_some(&w->rq, tmpl, msg, &off, NULL, NULL);
@@ -85,6 +107,7 @@ send_msg(wctx *w, const cp_rec *tmpl, PyObject *msg)
 static void
 next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
 {
+    exit_if_forked_copy();
     for (;;) {
         int rc = cp_ring_peek(&w->tq, hdr, payload);
         if (rc == 1)
@@ -164,6 +187,7 @@ wrap_exception(void)
 static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
+    exit_if_forked_copy();
     int oob;
     PyObject *data = cp_dumps(value, ok && cp_msg_has_big_buffer(value, 2),
                               w->rq.max_frag, &oob,
@@ -363,6 +387,11 @@ cp_worker_main(void *arg, int slot)
     wctx w = {.c = (Core *)arg, .slot = slot};
     Core *c = w.c;
 
+    /* This process may itself come from a worker's fork (a pool made in a
+     * task: its fork server was forked from that worker). */
+    forked_copy = 0;
+    if (pthread_atfork(NULL, NULL, mark_forked_copy) != 0)
+        _exit(76);
     w.ctl = cp_shm_ctl(&c->shm, slot);
     w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
     w.spin_ns = c->spin_ns;

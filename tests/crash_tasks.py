@@ -129,3 +129,37 @@ def first_random(delay):
         _first_random = random.getrandbits(64)
     time.sleep(delay)
     return os.getpid(), _first_random
+
+
+def fork_and_return(x):
+    """Fork; both processes return x into the worker (a buggy task).  The
+    worker's copy returns its child's pid."""
+    child = os.fork()
+    return child if child else x
+
+
+def append_line(path, i):
+    with open(path, "a") as f:
+        f.write("%d\n" % i)
+    return i
+
+
+def reuse_doorbell_fd(path):
+    """Close this worker's eventfd (its doorbell to the parent) and let a
+    file take its number: the worker's wake-ups now land in that file."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + name)
+        except OSError:
+            continue
+        if target == "anon_inode:[eventfd]":
+            f = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(f, int(name))       # the eventfd's number is the file's now
+            os.close(f)
+            return True
+    return None
+
+
+def close_all_fds(x):
+    os.closerange(3, 1 << 16)
+    return x

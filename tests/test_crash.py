@@ -625,3 +625,108 @@ def test_fork_hooks_run_in_every_worker_and_replacement(pool):
     seen.update(pool.map(T.first_random, [0.05] * 6, chunksize=1))
     assert len(seen) == 3
     assert len(set(seen.values())) == 3
+
+
+def _in_child(fn, timeout=20.0):
+    """fn() in a forked child; returns what it printed (its outcome), or
+    'HANG' if it did not finish within timeout (the child is then killed)."""
+    import select
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                out = fn()
+            except BaseException as e:
+                out = type(e).__name__
+            os.write(w, str(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return "HANG"
+        return os.read(r, 1000).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def test_forked_child_may_close_terminate_and_join_its_copy(pool, gate):
+    pending = pool.apply_async(helpers.gated, (1, gate.path))
+    mapping = pool.map_async(helpers.gated_item, [(2, gate.path)] * 3)
+    it = pool.imap(helpers.gated_item, [(3, gate.path)] * 3)
+    # A lock of the pool held at the fork (as a feeder thread may hold it):
+    # the child's copy of it stays held forever.
+    with pool._feed_lock:
+        def child():
+            outcomes = []
+            for call in (pending.get, mapping.get, it.next):
+                try:
+                    call()
+                    outcomes.append("got")
+                except RuntimeError:
+                    outcomes.append("refused")
+            with pool:
+                pass                    # leaving the block terminates the copy
+            pool.close()
+            pool.join()
+            return ",".join(outcomes) + ";" + str(pool._state)
+        said = _in_child(child)
+    assert said == "refused,refused,refused;TERMINATE"
+    # The parent's pool is untouched.
+    gate.open()
+    assert pending.get(timeout=30) == 1
+    assert mapping.get(timeout=30) == [2, 2, 2]
+    assert list(it) == [3, 3, 3]
+    assert pool.apply(T.square, (4,)) == 16
+
+
+def test_forked_child_leaving_a_with_block_does_not_stop_the_parents_pool():
+    with Pool(2) as p:
+        assert _in_child(lambda: p.__exit__(None, None, None)) == "None"
+        assert p.map(T.square, range(4)) == [0, 1, 4, 9]
+
+
+def test_a_task_whose_fork_returns_into_the_worker_runs_nothing_twice(pool, tmp_path):
+    child = pool.apply(T.fork_and_return, (-1,))
+    assert child > 0                    # the worker's copy answered
+    log = str(tmp_path / "log")
+    n = 300
+    assert pool.starmap(T.append_line, [(log, i) for i in range(n)],
+                        chunksize=1) == list(range(n))
+    with open(log) as f:
+        assert sorted(int(x) for x in f.read().split()) == list(range(n))
+    assert _gone([child], 5.0)          # the forked copy exited
+
+
+def test_a_task_that_closes_its_doorbell_loses_no_result(pool):
+    assert pool.map(T.square, range(4)) == [0, 1, 4, 9]
+    time.sleep(0.1)                     # the collector asleep, pool idle
+    r = pool.apply_async(T.close_all_fds, (7,))
+    assert r.get(timeout=10) == 7
+    # Its worker exited (it could not wake the parent again); the pool goes on.
+    assert pool.map(T.square, range(6)) == [0, 1, 4, 9, 16, 25]
+
+
+def test_a_task_that_reuses_its_doorbell_fd_loses_no_result(pool, tmp_path):
+    assert pool.map(T.square, range(4)) == [0, 1, 4, 9]
+    time.sleep(0.1)
+    for k in range(2):                  # the second lands on a worker whose
+        r = pool.apply_async(T.reuse_doorbell_fd,   # wake-ups go to a file
+                             (str(tmp_path / ("f%d" % k)),))
+        assert r.get(timeout=10) in (True, None)
+        time.sleep(0.1)
+    assert pool.map(T.square, range(6)) == [0, 1, 4, 9, 16, 25]
+    # The first task's worker did ring its doorbell, into the file.
+    assert os.path.getsize(str(tmp_path / "f0")) >= 8
+
+
+def test_worker_lost_in_apply_names_the_call(pool):
+    assert pool.apply(T.square, (2,)) == 4  # a worker is up and idle: apply()
+    with pytest.raises(WorkerLostError) as info:    # takes its own path
+        pool.apply(T.kill_self, (signal.SIGKILL,))
+    message = str(info.value)
+    assert "an apply() call" in message and "job 9223372036854775" not in message
