@@ -357,15 +357,6 @@ class IMapIterator(_mp.IMapIterator):
             if self._by_consumer:
                 self._give_room(new)
 
-    def next(self, timeout=None):
-        try:
-            success, value = self._taken.popleft()
-        except IndexError:
-            success, value = self._next_locked(timeout)
-        if success:
-            return value
-        raise value
-
     def _next_locked(self, timeout):
         if self._owner != os.getpid():
             # before the lock, which a forked child may have inherited held
@@ -409,7 +400,58 @@ class IMapIterator(_mp.IMapIterator):
                 self._cond.notify()     # more for another waiting consumer
         return item
 
+    def _abandon(self):
+        """The consumer is gone (its iterator was collected): results are
+        dropped from now on, and the call goes on as after close(), room
+        given back as tasks complete, so every item is still run, as
+        multiprocessing runs every task of an abandoned imap().  The results
+        and the feeder thread are let go of when the input is done."""
+        with self._lock:
+            self._items = collections.deque(maxlen=0)
+            self._taken.clear()
+        self._release_on_completion()
+
+
+class _Consumer:
+    """What imap() and imap_unordered() return: the consumer's end of the
+    call.  The pool's cache and the feeder thread hold the call itself (the
+    IMapIterator), never this, so that when the caller lets go of it (a
+    loop that breaks early) the call learns it and keeps nothing for it.
+    next() takes results a few at a time (see IMapIterator)."""
+
+    def __init__(self, results):
+        self._results = results
+        self._taken = results._taken
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        try:
+            success, value = self._taken.popleft()
+        except IndexError:
+            success, value = self._results._next_locked(timeout)
+        if success:
+            return value
+        raise value
+
     __next__ = next
+
+    def __getattr__(self, name):
+        # multiprocessing's attributes (_job, _length, ...) are the call's.
+        try:
+            results = self.__dict__["_results"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(results, name)
+
+    def __del__(self):
+        results = self.__dict__.get("_results")
+        if results is not None:
+            try:
+                results._abandon()
+            except Exception:
+                pass            # interpreter shutdown
 
 
 class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
@@ -429,6 +471,14 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             if self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
+
+
+class _IMapConsumer(_Consumer, IMapIterator):
+    pass
+
+
+class _IMapUnorderedConsumer(_Consumer, IMapUnorderedIterator):
+    pass
 
 
 _core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock,
@@ -771,9 +821,11 @@ class Pool(_core.PoolBase):
                                       if t.is_alive()]
                 self._feed_threads.append(feeder.thread)
                 feeder.thread.start()
+        consumer = (_IMapUnorderedConsumer if cls is IMapUnorderedIterator
+                    else _IMapConsumer)(result)
         if chunksize == 1:
-            return result
-        return (item for chunk in result for item in chunk)
+            return consumer
+        return (item for chunk in consumer for item in chunk)
 
     def _dismiss_idle_feeders(self):
         _dismiss_feeders(self._feed_lock, self._idle_feeders)

@@ -1032,6 +1032,57 @@ def test_pool_dropped_after_imap_is_collected(cpool_Pool):
     assert threading.active_count() == before
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_abandoned_imap_still_runs_every_item(Pool, method, tmp_path):
+    # A caller that drops the iterator (a loop that breaks early, or imap()
+    # used only for its side effects) does not stop the call: as with
+    # multiprocessing, every item runs before close(); join() returns.
+    n = 3000                            # well beyond the bound of 1024
+    with Pool(2) as p:
+        it = getattr(p, method)(helpers.touch, ((str(tmp_path), i) for i in range(n)))
+        next(it)
+        del it
+        gc.collect()
+        p.close()
+        p.join()
+    assert sorted(int(x) for x in os.listdir(tmp_path)) == list(range(n))
+
+
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_abandoned_imap_keeps_nothing(cpool_Pool, method):
+    # Its results are dropped as they come, and once its input is done the
+    # call leaves the cache and its feeder thread is free: many abandoned
+    # calls leave no threads, results or memory behind.
+    from cpool.pool import MAX_IDLE_FEEDERS
+    before = threading.active_count()
+    with cpool_Pool(2) as p:
+        calls = []
+        for _ in range(30):
+            it = getattr(p, method)(helpers.identity, range(3000))
+            next(it)
+            calls.append(it._results)
+            del it
+        gc.collect()
+        deadline = time.monotonic() + T
+        while p._cache and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p._cache == {}
+        assert all(len(c._items) == 0 and not c._unsorted and not c._taken
+                   for c in calls)
+        deadline = time.monotonic() + T
+        while (threading.active_count() > before + 1 + MAX_IDLE_FEEDERS
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert threading.active_count() <= before + 1 + MAX_IDLE_FEEDERS
+    # A call the caller still holds is not affected.
+    with cpool_Pool(2) as p:
+        it = getattr(p, method)(helpers.identity, range(3000))
+        first = [next(it) for _ in range(10)]
+        gc.collect()
+        assert sorted(first + list(it)) == list(range(3000))
+
+
 @pytest.mark.cpool_only
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 @pytest.mark.parametrize("buffersize", [64, 1024])
