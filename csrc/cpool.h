@@ -259,6 +259,7 @@ enum {
 
 /* What runs in a forked worker; provided by the Python-facing layer. */
 typedef void (*cp_worker_fn)(void *arg, int slot);
+int cp_proc_worker_number(void);
 
 int cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
                          void *arg, int nfirst, pid_t *zpid);

@@ -152,6 +152,14 @@ typedef struct {
 
 static child_t children[MAX_CHILDREN];
 static int n_children;
+static int n_spawned;      /* workers this zygote forked (their numbers) */
+
+/* In a worker: its number among its zygote's forks, from 1. */
+int
+cp_proc_worker_number(void)
+{
+    return n_spawned;
+}
 
 static void
 kill_all_and_exit(void)
@@ -180,6 +188,7 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
     }
     /* No PyOS_BeforeFork() here: the zygote's interpreter is the parent's,
      * frozen right after the parent's PyOS_BeforeFork() (see above). */
+    n_spawned++;
     pid_t pid = fork();
     if (pid == 0) {
         /* Tie the worker to the zygote first: if PyOS_AfterFork_Child()
@@ -291,6 +300,7 @@ cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
         /* The table may hold another zygote's children if this process is
          * itself a worker (a pool made inside a task): start empty. */
         n_children = 0;
+        n_spawned = 0;
         zygote_main(sock_child, fn, arg, nfirst);
         _exit(0);
     }

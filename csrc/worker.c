@@ -59,6 +59,29 @@ worker_exit(int code)
     _exit(code);
 }
 
+/* Call cpool._worker.<name>(args...); an error there is reported, not
+ * fatal (the worker can run tasks without it). */
+static void
+call_worker_hook(const char *name, const char *fmt, int a, int b)
+{
+    PyObject *mod = PyImport_ImportModule("cpool._worker");
+    PyObject *r = mod ? (fmt ? PyObject_CallMethod(mod, name, fmt, a, b)
+                             : PyObject_CallMethod(mod, name, NULL))
+                      : NULL;
+    if (r == NULL)
+        PyErr_WriteUnraisable(mod);
+    Py_XDECREF(r);
+    Py_XDECREF(mod);
+}
+
+/* Leave normally: multiprocessing's exit finalizers run first. */
+static void __attribute__((noreturn))
+worker_leave(void)
+{
+    call_worker_hook("exiting", NULL, 0, 0);
+    worker_exit(0);
+}
+
 /* A task (or the initializer) may fork.  A child that returns from the
  * function instead of exiting would go on as a second copy of this worker,
  * taking tasks and publishing results (or arena blocks) beside it: it exits
@@ -413,6 +436,7 @@ cp_worker_main(void *arg, int slot)
     cp_store_relaxed(&w.ctl->pid, (uint32_t)getpid());
     cp_store_release(&w.ctl->state, CP_W_STARTING);
 
+    call_worker_hook("become_worker", "ii", cp_proc_worker_number(), (int)c->owner);
     run_initializer(&w);
     cp_store_release(&w.ctl->state, CP_W_READY);
 
@@ -423,7 +447,7 @@ cp_worker_main(void *arg, int slot)
         next_record(&w, &h, &payload);
         if (h.kind == CP_K_STOP) {
             cp_ring_release(&w.tq, &h, 1);
-            worker_exit(0);
+            worker_leave();
         }
         if (h.kind == CP_K_FUNC) {
             PyObject *f = read_message(&w, &h, payload);
@@ -495,6 +519,6 @@ cp_worker_main(void *arg, int slot)
         cp_store_release(&w.ctl->running, 0);
         done++;
         if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
-            worker_exit(0);
+            worker_leave();
     }
 }

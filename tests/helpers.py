@@ -369,3 +369,35 @@ def touch(item):
     directory, i = item
     open(os.path.join(directory, str(i)), "w").close()
     return i
+
+
+SHARED_QUEUE = None     # a multiprocessing.Queue a test makes before its pool
+
+
+def put_in_shared_queue(x):
+    SHARED_QUEUE.put(x)
+    return x
+
+
+def whoami(_=None):
+    """How multiprocessing sees this process."""
+    import multiprocessing
+    import sys
+    me = multiprocessing.current_process()
+    parent = multiprocessing.parent_process()
+    return (me.name, me.daemon, len(me._identity),
+            parent.pid if parent is not None else None,
+            parent.is_alive() if parent is not None else None,
+            sys.stdin.read())
+
+
+def register_exit_finalizer(path):
+    """A multiprocessing finalizer that leaves a file when this process
+    exits normally."""
+    from multiprocessing import util
+
+    def leave_trace():
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+    util.Finalize(None, leave_trace, exitpriority=10)
+    return os.getpid()

@@ -1126,3 +1126,48 @@ def test_imap_buffersize_argument(cpool_Pool, method, chunksize):
         else:
             assert len(set(first)) == 10
             assert all(math.isqrt(v) ** 2 == v for v in first)
+
+
+# ------------------------------------------------ the worker's environment
+
+
+def test_inherited_multiprocessing_queue_works_in_workers(Pool):
+    # multiprocessing's after-fork hooks run in the workers: a Queue the
+    # parent has used (its feeder thread started) is reset there, so what
+    # tasks put arrives.
+    q = helpers.SHARED_QUEUE = multiprocessing.Queue()
+    try:
+        q.put("parent")
+        assert q.get(timeout=T) == "parent"
+        with Pool(2) as p:
+            assert p.map(helpers.put_in_shared_queue, range(6)) == list(range(6))
+            assert sorted(q.get(timeout=T) for _ in range(6)) == list(range(6))
+    finally:
+        helpers.SHARED_QUEUE = None
+        q.close()
+        q.join_thread()
+
+
+def test_workers_are_pool_workers_to_multiprocessing(Pool):
+    with Pool(2) as p:
+        seen = p.map(helpers.whoami, range(8), chunksize=1)
+    for name, daemon, depth, parent, parent_alive, stdin in seen:
+        assert name.startswith("ForkPoolWorker-") and daemon is True
+        assert depth == 1 and parent == os.getpid() and parent_alive is True
+        assert stdin == ""                  # /dev/null, not the parent's stdin
+    assert len({name for name, *_ in seen}) <= 2
+
+
+def test_worker_exit_runs_multiprocessing_finalizers(Pool, tmp_path):
+    # A worker that leaves normally (here: its task count is reached) runs
+    # the finalizers registered in it, as multiprocessing's workers do.
+    path = str(tmp_path / "trace")
+    p = Pool(1, maxtasksperchild=1)
+    try:
+        pid = p.apply(helpers.register_exit_finalizer, (path,))
+        p.close()
+        p.join()
+    finally:
+        p.terminate()
+    with open(path) as f:
+        assert f.read() == str(pid)
