@@ -426,6 +426,11 @@ typedef struct cp_module_state {
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
     PyObject *bytesio;       /* io.BytesIO */
+    /* cpool._pickling, imported at the first pickling (msg.c: fp_ready) */
+    PyObject *fp_reducers;   /* ForkingPickler._extra_reducers (a dict) */
+    Py_ssize_t fp_baseline;  /* how many of them are multiprocessing's own */
+    PyObject *fp_dumps;      /* dumps(obj, protocol) with them */
+    PyObject *fp_table;      /* dispatch_table() */
     PyTypeObject *segwriter_type;
     PyTypeObject *shmbuf_type;
     PyTypeObject *arenaref_type;

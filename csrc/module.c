@@ -357,6 +357,9 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->loads);
     Py_VISIT(st->pickler);
     Py_VISIT(st->unpickler);
+    Py_VISIT(st->fp_reducers);
+    Py_VISIT(st->fp_dumps);
+    Py_VISIT(st->fp_table);
     Py_VISIT(st->bytesio);
     Py_VISIT(st->segwriter_type);
     Py_VISIT(st->shmbuf_type);
@@ -375,6 +378,9 @@ module_clear(PyObject *m)
     Py_CLEAR(st->loads);
     Py_CLEAR(st->pickler);
     Py_CLEAR(st->unpickler);
+    Py_CLEAR(st->fp_reducers);
+    Py_CLEAR(st->fp_dumps);
+    Py_CLEAR(st->fp_table);
     Py_CLEAR(st->bytesio);
     Py_CLEAR(st->segwriter_type);
     Py_CLEAR(st->shmbuf_type);

@@ -183,14 +183,59 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
 static PyObject *dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au);
 static void commit_results(SegWriter *w);
 
+/* multiprocessing's reducers (cpool/_pickling.py), imported once: 1 when
+ * they can be used, else 0 (plain pickle then; no exception left set). */
+static int
+fp_ready(void)
+{
+    if (cp_state->fp_dumps != NULL)
+        return 1;
+    PyObject *m = PyImport_ImportModule("cpool._pickling");
+    PyObject *red = m ? PyObject_GetAttrString(m, "EXTRA_REDUCERS") : NULL;
+    PyObject *base = m ? PyObject_GetAttrString(m, "BASELINE") : NULL;
+    PyObject *dumps = m ? PyObject_GetAttrString(m, "dumps") : NULL;
+    PyObject *table = m ? PyObject_GetAttrString(m, "dispatch_table") : NULL;
+    Py_ssize_t n = base ? PyLong_AsSsize_t(base) : -1;
+    Py_XDECREF(m);
+    Py_XDECREF(base);
+    if (red == NULL || !PyDict_Check(red) || n < 0 || dumps == NULL ||
+        table == NULL) {
+        PyErr_Clear();
+        Py_XDECREF(red);
+        Py_XDECREF(dumps);
+        Py_XDECREF(table);
+        return 0;
+    }
+    cp_state->fp_reducers = red;
+    cp_state->fp_baseline = n;
+    cp_state->fp_dumps = dumps;
+    cp_state->fp_table = table;
+    return 1;
+}
+
 PyObject *
 cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
 {
     *oob = 0;
-    if (!big_hint)
-        return PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
+    if (big_hint)
+        return dumps_segmented(obj, oob, au);
+    /* Plain pickle.dumps gives multiprocessing's bytes unless a library
+     * registered reducers with ForkingPickler (then they may apply to
+     * anything) or plain pickle refuses an object that multiprocessing's own
+     * reducers know (a socket): multiprocessing's table is used then. */
+    int fp = fp_ready();
+    if (fp && PyDict_GET_SIZE(cp_state->fp_reducers) > cp_state->fp_baseline)
+        return PyObject_CallFunctionObjArgs(cp_state->fp_dumps, obj,
                                             cp_state->protocol, NULL);
-    return dumps_segmented(obj, oob, au);
+    PyObject *b = PyObject_CallFunctionObjArgs(cp_state->dumps, obj,
+                                               cp_state->protocol, NULL);
+    if (b != NULL || !fp || !PyErr_ExceptionMatches(PyExc_Exception))
+        return b;
+    PyObject *refused = cp_err_take();
+    b = PyObject_CallFunctionObjArgs(cp_state->fp_dumps, obj,
+                                     cp_state->protocol, NULL);
+    Py_DECREF(refused);
+    return b;
 }
 
 static PyObject *
@@ -220,6 +265,14 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     name = PyUnicode_FromString("dump");
     if (p == NULL || name == NULL)
         goto done;
+    if (fp_ready()) {
+        /* multiprocessing's reducers (see cp_msg_dumps) */
+        PyObject *table = PyObject_CallNoArgs(cp_state->fp_table);
+        int rc = table ? PyObject_SetAttrString(p, "dispatch_table", table) : -1;
+        Py_XDECREF(table);
+        if (rc < 0)
+            goto done;
+    }
     pid = PyObject_GetAttrString((PyObject *)w, "pid");
     if (pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0)
         goto done;

@@ -401,3 +401,27 @@ def register_exit_finalizer(path):
             f.write(str(os.getpid()))
     util.Finalize(None, leave_trace, exitpriority=10)
     return os.getpid()
+
+
+def send_hi(sock):
+    sock.sendall(b"hi")
+    return "sent"
+
+
+class Registered:
+    """A type a test registers a ForkingPickler reducer for."""
+
+    def __init__(self, v):
+        self.v = v
+
+
+def rebuild_registered(v):
+    return Registered(("rebuilt", v))
+
+
+def reduce_registered(obj):
+    return rebuild_registered, (obj.v,)
+
+
+def registered_value(obj):
+    return obj.v

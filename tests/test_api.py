@@ -1171,3 +1171,34 @@ def test_worker_exit_runs_multiprocessing_finalizers(Pool, tmp_path):
         p.terminate()
     with open(path) as f:
         assert f.read() == str(pid)
+
+
+# ------------------------------------------- multiprocessing's reducers
+
+
+def test_socket_argument_goes_through_as_with_multiprocessing(Pool):
+    # Plain pickle refuses sockets; multiprocessing's reducers pass them.
+    import socket
+    a, b = socket.socketpair()
+    try:
+        with Pool(1) as p:
+            assert p.apply(helpers.send_hi, (b,)) == "sent"
+            assert a.recv(2) == b"hi"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reducers_registered_with_forkingpickler_apply(Pool):
+    from multiprocessing.reduction import ForkingPickler
+    ForkingPickler.register(helpers.Registered, helpers.reduce_registered)
+    try:
+        with Pool(1) as p:
+            assert p.apply(helpers.registered_value,
+                           (helpers.Registered(4),)) == ("rebuilt", 4)
+            # in a large message too
+            big = [helpers.Registered(5), b"x" * (1 << 20)]
+            got = p.apply(helpers.identity, (big,))
+            assert got[0].v == ("rebuilt", ("rebuilt", 5)) and got[1] == big[1]
+    finally:
+        del ForkingPickler._extra_reducers[helpers.Registered]
