@@ -142,7 +142,7 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
                 return          # ready meanwhile
         if timeout is None:
             got = done.acquire()
-        elif timeout <= 0:
+        elif not timeout > 0:          # NaN too, as threading's wait
             got = done.acquire(False)
         else:
             got = done.acquire(True, timeout)

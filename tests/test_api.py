@@ -1202,3 +1202,14 @@ def test_reducers_registered_with_forkingpickler_apply(Pool):
             assert got[0].v == ("rebuilt", ("rebuilt", 5)) and got[1] == big[1]
     finally:
         del ForkingPickler._extra_reducers[helpers.Registered]
+
+
+def test_get_with_nan_timeout_times_out(Pool, gate):
+    with Pool(1) as p:
+        r = p.apply_async(helpers.gated, (1, gate.path))
+        with pytest.raises(multiprocessing.TimeoutError):
+            r.get(float("nan"))
+        r.wait(float("nan"))
+        assert not r.ready()
+        gate.open()
+        assert r.get(timeout=T) == 1
