@@ -1,4 +1,11 @@
-"""Helpers the C worker loop calls on its error paths (never on the hot path)."""
+"""Helpers the C worker loop calls: at start-up and exit, and on its error
+paths (never on the hot path).  Imported by the parent, before any fork."""
+import itertools
+import os
+import sys
+import multiprocessing.context          # noqa: F401 (become_worker)
+import multiprocessing.process          # noqa: F401
+import multiprocessing.util             # noqa: F401
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
 
@@ -22,32 +29,65 @@ def encoding_error(err, value, ok):
     return wrapped
 
 
-def become_worker(number, parent_pid):
+_devnull = None
+
+
+def prepare():
+    """In the parent, before a pool forks: the workers' stdin (/dev/null,
+    opened once per process and kept, as a module's own file)."""
+    global _devnull
+    if _devnull is None or _devnull.closed:
+        try:
+            _devnull = open(os.devnull, encoding="utf-8")
+        except OSError:
+            _devnull = None
+
+
+def become_worker(number, parent_pid, _modules=sys.modules):
     """Start-up of a worker, as multiprocessing's fork children start (its
     BaseProcess._bootstrap): multiprocessing sees this process as a pool
     worker ("ForkPoolWorker-<n>", a daemon, whose parent_process() is the
     pool's process), stdin is /dev/null, the parent's multiprocessing
     finalizers are dropped, and the after-fork hooks registered with
     multiprocessing.util.register_after_fork run (a multiprocessing.Queue
-    inherited from the parent resets its feeder thread state there)."""
-    import itertools
-    import os
-    from multiprocessing import context, process, util
+    inherited from the parent resets its feeder thread state there).
 
-    parent = process.current_process()
-    me = context.ForkProcess(name="ForkPoolWorker-%d" % number, daemon=True)
+    Every worker runs this before its first task, so it is kept cheap: the
+    modules come from sys.modules (this module and they are imported before
+    the fork), and the process object is filled in directly rather than
+    through BaseProcess.__init__, which this process is not starting."""
+    process = _modules["multiprocessing.process"]
+    util = _modules["multiprocessing.util"]
+    parent = process._current_process
+    me = object.__new__(_modules["multiprocessing.context"].ForkProcess)
     me._identity = parent._identity + (number,)
+    me._config = dict(parent._config, daemon=True)
     me._parent_pid = parent_pid
+    me._parent_name = parent._name
+    me._popen = None
+    me._closed = False
+    me._target = None
+    me._args = ()
+    me._kwargs = {}
+    me._name = "ForkPoolWorker-%d" % number
     process._process_counter = itertools.count(1)
     process._children = set()
-    util._close_stdin()
+    # stdin: multiprocessing closes sys.stdin and opens /dev/null in its
+    # place; the file object is made once, in the parent (prepare()), not
+    # built again by every worker.
+    if sys.stdin is not None:
+        try:
+            sys.stdin.close()
+        except (OSError, ValueError):
+            pass
+        sys.stdin = _devnull
     process._current_process = me
     try:
         sentinel = os.pidfd_open(parent_pid)
     except (AttributeError, OSError):
         sentinel = None         # parent_process() stays None
     if sentinel is not None:
-        process._parent_process = process._ParentProcess(parent.name, parent_pid,
+        process._parent_process = process._ParentProcess(parent._name, parent_pid,
                                                          sentinel)
     util._finalizer_registry.clear()
     util._run_after_forkers()
@@ -57,5 +97,4 @@ def exiting():
     """A worker that leaves normally (the pool is closing, or its task
     count is reached) runs multiprocessing's exit finalizers, as
     multiprocessing's workers do."""
-    from multiprocessing import util
-    util._exit_function()
+    sys.modules["multiprocessing.util"]._exit_function()

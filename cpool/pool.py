@@ -19,6 +19,8 @@ from multiprocessing import TimeoutError
 from multiprocessing import pool as _mp
 
 from . import _core
+from . import _pickling, _worker  # noqa: F401 (before any fork: the workers
+                                  # use them, and inherit them imported)
 from .errors import (PoolBrokenError, PoolTerminatedError, WorkerLostError,
                      describe_status)
 
@@ -617,6 +619,7 @@ class Pool(_core.PoolBase):
         self._maxtasksperchild = maxtasksperchild
         self._initializer = initializer
         self._initargs = initargs
+        _worker.prepare()
         self._core = _core.Core(processes, initializer, tuple(initargs),
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
                                 _make_error, _default_spin_ns(processes))
