@@ -713,29 +713,6 @@ cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
     return 0;
 }
 
-/*
- * A large receive buffer is written once, front to back, right after it is
- * allocated: fresh memory, a page fault per 4 KiB page (the slowest part of
- * receiving 64 MiB on the VMs measured).  Where the system lets a process
- * ask for transparent huge pages (the "madvise" setting, the default of
- * many distributions), its 2 MiB-aligned interior asks, as numpy does for
- * its large arrays: 64 MiB copied into fresh memory took 35 ms so, 15 ms
- * so (medians of 9).  Nothing happens where huge pages are off.
- */
-#define HUGE_PAGE (UINT64_C(2) << 20)
-#define HUGE_MIN (UINT64_C(4) << 20)
-
-static void
-prefer_huge_pages(void *p, uint64_t n)
-{
-    if (n < HUGE_MIN)
-        return;
-    uintptr_t lo = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
-    uintptr_t hi = ((uintptr_t)p + n) & ~(uintptr_t)(HUGE_PAGE - 1);
-    if (hi > lo)
-        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-}
-
 int
 cp_gather_begin_pickle(cp_gather *g, uint64_t n)
 {
@@ -746,12 +723,10 @@ cp_gather_begin_pickle(cp_gather *g, uint64_t n)
         Py_INCREF(b);
     if (b == NULL)
         return -1;
-    if ((uint64_t)PyByteArray_GET_SIZE(b) < n) {
-        if (PyByteArray_Resize(b, (Py_ssize_t)n) < 0) {
-            Py_DECREF(b);
-            return -1;
-        }
-        prefer_huge_pages(PyByteArray_AS_STRING(b), n);
+    if ((uint64_t)PyByteArray_GET_SIZE(b) < n &&
+        PyByteArray_Resize(b, (Py_ssize_t)n) < 0) {
+        Py_DECREF(b);
+        return -1;
     }
     if (*g->scratch == NULL && n <= CP_SCRATCH_KEEP)
         *g->scratch = Py_NewRef(b);
@@ -845,14 +820,12 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
                             NULL, (Py_ssize_t)g->lens[i]);
                         if (g->bufs[i] == NULL)
                             return -1;
-                        prefer_huge_pages(PyBytes_AS_STRING(g->bufs[i]), g->lens[i]);
                         continue;
                     }
                     g->bufs[i] = PyByteArray_FromStringAndSize(NULL, 0);
                     if (g->bufs[i] == NULL ||
                         PyByteArray_Resize(g->bufs[i], (Py_ssize_t)g->lens[i]) < 0)
                         return -1;
-                    prefer_huge_pages(PyByteArray_AS_STRING(g->bufs[i]), g->lens[i]);
                 }
             }
             continue;
