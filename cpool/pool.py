@@ -449,11 +449,19 @@ class _Consumer:
 
     def __del__(self):
         results = self.__dict__.get("_results")
-        if results is not None:
-            try:
+        if results is None:
+            return
+        try:
+            if results._lock.acquire(False):
+                results._lock.release()
                 results._abandon()
-            except Exception:
-                pass            # interpreter shutdown
+            else:
+                # Held, maybe by this very thread: a garbage collection can
+                # run this while the collector or the feeder holds the lock.
+                # Never wait for it here.
+                threading.Thread(target=results._abandon, daemon=True).start()
+        except Exception:
+            pass                # interpreter shutdown
 
 
 class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):

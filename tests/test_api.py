@@ -1049,6 +1049,23 @@ def test_abandoned_imap_still_runs_every_item(Pool, method, tmp_path):
 
 
 @pytest.mark.cpool_only
+def test_iterator_dropped_while_its_lock_is_held_does_not_deadlock(cpool_Pool):
+    # A garbage collection may finalize an abandoned iterator in a thread
+    # that holds the call's lock (the collector delivering results, the
+    # feeder waiting for room): the finalizer must not wait for it.
+    with cpool_Pool(2) as p:
+        it = p.imap(helpers.identity, range(3000))
+        next(it)
+        results = it._results
+        with results._lock:
+            del it              # finalized here, with the lock held
+        deadline = time.monotonic() + T
+        while p._cache and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p._cache == {} and len(results._items) == 0
+
+
+@pytest.mark.cpool_only
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_abandoned_imap_keeps_nothing(cpool_Pool, method):
     # Its results are dropped as they come, and once its input is done the
