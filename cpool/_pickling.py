@@ -17,20 +17,13 @@ from multiprocessing.reduction import ForkingPickler
 EXTRA_REDUCERS = ForkingPickler._extra_reducers      # changed in place
 BASELINE = len(EXTRA_REDUCERS)   # multiprocessing's own (sockets, connections)
 
-_table = None
-_key = None
-
-
 def dispatch_table():
-    """copyreg's table with multiprocessing's reducers over it, as a
-    ForkingPickler has; made again when either gained or lost entries."""
-    global _table, _key
-    key = (len(copyreg.dispatch_table), len(EXTRA_REDUCERS))
-    if key != _key:
-        table = dict(copyreg.dispatch_table)
-        table.update(EXTRA_REDUCERS)
-        _table, _key = table, key
-    return _table
+    """copyreg's table with multiprocessing's reducers over it, made anew
+    for each pickler as ForkingPickler makes it (a reducer registered again
+    for the same type replaces the old one)."""
+    table = dict(copyreg.dispatch_table)
+    table.update(EXTRA_REDUCERS)
+    return table
 
 
 def dumps(obj, protocol=5):

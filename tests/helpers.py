@@ -425,3 +425,11 @@ def reduce_registered(obj):
 
 def registered_value(obj):
     return obj.v
+
+
+def rebuild_registered_again(v):
+    return Registered(("again", v))
+
+
+def reduce_registered_again(obj):
+    return rebuild_registered_again, (obj.v,)

@@ -1217,6 +1217,15 @@ def test_reducers_registered_with_forkingpickler_apply(Pool):
             big = [helpers.Registered(5), b"x" * (1 << 20)]
             got = p.apply(helpers.identity, (big,))
             assert got[0].v == ("rebuilt", ("rebuilt", 5)) and got[1] == big[1]
+            # registered again for the same type: the new reducer applies
+            ForkingPickler.register(helpers.Registered,
+                                    helpers.reduce_registered_again)
+            assert p.apply(helpers.registered_value,
+                           (helpers.Registered(6),)) == ("again", 6)
+            # (the workers keep the table they were forked with, as
+            # multiprocessing's do: their result goes back the old way)
+            got = p.apply(helpers.identity, (big,))
+            assert got[0].v == ("rebuilt", ("again", 5))
     finally:
         del ForkingPickler._extra_reducers[helpers.Registered]
 
