@@ -423,6 +423,12 @@ typedef struct cp_module_state {
     PyObject *str_set;       /* "_set" */
     PyObject *str_set_many;  /* "_set_many" */
     PyObject *str_release;   /* "release" */
+    /* Attribute names used per message, interned: a name made afresh for
+     * each lookup would be a new string at a new address every time, and
+     * CPython's type attribute cache keeps a reference to the names it
+     * caches (up to 4096 strings held for nothing). */
+    PyObject *str_oob, *str_pid, *str_dump, *str_load, *str_getitem,
+             *str_persistent_id, *str_persistent_load, *str_dispatch_table;
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
     PyObject *bytesio;       /* io.BytesIO */

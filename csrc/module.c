@@ -297,6 +297,22 @@ module_exec(PyObject *m)
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
     st->str_release = PyUnicode_InternFromString("release");
+    static const struct { size_t off; const char *name; } names[] = {
+        {offsetof(cp_module_state, str_oob), "oob"},
+        {offsetof(cp_module_state, str_pid), "pid"},
+        {offsetof(cp_module_state, str_dump), "dump"},
+        {offsetof(cp_module_state, str_load), "load"},
+        {offsetof(cp_module_state, str_getitem), "__getitem__"},
+        {offsetof(cp_module_state, str_persistent_id), "persistent_id"},
+        {offsetof(cp_module_state, str_persistent_load), "persistent_load"},
+        {offsetof(cp_module_state, str_dispatch_table), "dispatch_table"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        PyObject *s = PyUnicode_InternFromString(names[i].name);
+        if (s == NULL)
+            return -1;
+        *(PyObject **)((char *)st + names[i].off) = s;
+    }
     if (!st->dumps || !st->loads || !st->pickler || !st->unpickler ||
         !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many ||
         !st->str_release)
@@ -389,6 +405,14 @@ module_clear(PyObject *m)
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->str_set_many);
     Py_CLEAR(st->str_release);
+    Py_CLEAR(st->str_oob);
+    Py_CLEAR(st->str_pid);
+    Py_CLEAR(st->str_dump);
+    Py_CLEAR(st->str_load);
+    Py_CLEAR(st->str_getitem);
+    Py_CLEAR(st->str_persistent_id);
+    Py_CLEAR(st->str_persistent_load);
+    Py_CLEAR(st->str_dispatch_table);
     Py_CLEAR(st->core_type);
     Py_CLEAR(st->result_base);
     Py_CLEAR(st->pool_base);

@@ -253,30 +253,30 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     memset(w->alen, 0, sizeof w->alen);
     memset(w->isbytes, 0, sizeof w->isbytes);
     PyObject *res = NULL, *p = NULL, *r = NULL, *args = NULL, *kw = NULL,
-             *cb = NULL, *name = NULL, *pid = NULL;
+             *cb = NULL, *pid = NULL;
     if (w->segs == NULL || w->oob == NULL)
         goto done;
     args = PyTuple_Pack(2, (PyObject *)w, cp_state->protocol);
-    cb = PyObject_GetAttrString((PyObject *)w, "oob");
+    cb = PyObject_GetAttr((PyObject *)w, cp_state->str_oob);
     kw = cb ? Py_BuildValue("{sO}", "buffer_callback", cb) : NULL;
     if (args == NULL || kw == NULL)
         goto done;
     p = PyObject_Call(cp_state->pickler, args, kw);
-    name = PyUnicode_FromString("dump");
-    if (p == NULL || name == NULL)
+    if (p == NULL)
         goto done;
     if (fp_ready()) {
         /* multiprocessing's reducers (see cp_msg_dumps) */
         PyObject *table = PyObject_CallNoArgs(cp_state->fp_table);
-        int rc = table ? PyObject_SetAttrString(p, "dispatch_table", table) : -1;
+        int rc = table ? PyObject_SetAttr(p, cp_state->str_dispatch_table, table)
+                       : -1;
         Py_XDECREF(table);
         if (rc < 0)
             goto done;
     }
-    pid = PyObject_GetAttrString((PyObject *)w, "pid");
-    if (pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0)
+    pid = PyObject_GetAttr((PyObject *)w, cp_state->str_pid);
+    if (pid == NULL || PyObject_SetAttr(p, cp_state->str_persistent_id, pid) < 0)
         goto done;
-    r = PyObject_CallMethodOneArg(p, name, obj);
+    r = PyObject_CallMethodOneArg(p, cp_state->str_dump, obj);
     if (r == NULL || seg_flush(w) < 0)
         goto done;
     commit_results(w);
@@ -316,7 +316,6 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     *oob = 1;
 done:
     Py_XDECREF(pid);
-    Py_XDECREF(name);
     Py_XDECREF(r);
     Py_XDECREF(p);
     Py_XDECREF(kw);
@@ -893,9 +892,10 @@ cp_gather_finish(cp_gather *g)
         PyObject *file = PyObject_CallOneArg(cp_state->bytesio, mv);
         PyObject *args = file ? PyTuple_Pack(1, file) : NULL;
         PyObject *u = args ? PyObject_Call(cp_state->unpickler, args, kw) : NULL;
-        PyObject *get = u ? PyObject_GetAttrString(table, "__getitem__") : NULL;
-        if (get != NULL && PyObject_SetAttrString(u, "persistent_load", get) == 0)
-            obj = PyObject_CallMethod(u, "load", NULL);
+        PyObject *get = u ? PyObject_GetAttr(table, cp_state->str_getitem) : NULL;
+        if (get != NULL &&
+            PyObject_SetAttr(u, cp_state->str_persistent_load, get) == 0)
+            obj = PyObject_CallMethodNoArgs(u, cp_state->str_load);
         Py_XDECREF(get);
         Py_XDECREF(u);
         Py_XDECREF(args);

@@ -193,7 +193,7 @@ wrap_exception(void)
 {
     PyObject *exc = cp_err_take();
     PyObject *mod = PyImport_ImportModule("cpool._worker");
-    PyObject *name = PyUnicode_FromString("wrap_exception");
+    PyObject *name = PyUnicode_InternFromString("wrap_exception");
     PyObject *w = mod && name ? PyObject_CallMethodOneArg(mod, name, exc) : NULL;
     Py_XDECREF(name);
     Py_XDECREF(mod);

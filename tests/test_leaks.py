@@ -10,6 +10,7 @@ their baseline after creating and shutting down many pools.
 """
 import gc
 import os
+import sys
 import threading
 import tracemalloc
 
@@ -115,6 +116,13 @@ def _batch(p, kind, n):
 def _settle():
     for _ in range(3):
         gc.collect()
+    # CPython's type attribute cache (4096 entries) keeps a reference to each
+    # attribute name it caches.  pickle makes fresh name strings for every
+    # dotted global it saves (numpy's reconstructors), so the cache fills
+    # with them over thousands of calls, which multiprocessing shows too:
+    # bounded interpreter state, not a leak of cpool's, and cleared here.
+    # cpool's own names are checked by test_attribute_names_are_not_fresh.
+    sys._clear_type_cache()
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
@@ -150,6 +158,33 @@ def test_no_growth_between_equal_batches(cpool_Pool, kind):
             tracemalloc.stop()
     assert objs2 - objs1 <= MAX_OBJECT_GROWTH, (objs1, later)
     assert mem2 - mem1 <= MAX_TRACED_GROWTH, (mem1, later)
+
+
+def test_attribute_names_are_not_fresh(cpool_Pool):
+    # A large message is pickled and unpickled through attribute lookups by
+    # name.  A name made afresh for each lookup stays referenced from the type
+    # attribute cache: thousands of dead strings after thousands of calls.
+    # (bytes, not numpy: pickle's own dotted-name lookups for numpy's
+    # reconstructors make fresh strings that are not cpool's.)
+    blob = b"x" * (1 << 20)   # through the arena, by the segmented pickler
+    echo = b"y" * 100_000     # a large result: the persistent-id unpickler
+    with cpool_Pool(2) as p:
+        for _ in range(50):
+            assert p.apply(len, (blob,)) == 1 << 20
+            assert p.apply(helpers.identity, (echo,)) == echo
+        _settle()
+        tracemalloc.start()
+        try:
+            mem1 = tracemalloc.get_traced_memory()[0]
+            for _ in range(300):
+                assert p.apply(len, (blob,)) == 1 << 20
+                assert p.apply(helpers.identity, (echo,)) == echo
+            gc.collect()
+            mem2 = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    # fresh names would hold ~50 bytes each, a few per call: 30+ KiB here
+    assert mem2 - mem1 <= 4096, (mem1, mem2)
 
 
 # ------------------------------------------------------------ pool lifecycle
