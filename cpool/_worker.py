@@ -1,5 +1,6 @@
 """Helpers the C worker loop calls: at start-up and exit, and on its error
 paths (never on the hot path).  Imported by the parent, before any fork."""
+import atexit
 import itertools
 import os
 import sys
@@ -34,13 +35,16 @@ _devnull = None
 
 def prepare():
     """In the parent, before a pool forks: the workers' stdin (/dev/null,
-    opened once per process and kept, as a module's own file)."""
+    opened once per process and kept; closed at exit, so that it is not
+    reported as an unclosed file when the interpreter shuts down)."""
     global _devnull
     if _devnull is None or _devnull.closed:
         try:
             _devnull = open(os.devnull, encoding="utf-8")
         except OSError:
             _devnull = None
+        else:
+            atexit.register(_devnull.close)
 
 
 def become_worker(number, parent_pid, _modules=sys.modules):

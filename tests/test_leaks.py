@@ -267,3 +267,24 @@ def test_pool_lifecycle_with_busy_workers_terminated(cpool_Pool, tmp_path):
     for _ in range(20):
         cycle()
     assert _resources() == (nfds, nthreads, kids)
+
+
+def test_no_unclosed_file_reported_at_exit():
+    # The workers' stdin (/dev/null) is opened once in the parent; it must
+    # not show as an unclosed file when the interpreter shuts down.
+    import subprocess
+    import textwrap
+    code = textwrap.dedent("""
+        import cpool
+        p = cpool.Pool(1)
+        assert p.apply(abs, (-3,)) == 3
+        p.close()
+        p.join()
+        with cpool.Pool(1) as q:
+            assert q.apply(abs, (-4,)) == 4
+        print("ok")
+        """)
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "ResourceWarning" not in out.stderr, out.stderr[-2000:]
