@@ -599,6 +599,13 @@ def test_pool_cannot_be_pickled(Pool):
 def _make_and_drop_running_pool(Pool):
     p = Pool(1)
     assert p.apply(helpers.square, (3,)) == 9
+    # multiprocessing's result thread wakes get() before it drops the
+    # finished result (which refers to the pool) from the pool's cache: wait
+    # for that, or the pool may outlive the reference dropped below
+    deadline = time.monotonic() + helpers.START_TIMEOUT
+    while p._cache and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not p._cache
     # returning drops the only reference while the pool is running
 
 
