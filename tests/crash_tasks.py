@@ -163,3 +163,21 @@ def reuse_doorbell_fd(path):
 def close_all_fds(x):
     os.closerange(3, 1 << 16)
     return x
+
+
+class TwoArgError(Exception):
+    """Pickles as TwoArgError(*args) with one arg: rebuilding it raises
+    TypeError (multiprocessing's result thread dies of that)."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def raise_two_arg_error(x):
+    raise TwoArgError(x, "b")
+
+
+def stop_at_2(x):
+    if x == 2:
+        raise StopIteration("stop at", x)
+    return x

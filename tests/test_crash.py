@@ -127,6 +127,26 @@ def test_parent_cannot_unpickle_result(pool):
     assert pool.map(T.square, range(5)) == [0, 1, 4, 9, 16]
 
 
+def test_exception_that_cannot_be_rebuilt_fails_its_result(pool):
+    # multiprocessing's result thread dies of the rebuild error and every
+    # later result waits forever; here the result fails with that error.
+    rs = [pool.apply_async(T.raise_two_arg_error, (i,)) for i in range(4)]
+    for r in rs:
+        with pytest.raises(TypeError, match="__init__"):
+            r.get(timeout=helpers.START_TIMEOUT)
+    assert pool.map(T.square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_stop_iteration_in_map_fails_the_call(pool):
+    # multiprocessing's worker calls list(map(func, chunk)), where the
+    # StopIteration ends the chunk early: a silently shorter list.
+    for chunksize in (1, 5):
+        with pytest.raises(StopIteration) as ei:
+            pool.map(T.stop_at_2, range(5), chunksize=chunksize)
+        assert ei.value.args == ("stop at", 2)
+    assert pool.map(T.stop_at_2, [0, 1, 3]) == [0, 1, 3]
+
+
 def test_unpicklable_exception_names_type_and_message(pool):
     with pytest.raises(MaybeEncodingError) as ei:
         pool.apply(T.raise_locked_error)
