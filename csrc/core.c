@@ -1240,7 +1240,17 @@ check_owner(Core *c)
 static int
 cacheable(PyObject *f)
 {
-    return PyFunction_Check(f) || PyCFunction_Check(f);
+    if (PyFunction_Check(f))
+        return 1;
+    if (!PyCFunction_Check(f))
+        return 0;
+    /* A built-in function (len, math.sqrt: bound to its module) or one bound
+     * to a class (int.from_bytes) pickles as a name.  A built-in method
+     * bound to an object (d.get, lst.count) pickles a copy of the object, and
+     * compares equal to the same method of the same object after it
+     * changed: never cached. */
+    PyObject *self = PyCFunction_GET_SELF(f);
+    return self == NULL || PyModule_Check(self) || PyType_Check(self);
 }
 
 static int

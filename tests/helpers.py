@@ -433,3 +433,7 @@ def rebuild_registered_again(v):
 
 def reduce_registered_again(obj):
     return rebuild_registered_again, (obj.v,)
+
+
+class WeakDict(dict):
+    """A dict that can be weakly referenced."""

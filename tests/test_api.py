@@ -1246,3 +1246,37 @@ def test_get_with_nan_timeout_times_out(Pool, gate):
         assert not r.ready()
         gate.open()
         assert r.get(timeout=T) == 1
+
+
+def test_bound_builtin_method_sees_its_object_as_it_is_now(Pool):
+    # d.get pickles a copy of d: every call sends the dict as it is then
+    # (two d.get objects compare equal whatever d holds, so a pool that
+    # cached the first pickle would keep answering from the first copy).
+    with Pool(2) as p:
+        d = {"a": 1}
+        assert p.map(d.get, ["a", "b"]) == [1, None]
+        d.update(a=10, b=2)
+        assert p.map(d.get, ["a", "b"]) == [10, 2]
+        assert p.apply(d.get, ("b",)) == 2
+        assert p.apply_async(d.get, ("b",)).get(timeout=T) == 2
+        assert list(p.imap(d.get, ["a", "b"])) == [10, 2]
+        lst = [1, 2, 3]
+        assert p.apply(lst.count, (1,)) == 1
+        lst.extend([1, 1])
+        assert p.apply(lst.count, (1,)) == 3
+        assert p.map(lst.count, [1, 2]) == [3, 1]
+        # builtins bound to a module or a class pickle by name
+        assert p.map(len, ["ab", "c"]) == [2, 1]
+        assert p.map(int.from_bytes, [b"\x01", b"\x02"], chunksize=1) == [1, 2]
+
+
+def test_bound_builtin_method_is_not_kept(Pool):
+    import weakref
+    with Pool(2) as p:
+        d = helpers.WeakDict(a=1)
+        alive = weakref.ref(d)
+        assert p.map(d.get, ["a", "b"]) == [1, None]
+        assert p.apply(d.get, ("a",)) == 1
+        del d
+        gc.collect()
+        assert alive() is None
