@@ -99,6 +99,11 @@ def become_worker(number, parent_pid, _modules=sys.modules):
 
 def exiting():
     """A worker that leaves normally (the pool is closing, or its task
-    count is reached) runs multiprocessing's exit finalizers, as
-    multiprocessing's workers do."""
-    sys.modules["multiprocessing.util"]._exit_function()
+    count is reached) ends as multiprocessing's workers do: it runs
+    multiprocessing's exit finalizers, then waits for the threads its tasks
+    started (non-daemon threads, and the work queued in a
+    concurrent.futures executor), which would otherwise die with it."""
+    try:
+        sys.modules["multiprocessing.util"]._exit_function()
+    finally:
+        sys.modules["threading"]._shutdown()

@@ -435,5 +435,30 @@ def reduce_registered_again(obj):
     return rebuild_registered_again, (obj.v,)
 
 
+def _write_later(path):
+    time.sleep(0.1)
+    with open(path, "w") as f:
+        f.write("done")
+
+
+def start_writer_thread(path):
+    """A task that leaves a non-daemon thread behind, writing path later."""
+    threading.Thread(target=_write_later, args=(path,)).start()
+    return path
+
+
+_executor = None
+
+
+def submit_writer(path):
+    """A task that leaves work queued in a concurrent.futures executor."""
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _executor = ThreadPoolExecutor(1)
+    _executor.submit(_write_later, path)
+    return path
+
+
 class WeakDict(dict):
     """A dict that can be weakly referenced."""

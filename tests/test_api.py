@@ -1280,3 +1280,31 @@ def test_bound_builtin_method_is_not_kept(Pool):
         del d
         gc.collect()
         assert alive() is None
+
+
+def _run_writers(Pool, tmp_path, task, maxtasks):
+    func = helpers.start_writer_thread if task == "thread" else helpers.submit_writer
+    paths = [str(tmp_path / ("out%d" % i)) for i in range(4)]
+    p = Pool(2, maxtasksperchild=maxtasks)
+    try:
+        assert p.map(func, paths, chunksize=1) == paths
+    finally:
+        p.close()
+        p.join()
+    assert sorted(os.listdir(tmp_path)) == ["out%d" % i for i in range(4)]
+
+
+@pytest.mark.parametrize("task", ["thread", "executor"])
+def test_worker_exit_waits_for_the_threads_its_tasks_started(Pool, tmp_path, task):
+    # A worker that leaves at close() finishes as a process does: non-daemon
+    # threads and queued executor work run to the end first.
+    _run_writers(Pool, tmp_path, task, None)
+
+
+@pytest.mark.parametrize("task", ["thread", "executor"])
+def test_retiring_worker_waits_for_the_threads_its_tasks_started(cpool_Pool, tmp_path,
+                                                                 task):
+    # The same for workers that reach maxtasksperchild.  (multiprocessing
+    # loses the plain threads started in the workers it started as
+    # replacements: with maxtasksperchild=1, two of the four files here.)
+    _run_writers(cpool_Pool, tmp_path, task, 1)
