@@ -1245,7 +1245,7 @@ cacheable(PyObject *f)
     if (!PyCFunction_Check(f))
         return 0;
     /* A built-in function (len, math.sqrt: bound to its module) or one bound
-     * to a class (int.from_bytes) pickles as a name.  A built-in method
+     * to a class (bytes.fromhex) pickles as a name.  A built-in method
      * bound to an object (d.get, lst.count) pickles a copy of the object, and
      * compares equal to the same method of the same object after it
      * changed: never cached. */
