@@ -592,6 +592,11 @@ def test_pool_cannot_be_pickled(Pool):
         with pytest.raises(NotImplementedError):
             pickle.dumps(r)
         r.wait(T)
+        # multiprocessing's result thread wakes the waiter before it lets the
+        # result's pool go: wait for that too
+        deadline = time.monotonic() + T
+        while r._pool is not None and time.monotonic() < deadline:
+            time.sleep(0.001)
         with pytest.raises(TypeError):
             pickle.dumps(r)
 
