@@ -182,6 +182,37 @@ def test_cycles_through_a_result_are_collected(cpool_Pool):
         assert [ref() for ref in refs] == [None, None]
 
 
+def test_pending_results_are_tracked_from_completion_on(cpool_Pool, tmp_path):
+    # The garbage collector does not walk results while they are pending
+    # (their pool holds them); completion hands them over to it, so cycles
+    # made through a result while it was pending are collected as usual.
+    import gc
+    import weakref
+    gate = helpers.Gate(tmp_path)
+    with cpool_Pool(1) as p:
+        r1 = p.apply_async(helpers.gated, ([1], gate.path))
+        r2 = p.apply_async(helpers.gated, (2, gate.path))
+        r3 = p.apply_async(helpers.raise_value_error, (3,))
+        rc = p.apply_async(helpers.square, (4,), callback=lambda _: None)
+        assert gc.is_tracked(rc)          # callbacks may refer to the result
+        assert not any(map(gc.is_tracked, (r1, r2, r3)))
+        r2.me = r2                        # r2 -> its attributes -> r2
+        r3.__dict__["me"] = r3
+        gate.open()
+        v1 = r1.get(timeout=T)
+        v1.append(r1)                     # r1 -> _value -> v1 -> r1
+        assert r2.get(timeout=T) == 2
+        with pytest.raises(ValueError) as info:
+            r3.get(timeout=T)
+        info.value.result = r3            # and r3 -> _value -> r3
+        assert rc.get(timeout=T) == 16
+        assert all(map(gc.is_tracked, (r1, r2, r3, rc)))
+        refs = [weakref.ref(r) for r in (r1, r2, r3)]
+        del r1, r2, r3, v1, info
+        gc.collect()
+        assert [ref() for ref in refs] == [None, None, None]
+
+
 def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
     # multiprocessing's attributes are C fields (ResultBase): making and
     # completing a result must not allocate an instance dict.
