@@ -362,6 +362,7 @@ slot_reset(Core *c, int i)
     s->stopping = 0;
     s->corrupt = 0;
     s->sent = 0;
+    s->results = 0;
     s->credit = CREDIT_START;
     Py_CLEAR(s->out_buf);
     s->out_off = 0;
@@ -402,11 +403,29 @@ slot_spawn(Core *c, int i)
     return 0;
 }
 
+/*
+ * How many of the tasks sent to slot s its worker has not finished: those
+ * in its fifo less the results it has published that nobody has read yet.
+ * Credit counts these, not the fifo: the collector reads results only with
+ * the GIL, which a thread submitting a burst holds for up to the switch
+ * interval (5 ms), and the workers would otherwise run out of tasks
+ * meanwhile although their results are there.
+ */
+static size_t
+backlog(cp_slot *s)
+{
+    size_t n = s->fifo.len;
+    if (n < s->credit)
+        return n;      /* the common case, without touching the shared line */
+    uint64_t unread = cp_load_acquire(&s->ctl->results) - s->results;
+    return unread < n ? n - (size_t)unread : 0;
+}
+
 static int
 slot_accepts(Core *c, cp_slot *s)
 {
     return s->live && !s->owner && !s->retiring && !s->stopping && !s->corrupt &&
-           s->out_buf == NULL && s->fifo.len < s->credit && c->state <= CORE_CLOSING;
+           s->out_buf == NULL && backlog(s) < s->credit && c->state <= CORE_CLOSING;
 }
 
 static void
@@ -612,7 +631,7 @@ again:
                 continue;
             if (!slot_accepts(c, s))
                 continue;
-            if (best == NULL || s->fifo.len < best->fifo.len) {
+            if (best == NULL || backlog(s) < backlog(best)) {
                 best = s;
                 bi = i;
             }
@@ -672,6 +691,7 @@ on_result(Core *c, cp_batch *b, cp_slot *s, const cp_rec *h, PyObject *value,
         return;
     }
     cp_task t = fifo_pop_front(&s->fifo);
+    s->results++;
     update_credit(s, h->aux);
     if (value == NULL) {
         /* The parent could not unpickle it: that task gets the error. */

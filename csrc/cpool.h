@@ -157,6 +157,7 @@ typedef struct cp_ctl {
     uint32_t pid;
     uint32_t state;                            /* CP_W_* */
     int32_t arena_part;                        /* its result partition, or -1 */
+    uint64_t results;                          /* results it has published */
     _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
 } cp_ctl;
 
@@ -304,7 +305,8 @@ typedef struct cp_slot {
     int retiring;          /* got maxtasksperchild tasks: send no more */
     int stopping;          /* a STOP record was queued */
     uint64_t sent;         /* tasks sent to the current worker */
-    uint32_t credit;       /* how many tasks may be in flight to it */
+    uint64_t results;      /* of its results, how many were read (on_result) */
+    uint32_t credit;       /* how many of its tasks may be unfinished */
     double avg_us;         /* moving average of its task run time */
     cp_fifo fifo;          /* tasks sent to it, oldest first */
     PyObject *known;       /* set of fids it has been sent */

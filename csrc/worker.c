@@ -11,7 +11,8 @@
  *      that finds this process dead knows which task it held;
  *   2. unpickle the payload (in place in the ring when it is one fragment);
  *   3. run it; pickle (ok, value); publish a CP_K_RESULT record;
- *   4. ctl->running = 0.
+ *   4. ctl->running = 0; ctl->results counts the result (the parent's
+ *      measure of what is still queued here, see backlog() in core.c).
  * Every failure inside 2-3 becomes an error result for that task; only a
  * death of the process loses the task, and the parent reports that one.
  */
@@ -518,6 +519,7 @@ cp_worker_main(void *arg, int slot)
     done:
         cp_store_release(&w.ctl->running, 0);
         done++;
+        cp_store_release(&w.ctl->results, (uint64_t)done);
         if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
             worker_leave();
     }

@@ -25,6 +25,16 @@ _POLL = 0.002
 
 # ---------------------------------------------------------------- plain tasks
 
+#: A multiprocessing.sharedctypes array a test sets before making its pool,
+#: so that forked workers share it (set_flag).
+FLAGS = None
+
+
+def set_flag(i):
+    FLAGS[i] = 1
+    return i
+
+
 def square(x):
     return x * x
 

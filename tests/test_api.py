@@ -859,6 +859,40 @@ def test_many_threads_share_one_pool(Pool):
     assert sorted(done) == list(range(nthreads))
 
 
+def test_a_thread_holding_the_gil_keeps_the_workers_busy(cpool_Pool):
+    # Results are read (by the collector thread) only with the GIL, which a
+    # thread submitting a burst keeps for a whole switch interval.  What the
+    # workers have finished must not count as queued to them meanwhile, or
+    # they run out of work once as many tasks as their credit (at most 1024
+    # each) are unread.  Here the submitting thread never lets the GIL go.
+    import sys
+    from multiprocessing.sharedctypes import RawArray
+    n = 2 * 1024 + 200
+    helpers.FLAGS = RawArray("b", n)       # inherited by the workers
+    interval = sys.getswitchinterval()
+    try:
+        with cpool_Pool(2) as p:
+            assert p.map(helpers.square, range(4)) == [0, 1, 4, 9]
+            stalled = None
+            results = []
+            sys.setswitchinterval(1000.0)
+            for i in range(n):
+                results.append(p.apply_async(helpers.set_flag, (i,)))
+                deadline = time.monotonic() + 10
+                while not helpers.FLAGS[i]:
+                    if time.monotonic() > deadline:
+                        stalled = i
+                        break
+                if stalled is not None:
+                    break
+            sys.setswitchinterval(interval)
+            assert stalled is None, "task %d never ran" % stalled
+            assert [r.get(timeout=T) for r in results] == list(range(n))
+    finally:
+        sys.setswitchinterval(interval)
+        helpers.FLAGS = None
+
+
 @pytest.mark.cpool_only
 def test_nested_pool_inside_worker(cpool_Pool):
     # multiprocessing cannot do this: its workers are daemonic
