@@ -421,11 +421,20 @@ backlog(cp_slot *s)
     return unread < n ? n - (size_t)unread : 0;
 }
 
+/* Whether slot s takes another task now; its backlog in *bl if so. */
+static int
+slot_takes(Core *c, cp_slot *s, size_t *bl)
+{
+    return s->live && !s->owner && !s->retiring && !s->stopping && !s->corrupt &&
+           s->out_buf == NULL && c->state <= CORE_CLOSING &&
+           (*bl = backlog(s)) < s->credit;
+}
+
 static int
 slot_accepts(Core *c, cp_slot *s)
 {
-    return s->live && !s->owner && !s->retiring && !s->stopping && !s->corrupt &&
-           s->out_buf == NULL && backlog(s) < s->credit && c->state <= CORE_CLOSING;
+    size_t bl;
+    return slot_takes(c, s, &bl);
 }
 
 static void
@@ -620,6 +629,7 @@ pump(Core *c)
 again:
     while (c->pending.len) {
         cp_slot *best = NULL;
+        size_t best_bl = 0, bl;
         int bi = -1;
         for (int i = 0; i < c->nslots; i++) {
             cp_slot *s = &c->slots[i];
@@ -629,10 +639,11 @@ again:
             }
             if (i < 64 && (full >> i) & 1)
                 continue;
-            if (!slot_accepts(c, s))
+            if (!slot_takes(c, s, &bl))
                 continue;
-            if (best == NULL || backlog(s) < backlog(best)) {
+            if (best == NULL || bl < best_bl) {
                 best = s;
+                best_bl = bl;
                 bi = i;
             }
         }
