@@ -27,8 +27,8 @@
  * burst of 2*10^4).  Untracked, a pending result only keeps what it holds
  * alive, which is alive anyway: the result is in its pool's cache, which
  * the pool's Core and collector thread hold until the result completes.
- * Completion tracks it (in C, cp_result_complete(); results completed by
- * the Python _set() have callbacks and were never untracked), so a cycle
+ * Completion tracks it (cp_result_complete(), also when it hands the result
+ * to the Python _set() because a callback was set after all), so a cycle
  * made through it meanwhile (an attribute, its value) is collected as usual.
  *
  * A result with a callback or an error callback is completed by its Python
@@ -180,11 +180,16 @@ cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *obj)
 int
 cp_result_complete(PyObject *obj, int ok, PyObject *value)
 {
-    if (Py_TYPE(obj) != result_type)
-        return 0;
     Result *r = (Result *)obj;
-    if (or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None)
+    if (Py_TYPE(obj) != result_type ||
+        or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None) {
+        /* Its _set() completes it.  It may have been made without callbacks
+         * (and so left untracked) and been given one since. */
+        if (PyObject_TypeCheck(obj, cp_state->result_base) &&
+            !PyObject_GC_IsTracked(obj))
+            PyObject_GC_Track(obj);
         return 0;
+    }
     Py_INCREF(obj);       /* the cache, which we remove it from below, may
                            * hold the only reference */
     Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));

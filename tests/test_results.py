@@ -213,6 +213,27 @@ def test_pending_results_are_tracked_from_completion_on(cpool_Pool, tmp_path):
         assert [ref() for ref in refs] == [None, None, None]
 
 
+def test_a_callback_set_while_pending_is_run_and_its_cycle_collected(cpool_Pool,
+                                                                    tmp_path):
+    # Made without callbacks (so left untracked while pending), then given
+    # one: _set() completes it, and the collector tracks it from then on.
+    import gc
+    import weakref
+    gate = helpers.Gate(tmp_path)
+    got = []
+    with cpool_Pool(1) as p:
+        r = p.apply_async(helpers.gated, (5, gate.path))
+        r._callback = got.append
+        r.me = r
+        gate.open()
+        assert r.get(timeout=T) == 5 and got == [5]
+        assert gc.is_tracked(r)
+        ref = weakref.ref(r)
+        del r
+        gc.collect()
+        assert ref() is None
+
+
 def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
     # multiprocessing's attributes are C fields (ResultBase): making and
     # completing a result must not allocate an instance dict.
