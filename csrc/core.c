@@ -412,13 +412,25 @@ slot_spawn(Core *c, int i)
  * meanwhile although their results are there.
  */
 static size_t
-backlog(cp_slot *s)
+unfinished(cp_slot *s)
 {
     size_t n = s->fifo.len;
-    if (n < s->credit)
-        return n;      /* the common case, without touching the shared line */
-    uint64_t unread = cp_load_acquire(&s->ctl->results) - s->results;
+    /* The worker counts a result just after publishing it: the parent may
+     * have read it first, and then its own count is the one ahead. */
+    uint64_t published = cp_load_acquire(&s->ctl->results);
+    if (published <= s->results)
+        return n;
+    uint64_t unread = published - s->results;
     return unread < n ? n - (size_t)unread : 0;
+}
+
+/* unfinished(s), or less when that is below the credit anyway: a fifo
+ * shorter than the credit is the common case, and it is told without
+ * touching the worker's shared line. */
+static size_t
+backlog(cp_slot *s)
+{
+    return s->fifo.len < s->credit ? s->fifo.len : unfinished(s);
 }
 
 /* Whether slot s takes another task now; its backlog in *bl if so. */
@@ -1821,6 +1833,24 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
     return l;
 }
 
+/* [(pid, queued, unfinished)] per slot: the tasks the parent holds as sent
+ * to it, and how many of those its worker has not finished. */
+static PyObject *
+Core_queues(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *l = PyList_New(c->nslots);
+    for (int i = 0; l != NULL && i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        PyObject *t = Py_BuildValue("(lnn)", (long)s->pid, (Py_ssize_t)s->fifo.len,
+                                    (Py_ssize_t)unfinished(s));
+        if (t == NULL)
+            Py_CLEAR(l);
+        else
+            PyList_SET_ITEM(l, i, t);
+    }
+    return l;
+}
+
 /* [(use, live, brk, busy_bytes, busy_blocks)] per arena partition; use is
  * a slot number, "args", "free" or "retired".  None without an arena. */
 static PyObject *
@@ -2091,6 +2121,9 @@ static PyMethodDef Core_methods[] = {
     {"terminate", (PyCFunction)Core_terminate, METH_NOARGS,
      "Kill every worker now and fail whatever is pending."},
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
+    {"queues", (PyCFunction)Core_queues, METH_NOARGS,
+     "Per slot: (pid, tasks sent and not yet answered, of those how many its "
+     "worker has not finished)."},
     {"arena_info", (PyCFunction)Core_arena_info, METH_NOARGS,
      "Per arena partition: (use, blocks the parent wraps, brk, busy bytes, "
      "busy blocks, bytes known populated from its start); None without an "

@@ -11,8 +11,9 @@
  *      that finds this process dead knows which task it held;
  *   2. unpickle the payload (in place in the ring when it is one fragment);
  *   3. run it; pickle (ok, value); publish a CP_K_RESULT record;
- *   4. ctl->running = 0; ctl->results counts the result (the parent's
- *      measure of what is still queued here, see backlog() in core.c).
+ *   4. ctl->results counts the result, right after publishing it (the
+ *      parent's measure of what is still queued here: unfinished() in
+ *      core.c), then ctl->running = 0.
  * Every failure inside 2-3 becomes an error result for that task; only a
  * death of the process loses the task, and the parent reports that one.
  */
@@ -509,12 +510,14 @@ cp_worker_main(void *arg, int slot)
         uint64_t us = (cp_now_ns() - t0) / 1000;
         if (res != NULL) {
             publish(&w, &h, 1, res, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
-            Py_DECREF(res);
+            cp_store_release(&w.ctl->results, (uint64_t)done + 1);
+            Py_DECREF(res);    /* may run anything (__del__) */
         } else {
             exit_if_base_exception();
             PyObject *exc = wrap_exception();
             publish(&w, &h, 0, exc, (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
-            Py_DECREF(exc);
+            cp_store_release(&w.ctl->results, (uint64_t)done + 1);
+            Py_DECREF(exc);    /* and the task's frames, through its traceback */
         }
     done:
         cp_store_release(&w.ctl->running, 0);

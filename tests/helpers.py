@@ -298,6 +298,25 @@ def maybe_gated(value, gate_path=None):
     return value
 
 
+class HoldOnDelete:
+    """A task's value: pickled as the worker's pid; when the worker lets it
+    go (after it sent the result), it waits for `gate_path` first."""
+
+    def __init__(self, gate_path):
+        self.gate_path = gate_path
+        self.pid = os.getpid()
+
+    def __reduce__(self):
+        return (int, (self.pid,))
+
+    def __del__(self):
+        wait_for_path(self.gate_path, GATE_TIMEOUT)
+
+
+def hold_after_result(gate_path):
+    return HoldOnDelete(gate_path)
+
+
 def gated_item(item):
     """Single-argument form for map/imap: item is (value, gate_path_or_None)."""
     value, gate_path = item

@@ -893,6 +893,29 @@ def test_a_thread_holding_the_gil_keeps_the_workers_busy(cpool_Pool):
         helpers.FLAGS = None
 
 
+def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tmp_path):
+    # A worker counts a result (towards its credit) just after sending it, so
+    # the parent may read the result first.  It must not then take the worker
+    # for one with nothing left to do, which sent every pending task to a
+    # worker that was stuck and passed them back and forth with the idle one.
+    gate_a, gate_b = helpers.Gate(tmp_path, "a"), helpers.Gate(tmp_path, "b")
+    with cpool_Pool(2) as p:
+        started = gate_b.started_path()
+        rb = p.apply_async(helpers.gated, ("b", gate_b.path, started))
+        pid_b = gate_b.wait_started(started)
+        ra = p.apply_async(helpers.hold_after_result, (gate_a.path,))
+        pid_a = ra.get(timeout=START_TIMEOUT)   # and the worker waits for gate a
+        assert pid_a != pid_b
+        rt = p.apply_async(helpers.square, (3,))
+        queues = {pid: (queued, unfinished)
+                  for pid, queued, unfinished in p._core.queues()}
+        assert queues == {pid_a: (1, 1), pid_b: (1, 1)}   # rt, rb
+        gate_a.open()
+        gate_b.open()
+        assert rt.get(timeout=START_TIMEOUT) == 9
+        assert rb.get(timeout=START_TIMEOUT) == "b"
+
+
 @pytest.mark.cpool_only
 def test_nested_pool_inside_worker(cpool_Pool):
     # multiprocessing cannot do this: its workers are daemonic
