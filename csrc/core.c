@@ -1841,8 +1841,13 @@ Core_queues(Core *c, PyObject *Py_UNUSED(ignored))
     PyObject *l = PyList_New(c->nslots);
     for (int i = 0; l != NULL && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        PyObject *t = Py_BuildValue("(lnn)", (long)s->pid, (Py_ssize_t)s->fifo.len,
-                                    (Py_ssize_t)unfinished(s));
+        /* A Core whose __init__ failed may have slots without shared memory;
+         * the worker writes its pid before the zygote's report arrives. */
+        long pid = s->pid > 0 ? (long)s->pid
+                 : s->ctl ? (long)cp_load_acquire(&s->ctl->pid) : 0;
+        size_t n = s->fifo.len;
+        PyObject *t = Py_BuildValue("(lnn)", pid, (Py_ssize_t)n,
+                                    (Py_ssize_t)(s->ctl ? unfinished(s) : n));
         if (t == NULL)
             Py_CLEAR(l);
         else

@@ -916,6 +916,15 @@ def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tm
         assert rb.get(timeout=START_TIMEOUT) == "b"
 
 
+def test_queues_of_a_core_whose_init_failed(cpool_Pool):
+    # The diagnostic must not read shared memory that was never made.
+    from cpool import _core
+    core = _core.Core.__new__(_core.Core)
+    with pytest.raises(OSError):
+        core.__init__(2, None, (), 0, 5000, {}, None, 0)   # ring not a power of 2
+    assert core.queues() == [(0, 0, 0), (0, 0, 0)]
+
+
 @pytest.mark.cpool_only
 def test_nested_pool_inside_worker(cpool_Pool):
     # multiprocessing cannot do this: its workers are daemonic
