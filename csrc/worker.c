@@ -36,6 +36,7 @@ typedef struct {
     cp_ctl *ctl;
     cp_ring tq;     /* consumer end of the task ring */
     cp_ring rq;     /* producer end of the result ring */
+    uint64_t results;   /* results published (ctl->results) */
     long spin_ns;
 } wctx;
 
@@ -207,8 +208,10 @@ wrap_exception(void)
     return w;
 }
 
-/* Pickle and publish a result.  A result that cannot be pickled becomes a
- * MaybeEncodingError, as in multiprocessing. */
+/* Pickle and publish a result, and count it for the parent before the
+ * caller lets go of the value (whose __del__ may take any time).  A result
+ * that cannot be pickled becomes a MaybeEncodingError, as in
+ * multiprocessing. */
 static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
@@ -254,6 +257,7 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
                 .index = task->index};
     send_msg(w, &r, data);
     Py_DECREF(data);
+    cp_store_release(&w->ctl->results, ++w->results);
 }
 
 /* func(*args, **kwds)'s keywords: kwds itself if it is a dict (None if it is
@@ -510,19 +514,16 @@ cp_worker_main(void *arg, int slot)
         uint64_t us = (cp_now_ns() - t0) / 1000;
         if (res != NULL) {
             publish(&w, &h, 1, res, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
-            cp_store_release(&w.ctl->results, (uint64_t)done + 1);
             Py_DECREF(res);    /* may run anything (__del__) */
         } else {
             exit_if_base_exception();
             PyObject *exc = wrap_exception();
             publish(&w, &h, 0, exc, (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
-            cp_store_release(&w.ctl->results, (uint64_t)done + 1);
             Py_DECREF(exc);    /* and the task's frames, through its traceback */
         }
     done:
         cp_store_release(&w.ctl->running, 0);
         done++;
-        cp_store_release(&w.ctl->results, (uint64_t)done);
         if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
             worker_leave();
     }
