@@ -916,7 +916,8 @@ def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tm
         assert rb.get(timeout=START_TIMEOUT) == "b"
 
 
-def test_queues_of_a_core_whose_init_failed(cpool_Pool):
+@pytest.mark.cpool_only
+def test_queues_of_a_core_whose_init_failed():
     # The diagnostic must not read shared memory that was never made.
     from cpool import _core
     core = _core.Core.__new__(_core.Core)
