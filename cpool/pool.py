@@ -60,11 +60,12 @@ def _task_name(func):
 
 
 _SYNC_JOB = 1 << 63     # csrc: CP_SYNC_JOB, apply()'s own calls
+_APPLY_JOB = 1 << 62    # csrc: CP_APPLY_JOB, apply() through a result object
 
 
 def _make_error(kind, pid, status, job, index, func):
     """Build the exception for a task the C core could not finish."""
-    if job & _SYNC_JOB:
+    if job & (_SYNC_JOB | _APPLY_JOB):
         task = "%s (an apply() call)" % _task_name(func)
     else:
         task = "%s (job %d, chunk %d)" % (_task_name(func), job, index)
@@ -692,7 +693,7 @@ class Pool(_core.PoolBase):
         # itself, with no result object and no hand-off between threads.
         done = self._core.call(func, args, kwds)
         if done is None:
-            return self.apply_async(func, args, kwds).get()
+            return self._apply_result(func, args, kwds).get()
         if done[0]:
             return done[1]
         raise done[1]

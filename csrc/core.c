@@ -1534,10 +1534,11 @@ Core_submit_slice(Core *c, PyObject *const *args, Py_ssize_t nargs)
 
 /* apply_async() once PoolBase.apply_async() (result.c) has parsed its
  * arguments and checked the pool's state: args are (pool, func, args, kwds,
- * callback, error_callback).  The result object is made here; a task that
+ * callback, error_callback), its job number or'ed with flags
+ * (CP_APPLY_JOB or 0).  The result object is made here; a task that
  * cannot be pickled fails its result, as in multiprocessing. */
 PyObject *
-cp_core_apply_async(PyObject *core, PyObject *const *args)
+cp_core_apply_async(PyObject *core, PyObject *const *args, uint64_t flags)
 {
     if (!Py_IS_TYPE(core, cp_state->core_type)) {
         PyErr_SetString(PyExc_TypeError, "apply_async() needs the pool's Core");
@@ -1547,7 +1548,7 @@ cp_core_apply_async(PyObject *core, PyObject *const *args)
     if (check_owner(c) < 0)
         return NULL;
     uint64_t job;
-    PyObject *r = cp_result_new(args[0], c->cache, args[4], args[5], &job);
+    PyObject *r = cp_result_new(args[0], c->cache, args[4], args[5], flags, &job);
     if (r == NULL)
         return NULL;
     PyObject *body = PyTuple_Pack(2, args[2], args[3]);

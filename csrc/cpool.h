@@ -341,6 +341,9 @@ typedef struct cp_call {
 } cp_call;
 
 #define CP_SYNC_JOB (UINT64_C(1) << 63)
+/* An apply() call that found no idle worker and went through a result
+ * object: it is named as an apply() call in errors, like a synchronous one. */
+#define CP_APPLY_JOB (UINT64_C(1) << 62)
 #define CP_MAX_CALLS 256
 
 typedef struct Core {
@@ -519,7 +522,7 @@ PyObject *cp_codec_loads_py(PyObject *m, PyObject *arg);
 PyObject *cp_result_set_type(PyObject *m, PyObject *const *args, Py_ssize_t nargs);
 void cp_result_clear_types(void);
 PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
-                        PyObject *error_callback, uint64_t *job);
+                        PyObject *error_callback, uint64_t flags, uint64_t *job);
 int cp_result_complete(PyObject *r, int ok, PyObject *value);
 void cp_result_forget(PyObject *r);
 PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
@@ -531,7 +534,8 @@ void cp_worker_main(void *core, int slot);
 
 /* core.c */
 extern PyType_Spec cp_core_spec;
-PyObject *cp_core_apply_async(PyObject *core, PyObject *const *args);
+PyObject *cp_core_apply_async(PyObject *core, PyObject *const *args,
+                              uint64_t flags);
 
 #endif /* Py_PYTHON_H */
 

@@ -109,7 +109,7 @@ cp_result_clear_types(void)
 /* A new ApplyResult of `pool`, registered in `cache`; its job in *job. */
 PyObject *
 cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
-              PyObject *error_callback, uint64_t *job)
+              PyObject *error_callback, uint64_t flags, uint64_t *job)
 {
     if (result_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cpool: result type not registered");
@@ -126,6 +126,16 @@ cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
         return NULL;
     }
     *job = PyLong_AsUnsignedLongLong(r->job);
+    if (flags != 0 && !PyErr_Occurred()) {
+        /* The flag is part of the job number: the key in the cache, _job,
+         * and what the worker sends back. */
+        *job |= flags;
+        Py_SETREF(r->job, PyLong_FromUnsignedLongLong(*job));
+        if (r->job == NULL) {
+            Py_DECREF(r);
+            return NULL;
+        }
+    }
     r->pool = Py_NewRef(pool);
     r->cache = Py_NewRef(cache);
     r->callback = Py_NewRef(callback);
@@ -425,13 +435,11 @@ apply_async_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
     return 0;
 }
 
+/* apply_async() of the parsed arguments v[], its job number or'ed with
+ * `flags`. */
 static PyObject *
-PoolBase_apply_async(PoolBase *self, PyObject *const *args, Py_ssize_t nargs,
-                     PyObject *kwnames)
+pool_apply_async(PoolBase *self, PyObject *const *v, uint64_t flags)
 {
-    PyObject *v[APPLY_ASYNC_NARGS] = {NULL};
-    if (apply_async_args(args, nargs, kwnames, v) < 0)
-        return NULL;
     if (self->state != str_run) {
         int run = self->state != NULL &&
                   PyObject_RichCompareBool(self->state, str_run, Py_EQ);
@@ -449,7 +457,30 @@ PoolBase_apply_async(PoolBase *self, PyObject *const *args, Py_ssize_t nargs,
     PyObject *call[6] = {(PyObject *)self, v[0], v[1] ? v[1] : no_args,
                          v[2] ? v[2] : no_kwds, v[3] ? v[3] : Py_None,
                          v[4] ? v[4] : Py_None};
-    return cp_core_apply_async(self->core, call);
+    return cp_core_apply_async(self->core, call, flags);
+}
+
+static PyObject *
+PoolBase_apply_async(PoolBase *self, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    PyObject *v[APPLY_ASYNC_NARGS] = {NULL};
+    if (apply_async_args(args, nargs, kwnames, v) < 0)
+        return NULL;
+    return pool_apply_async(self, v, 0);
+}
+
+/* _apply_result(func, args, kwds): apply()'s way when no worker is idle,
+ * an ApplyResult whose errors name an apply() call. */
+static PyObject *
+PoolBase_apply_result(PoolBase *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_apply_result(func, args, kwds)");
+        return NULL;
+    }
+    PyObject *v[APPLY_ASYNC_NARGS] = {args[0], args[1], args[2], NULL, NULL};
+    return pool_apply_async(self, v, CP_APPLY_JOB);
 }
 
 static int
@@ -496,6 +527,11 @@ static PyMethodDef PoolBase_methods[] = {
      "apply_async($self, func, args=(), kwds={}, callback=None, error_callback=None)\n"
      "--\n\n"
      "Asynchronous version of apply(): an ApplyResult for func(*args, **kwds)."},
+    {"_apply_result", (PyCFunction)(void (*)(void))PoolBase_apply_result,
+     METH_FASTCALL,
+     "_apply_result($self, func, args, kwds)\n--\n\n"
+     "apply()'s result object when no worker is idle: apply_async(), with\n"
+     "errors that name an apply() call."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -745,8 +745,41 @@ def test_a_task_that_reuses_its_doorbell_fd_loses_no_result(pool, tmp_path):
 
 
 def test_worker_lost_in_apply_names_the_call(pool):
-    assert pool.apply(T.square, (2,)) == 4  # a worker is up and idle: apply()
-    with pytest.raises(WorkerLostError) as info:    # takes its own path
+    # A worker is up and most likely idle: apply() usually takes its own
+    # path, without a result object; either way the error names the call.
+    assert pool.apply(T.square, (2,)) == 4
+    with pytest.raises(WorkerLostError) as info:
         pool.apply(T.kill_self, (signal.SIGKILL,))
     message = str(info.value)
-    assert "an apply() call" in message and "job 9223372036854775" not in message
+    assert "an apply() call" in message and "(job " not in message
+    assert pool.apply(T.square, (3,)) == 9
+
+
+def test_worker_lost_in_apply_names_the_call_when_no_worker_is_idle(pool, gate):
+    held = [pool.apply_async(helpers.gated, (k, gate.path)) for k in range(2)]
+    errors = []
+
+    def call():
+        try:
+            pool.apply(T.kill_self, (signal.SIGKILL,))
+        except WorkerLostError as e:
+            errors.append(e)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    # Both workers are held: the call waits in the pool's cache, as a result
+    # object whose job number carries apply()'s flag.
+    apply_flag = 1 << 62
+    deadline = time.monotonic() + 10
+    while not any(job & apply_flag for job in list(pool._cache)):
+        assert time.monotonic() < deadline, "apply() never queued its task"
+        time.sleep(0.005)
+    gate.open()
+    caller.join(10)
+    assert not caller.is_alive()
+    assert len(errors) == 1
+    message = str(errors[0])
+    assert "an apply() call" in message and "(job " not in message
+    assert "crash_tasks.kill_self" in message
+    assert [r.get(timeout=10) for r in held] == [0, 1]
+    assert pool.apply(T.square, (3,)) == 9
