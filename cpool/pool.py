@@ -6,6 +6,7 @@ results to the result objects.  The result objects are multiprocessing's own
 classes (subclassed only so that a raising callback cannot leave a result
 unset), so get/wait/ready/successful/next behave exactly as there.
 """
+import atexit
 import collections
 import itertools
 import operator
@@ -592,11 +593,34 @@ def _dismiss_feeders(lock, idle):
         feeder.wake.release()
 
 
-def _finalize(core, owner, feed_lock, idle_feeders):
-    # Runs when the Pool is garbage collected or at interpreter exit.
+def _finalize(core, owner, feed_lock, idle_feeders, quiet=None):
+    # Runs when the Pool is garbage collected or at interpreter exit, or
+    # from terminate() (quiet=False).  At exit, results still unfinished are
+    # left so, as multiprocessing leaves them: the threads that could wait for
+    # them are daemon threads, which an error would only wake to print a
+    # traceback during shutdown (and error callbacks would run then).
     if os.getpid() == owner:
-        core.terminate()
+        core.terminate(_exiting if quiet is None else quiet)
         _dismiss_feeders(feed_lock, idle_feeders)
+
+
+_exiting = False            # set by _at_exit(), before pools are finalized
+_exit_hook = False          # _at_exit() is registered in this process
+
+
+def _at_exit():
+    global _exiting
+    _exiting = True
+
+
+def _register_exit_hook():
+    # atexit runs its functions last registered first: registered after the
+    # first weakref.finalize exists, this one runs before weakref's own
+    # exit function finalizes the pools.
+    global _exit_hook
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_at_exit)
 
 
 class Pool(_core.PoolBase):
@@ -640,6 +664,7 @@ class Pool(_core.PoolBase):
         self._terminate = weakref.finalize(self, _finalize, self._core,
                                            self._owner, self._feed_lock,
                                            self._idle_feeders)
+        _register_exit_hook()
         self._state = RUN
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
@@ -968,7 +993,9 @@ class Pool(_core.PoolBase):
         if os.getpid() != self._owner:
             return          # a forked child's copy (see close())
         self._dismiss_idle_feeders()
-        self._terminate()
+        finalizer = self._terminate.detach()
+        if finalizer is not None:
+            _finalize(*finalizer[2], quiet=False)
         with self._feed_lock:
             waiting = list(self._feeders.values())
         for result in waiting:

@@ -327,6 +327,10 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
 static void
 fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
 {
+    if (kind == CP_E_TERMINATED && c->quiet) {
+        task_clear(t);
+        return;
+    }
     PyObject *exc = PyObject_CallFunction(
         c->make_error, "iiiKKO", kind, (int)pid, status,
         (unsigned long long)t->job, (unsigned long long)t->index,
@@ -1799,14 +1803,27 @@ Core_close(Core *c, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(Core_terminate_doc,
+"terminate(quiet=False)\n--\n\n"
+"Kill every worker now and fail whatever is unfinished, or, quiet (at\n"
+"interpreter exit), leave it unfinished: no errors and no callbacks run.");
+
 static PyObject *
-Core_terminate(Core *c, PyObject *Py_UNUSED(ignored))
+Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "terminate() takes at most 1 argument");
+        return NULL;
+    }
+    int quiet = nargs ? PyObject_IsTrue(args[0]) : 0;
+    if (quiet < 0)
+        return NULL;
     if (check_owner(c) < 0)
         return NULL;
     if (c->state == CORE_TERMINATED || c->state == CORE_DONE) {
         Py_RETURN_NONE;
     }
+    c->quiet = quiet;
     c->state = CORE_TERMINATED;
     /* The collector fails what is unfinished and exits while we wait for the
      * processes to go. */
@@ -2124,8 +2141,8 @@ static PyMethodDef Core_methods[] = {
      "Run the collector loop until the pool is done (call from its own thread)."},
     {"close", (PyCFunction)Core_close, METH_NOARGS,
      "Finish queued work, then stop the workers."},
-    {"terminate", (PyCFunction)Core_terminate, METH_NOARGS,
-     "Kill every worker now and fail whatever is pending."},
+    {"terminate", (PyCFunction)(void (*)(void))Core_terminate, METH_FASTCALL,
+     Core_terminate_doc},
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
     {"queues", (PyCFunction)Core_queues, METH_NOARGS,
      "Per slot: (pid, tasks sent and not yet answered, of those how many its "

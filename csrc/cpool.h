@@ -360,6 +360,9 @@ typedef struct Core {
     int zpidfd;
     pid_t zpid;
     int state;             /* CORE_* */
+    int quiet;             /* terminated at interpreter exit: results that
+                              were unfinished are left so, as multiprocessing
+                              leaves them (no errors, no callbacks) */
     int collecting;        /* the collector loop is running */
     cp_call *calls[CP_MAX_CALLS];  /* synchronous calls waiting */
     int ncalls;

@@ -308,6 +308,46 @@ def test_interpreter_exit_with_open_pool_is_clean():
     assert _gone([int(x) for x in lines[0].split()], 2.0)
 
 
+@pytest.mark.parametrize("module", ["cpool", "multiprocessing"])
+def test_daemon_threads_waiting_at_interpreter_exit_are_left_waiting(module):
+    # As multiprocessing does: the pool goes at exit, and what daemon threads
+    # still wait for stays unfinished; no error wakes them to print a
+    # traceback during shutdown, and no error callback runs then.
+    code = """
+        import threading, time
+        from %s import Pool
+        import crash_tasks as T
+        p = Pool(2)
+        pids = [p._core.zygote_pid] + p._core.pids() if hasattr(p, "_core") else []
+        print(*pids, flush=True)
+        r = p.apply_async(T.c_sleep, (30,),
+                          error_callback=lambda e: print("error_callback", e))
+        def wait(call):
+            print("woke", call(), flush=True)
+        calls = [lambda: p.apply(T.c_sleep, (30,)),
+                 lambda: p.map(T.c_sleep, [30] * 3),
+                 lambda: list(p.imap(T.c_sleep, [30, 30])),
+                 r.get]
+        for call in calls:
+            threading.Thread(target=wait, args=(call,), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while len(p._cache) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)        # apply() has no result object on its fast path
+        print("exit", len(p._cache) >= 3, flush=True)
+    """ % module
+    t0 = time.monotonic()
+    out = _run(code)
+    assert time.monotonic() - t0 < 10
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[1] == "exit True", out.stdout
+    assert "woke" not in out.stdout and "error_callback" not in out.stdout
+    assert "Traceback" not in out.stderr and "Exception in thread" not in out.stderr
+    if module == "cpool":
+        assert _gone([int(x) for x in lines[0].split()], 2.0)
+
+
 def test_ctrl_c_while_waiting_is_prompt_and_quiet():
     code = """
         import os, signal, threading, time
