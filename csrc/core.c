@@ -47,6 +47,9 @@
  * number (the worker's wake-ups then land in the file) delays that worker's
  * results, it does not lose them.  (Idle, this is two wake-ups a second.) */
 #define RING_CHECK_MS 500
+/* A worker's oldest task left unclaimed this long while another worker is
+ * idle is given to the idle one (see steal_for_idle). */
+#define STALL_NS 5000000
 
 /* ----------------------------------------------------------------- fifo */
 
@@ -367,6 +370,8 @@ slot_reset(Core *c, int i)
     s->corrupt = 0;
     s->sent = 0;
     s->results = 0;
+    s->stall_seq = 0;
+    s->stalled = 0;
     s->credit = CREDIT_START;
     Py_CLEAR(s->out_buf);
     s->out_off = 0;
@@ -437,12 +442,25 @@ backlog(cp_slot *s)
     return s->fifo.len < s->credit ? s->fifo.len : unfinished(s);
 }
 
+/* A worker whose oldest task was taken from it (steal_for_idle) takes no
+ * more until it moves again, past that task's record: else that task, or
+ * the next, would go straight back to it. */
+static int
+still_stalled(cp_slot *s)
+{
+    if (cp_load_acquire(&s->tq.h->head) <= s->stall_pos)
+        return 1;
+    s->stalled = 0;
+    return 0;
+}
+
 /* Whether slot s takes another task now; its backlog in *bl if so. */
 static int
 slot_takes(Core *c, cp_slot *s, size_t *bl)
 {
     return s->live && !s->owner && !s->retiring && !s->stopping && !s->corrupt &&
            s->out_buf == NULL && c->state <= CORE_CLOSING &&
+           !(s->stalled && still_stalled(s)) &&
            (*bl = backlog(s)) < s->credit;
 }
 
@@ -579,29 +597,94 @@ update_credit(cp_slot *s, uint32_t run_us)
               : want > CREDIT_MAX ? CREDIT_MAX : (uint32_t)want;
 }
 
-/*
- * Take back queued, unclaimed tasks from busy workers when others are idle
- * and nothing is pending: a task must never wait behind a long (or stuck)
- * one while a worker is free, as with multiprocessing's shared queue.  Only
- * whole messages at the back of a worker's queue are taken, never its
- * oldest task (it may be running); the CAS on the record's state decides
- * against the worker's own claim.  Returns how many were moved to pending.
- */
+/* Whether the worker of slot d has not yet read task t's record (so it can
+ * still be taken back: the CAS on the record's state then decides). */
 static int
-steal_for_idle(Core *c)
+unread_task(cp_slot *d, cp_task *t)
 {
-    int idle = 0, moved = 0;
+    return t->rec != NULL && cp_load_acquire(&d->tq.h->head) <= t->rec_pos &&
+           cp_load_acquire(&t->rec->state) == CP_T_QUEUED;
+}
+
+/* Slot d's oldest task is unclaimed while another worker is idle: since
+ * when?  0 if it is not unclaimed.  Its worker is between tasks, which
+ * normally lasts microseconds: longer, it is held up (a long __del__ of its
+ * last value, the garbage collector, no CPU) or still in its initializer. */
+static uint64_t
+unclaimed_since(cp_slot *d, uint64_t now)
+{
+    cp_task *t = fifo_front(&d->fifo);
+    if (!d->live || d->owner || d->corrupt || d->out_buf != NULL ||
+        t == NULL || !unread_task(d, t))
+        return 0;
+    if (d->stall_seq != t->seq) {
+        d->stall_seq = t->seq;
+        d->stall_ns = now;
+    }
+    return d->stall_ns;
+}
+
+static int
+idle_slots(Core *c)
+{
+    int idle = 0;
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         if (slot_accepts(c, s) && s->fifo.len == 0)
             idle++;
     }
+    return idle;
+}
+
+/* How long the collector may sleep before an oldest task left unclaimed
+ * while a worker is idle should be taken (at least 1 ms); -1: no such task. */
+static int
+stall_wait_ms(Core *c)
+{
+    if (c->pending.len || c->state > CORE_CLOSING || idle_slots(c) == 0)
+        return -1;
+    uint64_t now = cp_now_ns();
+    int wait = -1;
+    for (int i = 0; i < c->nslots; i++) {
+        uint64_t since = unclaimed_since(&c->slots[i], now);
+        if (since == 0)
+            continue;
+        uint64_t due = since + STALL_NS;
+        int ms = due > now ? (int)((due - now + 999999) / 1000000) : 1;
+        if (ms < 1)
+            ms = 1;
+        if (wait < 0 || ms < wait)
+            wait = ms;
+    }
+    return wait;
+}
+
+/*
+ * Take back queued, unclaimed tasks from busy workers when others are idle
+ * and nothing is pending: a task must never wait behind a long (or stuck)
+ * one while a worker is free, as with multiprocessing's shared queue.  Whole
+ * messages at the back of a worker's queue are taken at once; its oldest
+ * task (usually running) only once it has been left unclaimed for STALL_NS.
+ * The CAS on the record's state decides against the worker's own claim.
+ * Returns how many were moved to pending.
+ */
+static int
+steal_for_idle(Core *c)
+{
+    int idle = idle_slots(c), moved = 0;
+    uint64_t now = idle ? cp_now_ns() : 0;
     for (int i = 0; i < c->nslots && moved < idle; i++) {
         cp_slot *d = &c->slots[i];
         if (!d->live || d->owner || d->corrupt || d->out_buf != NULL)
             continue;
-        while (d->fifo.len >= 2 && moved < idle) {
+        while (d->fifo.len >= 1 && moved < idle) {
             cp_task *t = fifo_at(&d->fifo, d->fifo.len - 1);
+            int oldest = d->fifo.len == 1;
+            if (oldest) {
+                uint64_t since = unclaimed_since(d, now);
+                if (since == 0 || now - since < STALL_NS)
+                    break;
+            }
             if (t->rec == NULL ||
                 cp_load_acquire(&d->tq.h->head) > t->rec_pos)
                 break;
@@ -610,6 +693,10 @@ steal_for_idle(Core *c)
                                              CP_T_STOLEN, 0, __ATOMIC_ACQ_REL,
                                              __ATOMIC_ACQUIRE))
                 break;
+            if (oldest) {
+                d->stalled = 1;
+                d->stall_pos = t->rec_pos;
+            }
             cp_task st = fifo_pop_back(&d->fifo);
             st.rec = NULL;
             st.seq = 0;
@@ -1256,6 +1343,9 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         }
         if (timeout_ms < 0 || timeout_ms > RING_CHECK_MS)
             timeout_ms = RING_CHECK_MS;
+        int stall_ms = stall_wait_ms(c);
+        if (stall_ms > 0 && stall_ms < timeout_ms)
+            timeout_ms = stall_ms;
         c->asleep = 1;
         Py_BEGIN_ALLOW_THREADS
         collector_sleep(c, watch, timeout_ms);

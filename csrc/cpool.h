@@ -309,6 +309,10 @@ typedef struct cp_slot {
     uint32_t credit;       /* how many of its tasks may be unfinished */
     double avg_us;         /* moving average of its task run time */
     cp_fifo fifo;          /* tasks sent to it, oldest first */
+    uint64_t stall_seq;    /* its oldest task, found unclaimed at stall_ns */
+    uint64_t stall_ns;     /* while another worker was idle */
+    int stalled;           /* that task was taken: send it nothing until */
+    uint64_t stall_pos;    /* its worker's ring head passes this */
     PyObject *known;       /* set of fids it has been sent */
     uint32_t last_fid;     /* fid of the last task sent (known), or 0 */
     /* message being streamed to it (only the newest fifo task) */

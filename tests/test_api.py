@@ -916,6 +916,50 @@ def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tm
         assert rb.get(timeout=START_TIMEOUT) == "b"
 
 
+def test_a_task_queued_at_a_worker_held_up_between_tasks_goes_to_an_idle_one(
+        cpool_Pool, tmp_path):
+    # Worker a sent its result and is held up letting go of it; a task queued
+    # to it meanwhile must not wait for it while worker b is idle (with
+    # multiprocessing's shared queue, an idle worker takes it).
+    gate_a, gate_b = helpers.Gate(tmp_path, "a"), helpers.Gate(tmp_path, "b")
+    try:
+        with cpool_Pool(2) as p:
+            started = gate_b.started_path()
+            rb = p.apply_async(helpers.gated, ("b", gate_b.path, started))
+            pid_b = gate_b.wait_started(started)
+            ra = p.apply_async(helpers.hold_after_result, (gate_a.path,))
+            pid_a = ra.get(timeout=START_TIMEOUT)  # a now waits for gate a
+            assert pid_a != pid_b
+            rt = p.apply_async(os.getpid)          # queued at a: b is busy
+            queues = {pid: queued for pid, queued, _ in p._core.queues()}
+            assert queues == {pid_a: 1, pid_b: 1}
+            gate_b.open()
+            assert rb.get(timeout=START_TIMEOUT) == "b"
+            assert rt.get(timeout=START_TIMEOUT) == pid_b
+            # Nothing is sent to a while it is held up (it would only be
+            # taken back later); b runs it all.
+            more = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
+            queues = {pid: queued for pid, queued, _ in p._core.queues()}
+            assert queues[pid_a] == 0
+            assert [r.get(timeout=START_TIMEOUT) for r in more] == \
+                [(k * k, pid_b) for k in range(20)]
+            gate_a.open()
+            # Once a moves again, it takes work again.
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                rs = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
+                a_queued = {pid: q for pid, q, _ in p._core.queues()}.get(pid_a, 0)
+                assert [r.get(timeout=START_TIMEOUT)[0] for r in rs] == \
+                    [k * k for k in range(20)]
+                if a_queued or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            assert a_queued
+    finally:
+        gate_a.open()
+        gate_b.open()
+
+
 @pytest.mark.cpool_only
 def test_queues_of_a_core_whose_init_failed():
     # The diagnostic must not read shared memory that was never made.
