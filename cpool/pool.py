@@ -182,7 +182,24 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
 class MapResult(_mp.MapResult):
     """multiprocessing's MapResult with the same guarantee as ApplyResult."""
 
+    _quiet = False      # failed by a quiet terminate (_fail_quietly)
+
+    def ready(self):
+        return self._quiet or self._event.is_set()
+
+    def _fail_quietly(self, exc):
+        # At interpreter exit (see _finalize): failed for whoever asks from
+        # now on; those already waiting are not woken, callbacks do not run.
+        if self._success:
+            self._success = False
+            self._value = exc
+        self._quiet = True
+        self._cache.pop(self._job, None)
+        self._pool = None
+
     def wait(self, timeout=None):
+        if self._quiet:
+            return
         if not self._event.is_set():
             pool = self._pool
             if pool is not None and pool._owner != os.getpid():
@@ -234,6 +251,7 @@ class IMapIterator(_mp.IMapIterator):
     the feeder may run ahead by at least 15/16 of the bound meanwhile."""
 
     _by_consumer = True
+    _quiet_exc = None   # failed by a quiet terminate (_fail_quietly)
 
     def _init_bound(self, n):
         # The conditions' lock itself: `with self._lock` is what `with
@@ -281,6 +299,18 @@ class IMapIterator(_mp.IMapIterator):
                 if owed > 0:
                     self._give_room(owed)
 
+    def _fail_quietly(self, exc):
+        """At interpreter exit (see _finalize): a consumer that comes from
+        now on gets `exc` once the results that are there are taken; one
+        that waits already is not woken.  The feeder stops, and what it
+        would still report is dropped."""
+        with self._lock:
+            if self._quiet_exc is None:
+                self._quiet_exc = exc
+            self._stopped = True
+            self._room_cond.notify_all()     # the feeder, not the consumers
+            self._cache.pop(self._job, None)
+
     # -- collector side
     def _arrived(self, obj):
         # self._cond's lock held: one more result can be consumed.
@@ -289,6 +319,8 @@ class IMapIterator(_mp.IMapIterator):
 
     def _set(self, i, obj):
         with self._lock:
+            if self._quiet_exc is not None:
+                return
             if self._index == i:
                 self._arrived(obj)
                 unsorted = self._unsorted
@@ -344,6 +376,8 @@ class IMapIterator(_mp.IMapIterator):
 
     def _set_length(self, length):
         with self._lock:
+            if self._quiet_exc is not None:
+                return
             self._length = length
             if self._index == self._length:
                 self._cond.notify()
@@ -377,6 +411,8 @@ class IMapIterator(_mp.IMapIterator):
                     self._pool = None
                     self._cond.notify_all()     # other consumers stop too
                     raise StopIteration from None
+                if self._quiet_exc is not None:
+                    raise self._quiet_exc
                 if timeout is None:
                     self._cond.wait()
                     continue
@@ -471,6 +507,8 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
 
     def _set(self, i, obj):
         with self._lock:
+            if self._quiet_exc is not None:
+                return
             self._arrived(obj)
             if self._cond._waiters:
                 self._cond.notify()
@@ -594,33 +632,34 @@ def _dismiss_feeders(lock, idle):
 
 
 def _finalize(core, owner, feed_lock, idle_feeders, quiet=None):
-    # Runs when the Pool is garbage collected or at interpreter exit, or
-    # from terminate() (quiet=False).  At exit, results still unfinished are
-    # left so, as multiprocessing leaves them: the threads that could wait for
-    # them are daemon threads, which an error would only wake to print a
-    # traceback during shutdown (and error callbacks would run then).
+    # Runs when the Pool is garbage collected, at interpreter exit
+    # (_exit_pools), or from terminate() (quiet=False).  At exit the threads
+    # that may still wait for results are daemon threads: an error would only
+    # wake them to print a traceback during shutdown (and error callbacks
+    # would run then), so the termination is quiet: unfinished results fail
+    # only for whoever asks from now on (say, a later atexit function), as
+    # multiprocessing leaves them pending and its waiters waiting.
     if os.getpid() == owner:
         core.terminate(_exiting if quiet is None else quiet)
         _dismiss_feeders(feed_lock, idle_feeders)
 
 
-_exiting = False            # set by _at_exit(), before pools are finalized
-_exit_hook = False          # _at_exit() is registered in this process
+_exiting = False                # _exit_pools() has run
+_live_pools = weakref.WeakSet()
 
 
-def _at_exit():
+def _exit_pools():
+    """Terminate the pools still open, quietly.  Registered when this module
+    is imported, as multiprocessing registers its own exit function, so that
+    atexit functions registered after `import cpool` run while the pools
+    still work, as they do with multiprocessing."""
     global _exiting
     _exiting = True
+    for pool in list(_live_pools):
+        pool._finalize_now(quiet=True)
 
 
-def _register_exit_hook():
-    # atexit runs its functions last registered first: registered after the
-    # first weakref.finalize exists, this one runs before weakref's own
-    # exit function finalizes the pools.
-    global _exit_hook
-    if not _exit_hook:
-        _exit_hook = True
-        atexit.register(_at_exit)
+atexit.register(_exit_pools)
 
 
 class Pool(_core.PoolBase):
@@ -664,7 +703,10 @@ class Pool(_core.PoolBase):
         self._terminate = weakref.finalize(self, _finalize, self._core,
                                            self._owner, self._feed_lock,
                                            self._idle_feeders)
-        _register_exit_hook()
+        # _exit_pools() terminates it at exit; one made after that (by a
+        # later atexit function) is left to weakref's own exit function.
+        self._terminate.atexit = _exiting
+        _live_pools.add(self)
         self._state = RUN
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
@@ -993,14 +1035,20 @@ class Pool(_core.PoolBase):
         if os.getpid() != self._owner:
             return          # a forked child's copy (see close())
         self._dismiss_idle_feeders()
-        finalizer = self._terminate.detach()
-        if finalizer is not None:
-            _finalize(*finalizer[2], quiet=False)
+        self._finalize_now(quiet=False)
         with self._feed_lock:
             waiting = list(self._feeders.values())
         for result in waiting:
             # Wake a feeder that waits for room; it sees TERMINATE and stops.
             result._stop_feeding()
+
+    def _finalize_now(self, quiet):
+        # The finalizer, run now if it has not run.  Not by calling it: once
+        # weakref's own exit function has started, that does nothing.
+        finalizer = self._terminate.detach()
+        if finalizer is not None:
+            _, func, args, _ = finalizer
+            func(*args, quiet=quiet)
 
     def join(self):
         """Wait for the workers to exit (after close() or terminate())."""

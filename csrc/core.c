@@ -238,6 +238,18 @@ typedef struct {
     PyObject *items;   /* list of (index, (ok, value)) */
 } cp_batch;
 
+/* r.name(arg), what it raises reported as unraisable.  Steals r and arg. */
+static void
+call_result_method(PyObject *r, PyObject *name, PyObject *arg)
+{
+    PyObject *res = PyObject_CallMethodOneArg(r, name, arg);
+    if (res == NULL)
+        PyErr_WriteUnraisable(r);
+    Py_XDECREF(res);
+    Py_DECREF(arg);
+    Py_DECREF(r);
+}
+
 static void
 batch_flush(cp_batch *b)
 {
@@ -246,12 +258,7 @@ batch_flush(cp_batch *b)
     PyObject *r = b->r, *items = b->items;
     b->r = NULL;
     b->items = NULL;
-    PyObject *res = PyObject_CallMethodOneArg(r, cp_state->str_set_many, items);
-    if (res == NULL)
-        PyErr_WriteUnraisable(r);
-    Py_XDECREF(res);
-    Py_DECREF(items);
-    Py_DECREF(r);
+    call_result_method(r, cp_state->str_set_many, items);
 }
 
 /* Does r have _set_many?  The answer is kept per type (the last of each
@@ -326,21 +333,41 @@ deliver_batched(Core *c, cp_batch *b, uint64_t job, uint64_t index, int ok,
     Py_DECREF(item);
 }
 
+/* A quiet terminate's deliver(): the result object fails for whoever asks
+ * from now on, without waking those who wait already (at interpreter exit,
+ * daemon threads: see Core.terminate).  A synchronous call's waiter is left
+ * waiting.  Steals `exc`. */
+static void
+deliver_quietly(Core *c, uint64_t job, PyObject *exc)
+{
+    PyObject *r = (job & CP_SYNC_JOB) ? NULL : lookup_result(c, job);
+    if (r == NULL) {
+        Py_DECREF(exc);
+        return;
+    }
+    if (PyObject_TypeCheck(r, cp_state->result_base)) {
+        cp_result_fail_quietly(r, exc);
+        return;
+    }
+    /* map and imap results (pool.py); r is borrowed from the cache, which
+     * _fail_quietly() removes it from. */
+    call_result_method(Py_NewRef(r), cp_state->str_fail_quietly, exc);
+}
+
 /* Fail a task with an error built by the pool's make_error(). */
 static void
 fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
 {
-    if (kind == CP_E_TERMINATED && c->quiet) {
-        task_clear(t);
-        return;
-    }
     PyObject *exc = PyObject_CallFunction(
         c->make_error, "iiiKKO", kind, (int)pid, status,
         (unsigned long long)t->job, (unsigned long long)t->index,
         t->func ? t->func : Py_None);
     if (exc == NULL)
         exc = cp_err_take();
-    deliver(c, t->job, t->index, 0, exc);
+    if (kind == CP_E_TERMINATED && c->quiet)
+        deliver_quietly(c, t->job, exc);
+    else
+        deliver(c, t->job, t->index, 0, exc);
     task_clear(t);
 }
 
@@ -1796,7 +1823,9 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
                 break;
         }
         Py_END_ALLOW_THREADS
-        if (!seen)
+        /* Terminated: drain() reads nothing more, and a quiet terminate
+         * leaves the mailbox empty: wait as for a long task. */
+        if (!seen || c->state >= CORE_TERMINATED)
             break;
         if (s->owner && s->live && !cp_load_acquire(&call.ready))
             drain(c, s, DRAIN_BUDGET);
@@ -1895,8 +1924,9 @@ Core_close(Core *c, PyObject *Py_UNUSED(ignored))
 
 PyDoc_STRVAR(Core_terminate_doc,
 "terminate(quiet=False)\n--\n\n"
-"Kill every worker now and fail whatever is unfinished, or, quiet (at\n"
-"interpreter exit), leave it unfinished: no errors and no callbacks run.");
+"Kill every worker now and fail whatever is unfinished.  Quiet (at\n"
+"interpreter exit), the results fail only for those who ask from now on:\n"
+"threads already waiting are not woken, and no callback runs.");
 
 static PyObject *
 Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)

@@ -364,9 +364,9 @@ typedef struct Core {
     int zpidfd;
     pid_t zpid;
     int state;             /* CORE_* */
-    int quiet;             /* terminated at interpreter exit: results that
-                              were unfinished are left so, as multiprocessing
-                              leaves them (no errors, no callbacks) */
+    int quiet;             /* terminated at interpreter exit: unfinished
+                              results fail without waking their waiters or
+                              running callbacks (deliver_quietly) */
     int collecting;        /* the collector loop is running */
     cp_call *calls[CP_MAX_CALLS];  /* synchronous calls waiting */
     int ncalls;
@@ -434,6 +434,7 @@ typedef struct cp_module_state {
     PyObject *protocol;      /* int 5 */
     PyObject *str_set;       /* "_set" */
     PyObject *str_set_many;  /* "_set_many" */
+    PyObject *str_fail_quietly;  /* "_fail_quietly" */
     PyObject *str_release;   /* "release" */
     /* Attribute names used per message, interned: a name made afresh for
      * each lookup would be a new string at a new address every time, and
@@ -532,6 +533,7 @@ PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
                         PyObject *error_callback, uint64_t flags, uint64_t *job);
 int cp_result_complete(PyObject *r, int ok, PyObject *value);
 void cp_result_forget(PyObject *r);
+int cp_result_fail_quietly(PyObject *r, PyObject *exc);
 PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
 extern PyType_Spec cp_result_base_spec;
 extern PyType_Spec cp_pool_base_spec;

@@ -296,6 +296,7 @@ module_exec(PyObject *m)
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
+    st->str_fail_quietly = PyUnicode_InternFromString("_fail_quietly");
     st->str_release = PyUnicode_InternFromString("release");
     static const struct { size_t off; const char *name; } names[] = {
         {offsetof(cp_module_state, str_oob), "oob"},
@@ -315,6 +316,7 @@ module_exec(PyObject *m)
     }
     if (!st->dumps || !st->loads || !st->pickler || !st->unpickler ||
         !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many ||
+        !st->str_fail_quietly ||
         !st->str_release)
         return -1;
     st->segwriter_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &cp_segwriter_spec, NULL);
@@ -404,6 +406,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->protocol);
     Py_CLEAR(st->str_set);
     Py_CLEAR(st->str_set_many);
+    Py_CLEAR(st->str_fail_quietly);
     Py_CLEAR(st->str_release);
     Py_CLEAR(st->str_oob);
     Py_CLEAR(st->str_pid);

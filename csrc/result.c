@@ -227,6 +227,33 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
     return 1;
 }
 
+/* At interpreter exit (a quiet terminate): the result fails with `exc` for
+ * whoever asks from now on, but the threads already waiting for it are not
+ * woken (_done stays held) and no callback runs; see Core.terminate().
+ * Returns 0, or -1 if obj is not a ResultBase.  Steals `exc`. */
+int
+cp_result_fail_quietly(PyObject *obj, PyObject *exc)
+{
+    if (!PyObject_TypeCheck(obj, cp_state->result_base)) {
+        Py_DECREF(exc);
+        return -1;
+    }
+    Result *r = (Result *)obj;
+    Py_INCREF(obj);
+    Py_XSETREF(r->success, Py_NewRef(Py_False));
+    Py_XSETREF(r->value, exc);
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+    r->ready = 1;
+    PyObject *cache = or_none(r->cache), *job = or_none(r->job);
+    if ((PyDict_CheckExact(cache) ? PyDict_DelItem(cache, job)
+                                  : PyObject_DelItem(cache, job)) < 0)
+        PyErr_Clear();
+    Py_CLEAR(r->pool);
+    Py_DECREF(obj);
+    return 0;
+}
+
 /* A result whose task was never queued, dropped by its caller (the error
  * is raised instead): out of the cache, and its pool let go, so that
  * neither keeps the other. */

@@ -348,6 +348,100 @@ def test_daemon_threads_waiting_at_interpreter_exit_are_left_waiting(module):
         assert _gone([int(x) for x in lines[0].split()], 2.0)
 
 
+@pytest.mark.parametrize("module", ["cpool", "multiprocessing.pool"])
+def test_atexit_functions_registered_after_import_still_have_the_pool(module):
+    # multiprocessing ends its pools from an exit function registered when
+    # it is imported; cpool too, so those registered later find them working.
+    code = """
+        import atexit
+        from %s import Pool
+        import crash_tasks as T
+        results = []
+        atexit.register(lambda: print("at exit", results[0].get(timeout=10),
+                                      results[1].get(timeout=10), flush=True))
+        p = Pool(2)
+        # still running when the main thread ends
+        results.append(p.apply_async(T.sleep_then, (7, 0.3)))
+        results.append(p.starmap_async(T.sleep_then, [(k, 0.1) for k in range(3)]))
+        print("main", results[0].ready(), results[1].ready(), flush=True)
+    """ % module
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "main False False\nat exit 7 [0, 1, 2]\n"
+
+
+def test_waits_that_start_after_the_exit_termination_raise_instead_of_hanging():
+    # An exit function registered before cpool was imported runs after its
+    # pools are gone (multiprocessing would wait forever there).
+    code = """
+        import atexit, time
+        def late():
+            for name, wait in [("apply", lambda: r.get()),
+                               ("map", lambda: m.get()),
+                               ("imap", lambda: list(it))]:
+                t0 = time.monotonic()
+                try:
+                    wait()
+                except Exception as e:
+                    print(name, type(e).__name__, "%.1f" % (time.monotonic() - t0))
+        atexit.register(late)
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(2)
+        r = p.apply_async(T.c_sleep, (30,))
+        m = p.map_async(T.c_sleep, [30] * 4, chunksize=1)
+        it = p.imap(T.c_sleep, [30] * 4)
+    """
+    t0 = time.monotonic()
+    out = _run(code)
+    assert time.monotonic() - t0 < 10
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n") == [
+        "apply PoolTerminatedError 0.0", "map PoolTerminatedError 0.0",
+        "imap PoolTerminatedError 0.0", ""]
+    assert "Traceback" not in out.stderr
+
+
+def test_apply_callers_left_waiting_by_the_exit_termination_do_not_spin():
+    # A synchronous apply() caller whose worker had sent its result when the
+    # pool was ended quietly waits (asleep) like the others, not on the CPU.
+    code = """
+        import os, threading, time
+        from cpool import Pool
+        callers = []
+        def loop(p):
+            try:
+                while True:
+                    p.apply(abs, (1,))
+            except Exception:
+                pass
+        for attempt in range(12):
+            p = Pool(1)
+            t = threading.Thread(target=loop, args=(p,), daemon=True)
+            t.start()
+            time.sleep(0.02)
+            p._core.terminate(True)      # what the exit function does
+            callers.append(t)
+        def cpu():
+            total = 0
+            for t in callers:
+                try:
+                    with open("/proc/self/task/%d/stat" % t.native_id) as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except FileNotFoundError:
+                    continue             # it ended (raised, and returned)
+                total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
+        time.sleep(0.1)
+        c0 = cpu()
+        time.sleep(0.5)
+        print("%.2f" % (cpu() - c0))
+    """
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 0.15, out.stdout
+
+
 def test_ctrl_c_while_waiting_is_prompt_and_quiet():
     code = """
         import os, signal, threading, time
