@@ -657,6 +657,18 @@ def _exit_pools():
     _exiting = True
     for pool in list(_live_pools):
         pool._finalize_now(quiet=True)
+        # An imap call with nothing queued (its feeder waits for room or for
+        # its input) is not among the core's tasks: fail it quietly too, so
+        # its feeder stops and reports nothing more.
+        with pool._feed_lock:
+            feeding = list(pool._feeders.values())
+        for result in feeding:
+            result._fail_quietly(PoolTerminatedError(
+                "the pool was terminated at interpreter exit"))
+        # The collector fails the unfinished results: let it, so that a wait
+        # that starts after this finds them failed rather than waits forever.
+        if pool._collector is not threading.current_thread():
+            pool._collector.join(5)
 
 
 atexit.register(_exit_pools)

@@ -663,15 +663,35 @@ idle_slots(Core *c)
     return idle;
 }
 
-/* How long the collector may sleep before an oldest task left unclaimed
- * while a worker is idle should be taken (at least 1 ms); -1: no such task. */
+/* How long the collector may sleep (at least 1 ms), or -1 for as long as it
+ * likes, given workers that may be held up:
+ * - an oldest task left unclaimed while a worker is idle is due to be taken
+ *   STALL_NS after it was first seen so;
+ * - a worker between tasks (nothing queued) that is not waiting for one may
+ *   be held up: a task given to it while the collector sleeps (apply(),
+ *   apply_async() from another thread) must be seen in time, so look again
+ *   within STALL_NS (a healthy one is asleep on its ring after a short spin);
+ * - a worker held back after a task was taken from it (stalled) is let go
+ *   only when seen to move again: with work pending, look again within
+ *   STALL_NS. */
 static int
 stall_wait_ms(Core *c)
 {
-    if (c->pending.len || c->state > CORE_CLOSING || idle_slots(c) == 0)
+    if (c->state > CORE_CLOSING)
         return -1;
-    uint64_t now = cp_now_ns();
+    const int stall_ms = (int)(STALL_NS / 1000000);
     int wait = -1;
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (!s->live || s->owner || s->corrupt || s->stopping)
+            continue;
+        if ((s->fifo.len == 0 && !cp_load_relaxed(&s->tq.h->cons_sleep)) ||
+            (s->stalled && c->pending.len))
+            wait = stall_ms;
+    }
+    if (c->pending.len || idle_slots(c) == 0)
+        return wait;
+    uint64_t now = cp_now_ns();
     for (int i = 0; i < c->nslots; i++) {
         uint64_t since = unclaimed_since(&c->slots[i], now);
         if (since == 0)

@@ -893,6 +893,19 @@ def test_a_thread_holding_the_gil_keeps_the_workers_busy(cpool_Pool):
         helpers.FLAGS = None
 
 
+def _hold_up_a_while_b_is_busy(p, gate_a, gate_b):
+    """Worker b runs a task held by gate b; worker a sends a result and is
+    then held up letting go of its value until gate a opens.  Returns b's
+    result and the pids of a and b."""
+    started = gate_b.started_path()
+    rb = p.apply_async(helpers.gated, ("b", gate_b.path, started))
+    pid_b = gate_b.wait_started(started)
+    ra = p.apply_async(helpers.hold_after_result, (gate_a.path,))
+    pid_a = ra.get(timeout=START_TIMEOUT)
+    assert pid_a != pid_b
+    return rb, pid_a, pid_b
+
+
 def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tmp_path):
     # A worker counts a result (towards its credit) just after sending it, so
     # the parent may read the result first.  It must not then take the worker
@@ -900,12 +913,7 @@ def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tm
     # worker that was stuck and passed them back and forth with the idle one.
     gate_a, gate_b = helpers.Gate(tmp_path, "a"), helpers.Gate(tmp_path, "b")
     with cpool_Pool(2) as p:
-        started = gate_b.started_path()
-        rb = p.apply_async(helpers.gated, ("b", gate_b.path, started))
-        pid_b = gate_b.wait_started(started)
-        ra = p.apply_async(helpers.hold_after_result, (gate_a.path,))
-        pid_a = ra.get(timeout=START_TIMEOUT)   # and the worker waits for gate a
-        assert pid_a != pid_b
+        rb, pid_a, pid_b = _hold_up_a_while_b_is_busy(p, gate_a, gate_b)
         rt = p.apply_async(helpers.square, (3,))
         queues = {pid: (queued, unfinished)
                   for pid, queued, unfinished in p._core.queues()}
@@ -916,48 +924,66 @@ def test_a_worker_held_up_after_its_result_still_counts_its_queue(cpool_Pool, tm
         assert rb.get(timeout=START_TIMEOUT) == "b"
 
 
-def test_a_task_queued_at_a_worker_held_up_between_tasks_goes_to_an_idle_one(
-        cpool_Pool, tmp_path):
-    # Worker a sent its result and is held up letting go of it; a task queued
-    # to it meanwhile must not wait for it while worker b is idle (with
-    # multiprocessing's shared queue, an idle worker takes it).
+@pytest.fixture
+def a_held_up(cpool_Pool, tmp_path):
+    """A pool of 2 after _hold_up_a_while_b_is_busy(); both gates are opened
+    at the end whatever happens."""
     gate_a, gate_b = helpers.Gate(tmp_path, "a"), helpers.Gate(tmp_path, "b")
     try:
         with cpool_Pool(2) as p:
-            started = gate_b.started_path()
-            rb = p.apply_async(helpers.gated, ("b", gate_b.path, started))
-            pid_b = gate_b.wait_started(started)
-            ra = p.apply_async(helpers.hold_after_result, (gate_a.path,))
-            pid_a = ra.get(timeout=START_TIMEOUT)  # a now waits for gate a
-            assert pid_a != pid_b
-            rt = p.apply_async(os.getpid)          # queued at a: b is busy
-            queues = {pid: queued for pid, queued, _ in p._core.queues()}
-            assert queues == {pid_a: 1, pid_b: 1}
-            gate_b.open()
-            assert rb.get(timeout=START_TIMEOUT) == "b"
-            assert rt.get(timeout=START_TIMEOUT) == pid_b
-            # Nothing is sent to a while it is held up (it would only be
-            # taken back later); b runs it all.
-            more = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
-            queues = {pid: queued for pid, queued, _ in p._core.queues()}
-            assert queues[pid_a] == 0
-            assert [r.get(timeout=START_TIMEOUT) for r in more] == \
-                [(k * k, pid_b) for k in range(20)]
-            gate_a.open()
-            # Once a moves again, it takes work again.
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                rs = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
-                a_queued = {pid: q for pid, q, _ in p._core.queues()}.get(pid_a, 0)
-                assert [r.get(timeout=START_TIMEOUT)[0] for r in rs] == \
-                    [k * k for k in range(20)]
-                if a_queued or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
-            assert a_queued
+            rb, pid_a, pid_b = _hold_up_a_while_b_is_busy(p, gate_a, gate_b)
+            yield types.SimpleNamespace(p=p, gate_a=gate_a, gate_b=gate_b,
+                                        rb=rb, pid_a=pid_a, pid_b=pid_b)
     finally:
         gate_a.open()
         gate_b.open()
+
+
+def test_a_task_queued_at_a_worker_held_up_between_tasks_goes_to_an_idle_one(
+        a_held_up):
+    # Worker a sent its result and is held up letting go of it; a task queued
+    # to it meanwhile must not wait for it while worker b is idle (with
+    # multiprocessing's shared queue, an idle worker takes it).
+    h = a_held_up
+    p, pid_a, pid_b = h.p, h.pid_a, h.pid_b
+    rt = p.apply_async(os.getpid)          # queued at a: b is busy
+    queues = {pid: queued for pid, queued, _ in p._core.queues()}
+    assert queues == {pid_a: 1, pid_b: 1}
+    h.gate_b.open()
+    assert h.rb.get(timeout=START_TIMEOUT) == "b"
+    assert rt.get(timeout=START_TIMEOUT) == pid_b
+    # Nothing is sent to a while it is held up (it would only be taken back
+    # later); b runs it all.
+    more = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
+    queues = {pid: queued for pid, queued, _ in p._core.queues()}
+    assert queues[pid_a] == 0
+    assert [r.get(timeout=START_TIMEOUT) for r in more] == \
+        [(k * k, pid_b) for k in range(20)]
+    h.gate_a.open()
+    # Once a moves again, it takes work again.
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        rs = [p.apply_async(helpers.square_and_pid, (k,)) for k in range(20)]
+        a_queued = {pid: q for pid, q, _ in p._core.queues()}.get(pid_a, 0)
+        assert [r.get(timeout=START_TIMEOUT)[0] for r in rs] == \
+            [k * k for k in range(20)]
+        if a_queued or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert a_queued
+
+
+def test_apply_sent_to_a_worker_held_up_between_tasks_is_run_by_another(a_held_up):
+    # apply() takes a worker with nothing queued, which a held-up one is.
+    h = a_held_up
+    # b is busy, so the call goes to a; b is let go meanwhile.
+    opener = threading.Timer(0.2, h.gate_b.open)
+    opener.start()
+    try:
+        assert h.p.apply(os.getpid) == h.pid_b
+    finally:
+        opener.join()
+    assert h.rb.get(timeout=START_TIMEOUT) == "b"
 
 
 @pytest.mark.cpool_only

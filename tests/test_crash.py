@@ -314,7 +314,8 @@ def test_daemon_threads_waiting_at_interpreter_exit_are_left_waiting(module):
     # still wait for stays unfinished; no error wakes them to print a
     # traceback during shutdown, and no error callback runs then.
     code = """
-        import threading, time
+        import atexit, threading, time
+        atexit.register(time.sleep, 0.6)   # exit work after the pools are gone
         from %s import Pool
         import crash_tasks as T
         p = Pool(2)
@@ -330,18 +331,30 @@ def test_daemon_threads_waiting_at_interpreter_exit_are_left_waiting(module):
                  r.get]
         for call in calls:
             threading.Thread(target=wait, args=(call,), daemon=True).start()
+        # An imap call with nothing queued at exit: its input is slow.
+        q = Pool(1)
+        first = []
+        def slow_input():
+            yield 1
+            time.sleep(0.3)
+            yield 2
+        def consume():
+            it = q.imap(T.square, slow_input())
+            first.append(next(it))
+            print("woke", list(it), flush=True)
+        threading.Thread(target=consume, daemon=True).start()
         deadline = time.monotonic() + 10
-        while len(p._cache) < 3 and time.monotonic() < deadline:
+        while (len(p._cache) < 3 or not first) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)        # apply() has no result object on its fast path
-        print("exit", len(p._cache) >= 3, flush=True)
+        print("exit", len(p._cache) >= 3, first, flush=True)
     """ % module
     t0 = time.monotonic()
     out = _run(code)
     assert time.monotonic() - t0 < 10
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split("\n")
-    assert lines[1] == "exit True", out.stdout
+    assert lines[1] == "exit True [1]", out.stdout
     assert "woke" not in out.stdout and "error_callback" not in out.stdout
     assert "Traceback" not in out.stderr and "Exception in thread" not in out.stderr
     if module == "cpool":
