@@ -655,20 +655,27 @@ def _exit_pools():
     still work, as they do with multiprocessing."""
     global _exiting
     _exiting = True
-    for pool in list(_live_pools):
-        pool._finalize_now(quiet=True)
-        # An imap call with nothing queued (its feeder waits for room or for
-        # its input) is not among the core's tasks: fail it quietly too, so
-        # its feeder stops and reports nothing more.
+    # Only this process's own pools: a forked child's copies are not its to
+    # end, and their locks may have been held by threads it does not have.
+    me = os.getpid()
+    pools = [pool for pool in list(_live_pools) if pool._owner == me]
+    for pool in pools:
+        # imap calls first: one whose feeder is reading its input is not
+        # among the core's tasks, and it must stop before the core refuses
+        # its next items (their error would wake its consumer).
         with pool._feed_lock:
             feeding = list(pool._feeders.values())
         for result in feeding:
             result._fail_quietly(PoolTerminatedError(
                 "the pool was terminated at interpreter exit"))
-        # The collector fails the unfinished results: let it, so that a wait
-        # that starts after this finds them failed rather than waits forever.
+        pool._finalize_now(quiet=True)
+    # The collectors fail the unfinished results: let them, so that a wait
+    # that starts after this finds them failed rather than waits forever
+    # (within one deadline for all: a callback may be blocked).
+    deadline = time.monotonic() + 5
+    for pool in pools:
         if pool._collector is not threading.current_thread():
-            pool._collector.join(5)
+            pool._collector.join(max(0.0, deadline - time.monotonic()))
 
 
 atexit.register(_exit_pools)

@@ -674,18 +674,33 @@ idle_slots(Core *c)
  * - a worker held back after a task was taken from it (stalled) is let go
  *   only when seen to move again: with work pending, look again within
  *   STALL_NS. */
+/* A worker past its initializer with nothing queued, which could take a
+ * task back from a held-up one. */
+static int
+ready_and_idle(Core *c, cp_slot *s)
+{
+    return s->fifo.len == 0 && slot_accepts(c, s) &&
+           cp_load_acquire(&s->ctl->state) == CP_W_READY;
+}
+
 static int
 stall_wait_ms(Core *c)
 {
     if (c->state > CORE_CLOSING)
         return -1;
     const int stall_ms = (int)(STALL_NS / 1000000);
-    int wait = -1;
+    int wait = -1, ready_idle = 0;
+    for (int i = 0; i < c->nslots; i++)
+        ready_idle += ready_and_idle(c, &c->slots[i]);
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         if (!s->live || s->owner || s->corrupt || s->stopping)
             continue;
-        if ((s->fifo.len == 0 && !cp_load_relaxed(&s->tq.h->cons_sleep)) ||
+        /* (Polling for a held-up worker helps only if another could take
+         * its task; a stalled one is given nothing anyway.) */
+        if ((s->fifo.len == 0 && !s->stalled &&
+             !cp_load_relaxed(&s->tq.h->cons_sleep) &&
+             ready_idle > ready_and_idle(c, s)) ||
             (s->stalled && c->pending.len))
             wait = stall_ms;
     }

@@ -455,6 +455,73 @@ def test_apply_callers_left_waiting_by_the_exit_termination_do_not_spin():
     assert float(out.stdout) < 0.15, out.stdout
 
 
+def test_an_imap_feeding_at_exit_stops_before_the_pool_refuses_its_items():
+    # Its feeder is stopped before the pool is ended: an item it sent in
+    # between was refused, and that error woke the consumer (a daemon
+    # thread) during shutdown.  (A consumer that asks for its next item
+    # after the end gets PoolTerminatedError, as any later wait does.)
+    code = """
+        import threading, time
+        from cpool import Pool
+        import crash_tasks as T
+        def endless():
+            i = 0
+            while True:
+                time.sleep(0.001)
+                yield i
+                i += 1
+        p = Pool(2)
+        def consume():
+            for _ in p.imap(T.square, endless()):
+                pass
+        threading.Thread(target=consume, daemon=True).start()
+        time.sleep(0.2)
+    """
+    for _ in range(5):
+        out = _run(code)
+        assert out.returncode == 0, out.stderr
+        assert "Pool not running" not in out.stderr, out.stderr
+
+
+def test_forked_children_exit_while_the_parents_threads_use_the_pool():
+    # A child's exit must not touch its copies of the parent's pools: their
+    # locks may have been held, at the fork, by threads it does not have.
+    code = """
+        import os, sys, threading, time
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(2)
+        stop = False
+        def consumer():
+            while not stop:
+                for _ in p.imap(T.square, range(50)):
+                    pass
+        threads = [threading.Thread(target=consumer, daemon=True)
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        hung = 0
+        for k in range(20):
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)             # a normal exit: atexit functions run
+            deadline = time.monotonic() + 5
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    hung += 1
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.002)
+        stop = True
+        print("hung", hung)
+    """
+    out = _run(code, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["hung", "0"], out.stdout + out.stderr
+
+
 def test_ctrl_c_while_waiting_is_prompt_and_quiet():
     code = """
         import os, signal, threading, time
