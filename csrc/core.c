@@ -627,10 +627,9 @@ update_credit(cp_slot *s, uint32_t run_us)
 /* Whether the worker of slot d has not yet read task t's record (so it can
  * still be taken back: the CAS on the record's state then decides). */
 static int
-unread_task(cp_slot *d, cp_task *t)
+record_unread(cp_slot *d, cp_task *t)
 {
-    return t->rec != NULL && cp_load_acquire(&d->tq.h->head) <= t->rec_pos &&
-           cp_load_acquire(&t->rec->state) == CP_T_QUEUED;
+    return t->rec != NULL && cp_load_acquire(&d->tq.h->head) <= t->rec_pos;
 }
 
 /* Slot d's oldest task is unclaimed while another worker is idle: since
@@ -642,7 +641,8 @@ unclaimed_since(cp_slot *d, uint64_t now)
 {
     cp_task *t = fifo_front(&d->fifo);
     if (!d->live || d->owner || d->corrupt || d->out_buf != NULL ||
-        t == NULL || !unread_task(d, t))
+        t == NULL || !record_unread(d, t) ||
+        cp_load_acquire(&t->rec->state) != CP_T_QUEUED)
         return 0;
     if (d->stall_seq != t->seq) {
         d->stall_seq = t->seq;
@@ -663,6 +663,15 @@ idle_slots(Core *c)
     return idle;
 }
 
+/* A worker past its initializer with nothing queued, which could take a
+ * task back from a held-up one. */
+static int
+ready_and_idle(Core *c, cp_slot *s)
+{
+    return s->fifo.len == 0 && slot_accepts(c, s) &&
+           cp_load_acquire(&s->ctl->state) == CP_W_READY;
+}
+
 /* How long the collector may sleep (at least 1 ms), or -1 for as long as it
  * likes, given workers that may be held up:
  * - an oldest task left unclaimed while a worker is idle is due to be taken
@@ -674,15 +683,6 @@ idle_slots(Core *c)
  * - a worker held back after a task was taken from it (stalled) is let go
  *   only when seen to move again: with work pending, look again within
  *   STALL_NS. */
-/* A worker past its initializer with nothing queued, which could take a
- * task back from a held-up one. */
-static int
-ready_and_idle(Core *c, cp_slot *s)
-{
-    return s->fifo.len == 0 && slot_accepts(c, s) &&
-           cp_load_acquire(&s->ctl->state) == CP_W_READY;
-}
-
 static int
 stall_wait_ms(Core *c)
 {
@@ -713,8 +713,6 @@ stall_wait_ms(Core *c)
             continue;
         uint64_t due = since + STALL_NS;
         int ms = due > now ? (int)((due - now + 999999) / 1000000) : 1;
-        if (ms < 1)
-            ms = 1;
         if (wait < 0 || ms < wait)
             wait = ms;
     }
@@ -747,8 +745,7 @@ steal_for_idle(Core *c)
                 if (since == 0 || now - since < STALL_NS)
                     break;
             }
-            if (t->rec == NULL ||
-                cp_load_acquire(&d->tq.h->head) > t->rec_pos)
+            if (!record_unread(d, t))
                 break;
             uint32_t expect = CP_T_QUEUED;
             if (!__atomic_compare_exchange_n(&t->rec->state, &expect,

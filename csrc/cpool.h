@@ -533,7 +533,7 @@ PyObject *cp_result_new(PyObject *pool, PyObject *cache, PyObject *callback,
                         PyObject *error_callback, uint64_t flags, uint64_t *job);
 int cp_result_complete(PyObject *r, int ok, PyObject *value);
 void cp_result_forget(PyObject *r);
-int cp_result_fail_quietly(PyObject *r, PyObject *exc);
+void cp_result_fail_quietly(PyObject *r, PyObject *exc);
 PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
 extern PyType_Spec cp_result_base_spec;
 extern PyType_Spec cp_pool_base_spec;

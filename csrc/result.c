@@ -184,6 +184,38 @@ cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *obj)
     return lock;
 }
 
+/* Set r's outcome (stealing `value`), mark it ready, release its _done lock
+ * if `wake` and it has one, and take it out of the cache; as _set's
+ * finally: clause, every step is attempted. */
+static void
+set_result(Result *r, int ok, PyObject *value, int wake)
+{
+    PyObject *obj = (PyObject *)r;
+    Py_INCREF(obj);       /* the cache, which we remove it from below, may
+                           * hold the only reference */
+    Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
+    Py_XSETREF(r->value, value);
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);     /* untracked while pending */
+    r->ready = 1;
+    if (wake && r->done != NULL && r->done != Py_None) {
+        PyObject *res = PyObject_CallMethodNoArgs(r->done, str_release);
+        if (res == NULL)
+            PyErr_WriteUnraisable(obj);
+        Py_XDECREF(res);
+    }
+    PyObject *cache = or_none(r->cache), *job = or_none(r->job);
+    if ((PyDict_CheckExact(cache) ? PyDict_DelItem(cache, job)
+                                  : PyObject_DelItem(cache, job)) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        else
+            PyErr_WriteUnraisable(obj);
+    }
+    Py_CLEAR(r->pool);    /* last: dropping the pool may run anything */
+    Py_DECREF(obj);
+}
+
 /* Complete r as ApplyResult._set(0, (ok, value)) does, when r is one of ours
  * without callbacks.  Returns 1 if done (and steals `value`), 0 if r needs
  * its _set() (value not stolen). */
@@ -200,58 +232,18 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
             PyObject_GC_Track(obj);
         return 0;
     }
-    Py_INCREF(obj);       /* the cache, which we remove it from below, may
-                           * hold the only reference */
-    Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
-    Py_XSETREF(r->value, value);
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);     /* untracked while pending */
-    /* From here on, as _set's finally: clause, every step is attempted. */
-    r->ready = 1;
-    if (r->done != NULL && r->done != Py_None) {
-        PyObject *res = PyObject_CallMethodNoArgs(r->done, str_release);
-        if (res == NULL)
-            PyErr_WriteUnraisable(obj);
-        Py_XDECREF(res);
-    }
-    PyObject *cache = or_none(r->cache), *job = or_none(r->job);
-    if ((PyDict_CheckExact(cache) ? PyDict_DelItem(cache, job)
-                                  : PyObject_DelItem(cache, job)) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_KeyError))
-            PyErr_Clear();
-        else
-            PyErr_WriteUnraisable(obj);
-    }
-    Py_CLEAR(r->pool);    /* last: dropping the pool may run anything */
-    Py_DECREF(obj);
+    set_result(r, ok, value, 1);
     return 1;
 }
 
 /* At interpreter exit (a quiet terminate): the result fails with `exc` for
  * whoever asks from now on, but the threads already waiting for it are not
  * woken (_done stays held) and no callback runs; see Core.terminate().
- * Returns 0, or -1 if obj is not a ResultBase.  Steals `exc`. */
-int
+ * obj must be a ResultBase.  Steals `exc`. */
+void
 cp_result_fail_quietly(PyObject *obj, PyObject *exc)
 {
-    if (!PyObject_TypeCheck(obj, cp_state->result_base)) {
-        Py_DECREF(exc);
-        return -1;
-    }
-    Result *r = (Result *)obj;
-    Py_INCREF(obj);
-    Py_XSETREF(r->success, Py_NewRef(Py_False));
-    Py_XSETREF(r->value, exc);
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);
-    r->ready = 1;
-    PyObject *cache = or_none(r->cache), *job = or_none(r->job);
-    if ((PyDict_CheckExact(cache) ? PyDict_DelItem(cache, job)
-                                  : PyObject_DelItem(cache, job)) < 0)
-        PyErr_Clear();
-    Py_CLEAR(r->pool);
-    Py_DECREF(obj);
-    return 0;
+    set_result((Result *)obj, 0, exc, 0);
 }
 
 /* A result whose task was never queued, dropped by its caller (the error
