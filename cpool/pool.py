@@ -120,6 +120,10 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
     under the GIL, so it cannot interleave with _set, which sets _ready and
     then releases the lock if there is one)."""
 
+    # The instance dict through ResultBase's descriptor, which makes the
+    # garbage collector track the result first (see csrc/result.c).
+    __dict__ = vars(_core.ResultBase)["__dict__"]
+
     def __init__(self, pool, callback, error_callback, _next=next,
                  _counter=_mp.job_counter):
         self._pool = pool

@@ -21,15 +21,27 @@
  * ApplyResult.wait() in Python.
  *
  * The garbage collector tracks a result made by apply_async() without
- * callbacks only from its completion on.  In a burst of apply_async()
- * calls most results are pending when a collection runs, and walking them
- * at every collection was most of the collector's cost (4 of 26 ms in a
- * burst of 2*10^4).  Untracked, a pending result only keeps what it holds
- * alive, which is alive anyway: the result is in its pool's cache, which
- * the pool's Core and collector thread hold until the result completes.
- * Completion tracks it (cp_result_complete(), also when it hands the result
- * to the Python _set() because a callback was set after all), so a cycle
- * made through it meanwhile (an attribute, its value) is collected as usual.
+ * callbacks only from its completion on, and then only if it can be part of
+ * a reference cycle.  In a burst of apply_async() calls most results are
+ * pending when a collection runs, and walking them at every collection was
+ * most of the collector's cost (4 of 26 ms in a burst of 2*10^4); the
+ * finished ones, held in a list by the caller, made most of the rest (3 of
+ * 4 ms in another such burst).
+ *   - Pending and untracked, a result only keeps what it holds alive, which
+ *     is alive anyway: the result is in its pool's cache, which the pool's
+ *     Core and collector thread hold until the result completes.
+ *   - At completion it lets go of the pool and the cache, and what it
+ *     still holds is its lock, its job number, True or False, and its
+ *     value.  If the value cannot lead back to anything (None, a number, a
+ *     string, bytes: no object the collector tracks or may track later),
+ *     the result cannot be in a cycle, and it stays untracked; otherwise it
+ *     is tracked (set_result()).
+ *   - Anything that could later give it a way back tracks it first:
+ *     setting any attribute (Result_setattro, which multiprocessing's
+ *     ApplyResult.__init__ and _set go through too) and reaching its
+ *     instance dict (the __dict__ descriptor, which pool.py's ApplyResult
+ *     takes from here).  A result handed to its Python _set() because a
+ *     callback was set after all is tracked too (cp_result_complete()).
  *
  * A result with a callback or an error callback is completed by its Python
  * _set() (which runs the callback and reports what it raises).  pool.py
@@ -184,6 +196,17 @@ cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *obj)
     return lock;
 }
 
+/* Whether `v` holds no reference the garbage collector follows, now or
+ * later: not a container, or a tuple the collector found holds none (the
+ * test CPython applies before it stops tracking a tuple). */
+static int
+cannot_lead_back(PyObject *v)
+{
+    if (!PyObject_IS_GC(v))
+        return 1;
+    return PyTuple_CheckExact(v) && !PyObject_GC_IsTracked(v);
+}
+
 /* Set r's outcome (stealing `value`), mark it ready, release its _done lock
  * if `wake` and it has one, and take it out of the cache; as _set's
  * finally: clause, every step is attempted. */
@@ -195,8 +218,12 @@ set_result(Result *r, int ok, PyObject *value, int wake)
                            * hold the only reference */
     Py_XSETREF(r->success, Py_NewRef(ok ? Py_True : Py_False));
     Py_XSETREF(r->value, value);
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);     /* untracked while pending */
+    /* Untracked while pending, and from now on too if nothing it keeps can
+     * lead back to it (see the top). */
+    if (!PyObject_GC_IsTracked(obj) &&
+        (!cannot_lead_back(r->value) || or_none(r->callback) != Py_None ||
+         or_none(r->error_callback) != Py_None))
+        PyObject_GC_Track(obj);
     r->ready = 1;
     if (wake && r->done != NULL && r->done != Py_None) {
         PyObject *res = PyObject_CallMethodNoArgs(r->done, str_release);
@@ -212,6 +239,7 @@ set_result(Result *r, int ok, PyObject *value, int wake)
         else
             PyErr_WriteUnraisable(obj);
     }
+    Py_CLEAR(r->cache);
     Py_CLEAR(r->pool);    /* last: dropping the pool may run anything */
     Py_DECREF(obj);
 }
@@ -353,6 +381,37 @@ Result_get(Result *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
     return NULL;
 }
 
+/* Setting an attribute, and reaching the instance dict, may give a result
+ * a way back to itself: it is tracked first (see the top). */
+static int
+Result_setattro(PyObject *obj, PyObject *name, PyObject *value)
+{
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+    return PyObject_GenericSetAttr(obj, name, value);
+}
+
+static PyObject *
+Result_get_dict(PyObject *obj, void *Py_UNUSED(closure))
+{
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+    return PyObject_GenericGetDict(obj, NULL);
+}
+
+static int
+Result_set_dict(PyObject *obj, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+    return PyObject_GenericSetDict(obj, value, NULL);
+}
+
+static PyGetSetDef Result_getset[] = {
+    {"__dict__", Result_get_dict, Result_set_dict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef Result_methods[] = {
     {"ready", (PyCFunction)Result_ready, METH_NOARGS,
      "Whether the result is there (the call completed)."},
@@ -384,6 +443,8 @@ static PyType_Slot Result_slots[] = {
     {Py_tp_clear, Result_clear},
     {Py_tp_methods, Result_methods},
     {Py_tp_members, Result_members},
+    {Py_tp_getset, Result_getset},
+    {Py_tp_setattro, Result_setattro},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_doc, "The C part of cpool.pool.ApplyResult: its fields, ready() and get()."},
     {0, NULL},

@@ -241,6 +241,55 @@ def test_a_callback_set_while_pending_is_run_and_its_cycle_collected(cpool_Pool,
             gc.collect()
 
 
+def test_finished_results_that_cannot_be_in_a_cycle_stay_untracked(cpool_Pool):
+    # A result whose value holds nothing the garbage collector follows (and
+    # which let go of its pool and cache when it completed) cannot be part
+    # of a cycle: the collector need not walk it.  Any other value makes it
+    # tracked, as do callbacks.
+    import gc
+    with cpool_Pool(1) as p:
+        atomic = [p.apply_async(helpers.identity, (v,))
+                  for v in (7, 2.5, "s", b"b", None, True, (1, "x"), ((1,), 2.0))]
+        other = [p.apply_async(helpers.identity, (v,))
+                 for v in ([1], {}, {"k": 1}, ([],), {1}, helpers.Multiplier(2))]
+        failed = p.apply_async(helpers.raise_value_error, (3,))
+        with_cb = p.apply_async(helpers.identity, (7,), callback=lambda _: None)
+        for r in atomic + other + [with_cb]:
+            r.get(timeout=T)
+        with pytest.raises(ValueError):
+            failed.get(timeout=T)
+        assert [gc.is_tracked(r) for r in atomic] == [False] * len(atomic)
+        assert [gc.is_tracked(r) for r in other] == [True] * len(other)
+        assert gc.is_tracked(failed) and gc.is_tracked(with_cb)
+
+
+@pytest.mark.parametrize("how", ["setattr", "vars", "__dict__", "set __dict__"])
+def test_an_untracked_finished_result_is_tracked_when_it_may_refer_back(
+        cpool_Pool, how):
+    # Setting an attribute, or reaching the instance dict, may make a cycle
+    # through a finished result that the collector does not track: it is
+    # tracked first, and the cycle is collected.
+    import gc
+    import weakref
+    with cpool_Pool(1) as p:
+        r = p.apply_async(helpers.identity, (5,))
+        assert r.get(timeout=T) == 5
+        assert not gc.is_tracked(r)
+        if how == "setattr":
+            r.me = r
+        elif how == "vars":
+            vars(r)["me"] = r
+        elif how == "__dict__":
+            r.__dict__["me"] = r
+        else:
+            r.__dict__ = {"me": r}
+        assert gc.is_tracked(r) and r.me is r
+        ref = weakref.ref(r)
+        del r
+        gc.collect()
+        assert ref() is None
+
+
 def test_finished_results_have_no_dict_of_their_own(cpool_Pool):
     # multiprocessing's attributes are C fields (ResultBase): making and
     # completing a result must not allocate an instance dict.
