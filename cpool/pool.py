@@ -456,21 +456,18 @@ class IMapIterator(_mp.IMapIterator):
         self._release_on_completion()
 
 
-class _Consumer:
+class _Consumer(_core.ConsumerBase):
     """What imap() and imap_unordered() return: the consumer's end of the
     call.  The pool's cache and the feeder thread hold the call itself (the
     IMapIterator), never this, so that when the caller lets go of it (a
     loop that breaks early) the call learns it and keeps nothing for it.
-    next() takes results a few at a time (see IMapIterator)."""
-
-    def __init__(self, results):
-        self._results = results
-        self._taken = results._taken
-
-    def __iter__(self):
-        return self
+    Results are taken a few at a time (see IMapIterator); iterating is
+    _core.ConsumerBase's C __next__, which does what next() below does
+    without a timeout."""
 
     def next(self, timeout=None):
+        if timeout is None:
+            return self.__next__()
         try:
             success, value = self._taken.popleft()
         except IndexError:
@@ -479,18 +476,15 @@ class _Consumer:
             return value
         raise value
 
-    __next__ = next
-
     def __getattr__(self, name):
         # multiprocessing's attributes (_job, _length, ...) are the call's.
-        try:
-            results = self.__dict__["_results"]
-        except KeyError:
-            raise AttributeError(name) from None
+        results = self._results
+        if results is None:
+            raise AttributeError(name)
         return getattr(results, name)
 
     def __del__(self):
-        results = self.__dict__.get("_results")
+        results = self._results
         if results is None:
             return
         try:

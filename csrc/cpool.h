@@ -537,6 +537,7 @@ void cp_result_fail_quietly(PyObject *r, PyObject *exc);
 PyObject *cp_result_done_lock(PyObject *m, PyObject *r);
 extern PyType_Spec cp_result_base_spec;
 extern PyType_Spec cp_pool_base_spec;
+extern PyType_Spec cp_consumer_base_spec;
 
 /* worker.c */
 void cp_worker_main(void *core, int slot);

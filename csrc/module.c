@@ -342,6 +342,14 @@ module_exec(PyObject *m)
     Py_DECREF(ring);
     if (rc < 0)
         return -1;
+    PyTypeObject *consumer = (PyTypeObject *)PyType_FromModuleAndSpec(
+        m, &cp_consumer_base_spec, NULL);
+    if (consumer == NULL)
+        return -1;
+    rc = PyModule_AddType(m, consumer);
+    Py_DECREF(consumer);
+    if (rc < 0)
+        return -1;
     if (PyModule_AddIntConstant(m, "MODE_APPLY", CP_MODE_APPLY) < 0 ||
         PyModule_AddIntConstant(m, "MODE_MAP", CP_MODE_MAP) < 0 ||
         PyModule_AddIntConstant(m, "MODE_STARMAP", CP_MODE_STARMAP) < 0 ||

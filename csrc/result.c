@@ -75,6 +75,7 @@ static PyObject *job_counter;       /* multiprocessing.pool.job_counter */
 static PyObject *lock_type;         /* threading.Lock */
 static PyObject *timeout_error;     /* multiprocessing.TimeoutError */
 static PyObject *str_acquire, *str_release, *str_wait;
+static PyObject *str_next_locked, *str_taken, *str_popleft;   /* Consumer */
 static PyObject *str_run;   /* "RUN", interned as pool.py's constant is */
 static PyObject *no_args;   /* () */
 static PyObject *no_kwds;   /* {}, never modified */
@@ -94,7 +95,13 @@ cp_result_set_type(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nar
         (str_release == NULL &&
          (str_release = PyUnicode_InternFromString("release")) == NULL) ||
         (str_wait == NULL &&
-         (str_wait = PyUnicode_InternFromString("wait")) == NULL))
+         (str_wait = PyUnicode_InternFromString("wait")) == NULL) ||
+        (str_next_locked == NULL &&
+         (str_next_locked = PyUnicode_InternFromString("_next_locked")) == NULL) ||
+        (str_taken == NULL &&
+         (str_taken = PyUnicode_InternFromString("_taken")) == NULL) ||
+        (str_popleft == NULL &&
+         (str_popleft = PyUnicode_InternFromString("popleft")) == NULL))
         return NULL;
     Py_XSETREF(result_type, (PyTypeObject *)Py_NewRef(args[0]));
     Py_XSETREF(job_counter, Py_NewRef(args[1]));
@@ -113,6 +120,9 @@ cp_result_clear_types(void)
     Py_CLEAR(str_acquire);
     Py_CLEAR(str_release);
     Py_CLEAR(str_wait);
+    Py_CLEAR(str_next_locked);
+    Py_CLEAR(str_taken);
+    Py_CLEAR(str_popleft);
     Py_CLEAR(str_run);
     Py_CLEAR(no_args);
     Py_CLEAR(no_kwds);
@@ -295,6 +305,18 @@ cp_result_forget(PyObject *obj)
 
 /* ------------------------------------------------------ the base type */
 
+/* tp_dealloc of this file's types (heap types, with the GC): untrack, drop
+ * the fields with `clear`, free, and let go of the type. */
+static void
+dealloc_gc(PyObject *o, inquiry clear)
+{
+    PyTypeObject *tp = Py_TYPE(o);
+    PyObject_GC_UnTrack(o);
+    clear(o);
+    tp->tp_free(o);
+    Py_DECREF(tp);
+}
+
 static int
 Result_traverse(Result *r, visitproc visit, void *arg)
 {
@@ -327,17 +349,25 @@ Result_clear(Result *r)
 static void
 Result_dealloc(Result *r)
 {
-    PyTypeObject *tp = Py_TYPE(r);
-    PyObject_GC_UnTrack(r);
-    Result_clear(r);
-    tp->tp_free(r);
-    Py_DECREF(tp);
+    dealloc_gc((PyObject *)r, (inquiry)Result_clear);
 }
 
 static PyObject *
 Result_ready(Result *r, PyObject *Py_UNUSED(ignored))
 {
     return PyBool_FromLong(r->ready);
+}
+
+/* `raise value`, for a failed call's value. */
+static void
+raise_value(PyObject *value)
+{
+    if (PyExceptionInstance_Check(value))
+        PyErr_SetObject((PyObject *)Py_TYPE(value), value);
+    else if (PyExceptionClass_Check(value))
+        PyErr_SetNone(value);
+    else
+        PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
 }
 
 /* get(timeout=None), as multiprocessing's: wait (ApplyResult.wait, in
@@ -371,13 +401,7 @@ Result_get(Result *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
         return NULL;
     if (ok)
         return Py_NewRef(value);
-    /* raise self._value */
-    if (PyExceptionInstance_Check(value))
-        PyErr_SetObject((PyObject *)Py_TYPE(value), value);
-    else if (PyExceptionClass_Check(value))
-        PyErr_SetNone(value);
-    else
-        PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
+    raise_value(value);      /* raise self._value */
     return NULL;
 }
 
@@ -455,6 +479,130 @@ PyType_Spec cp_result_base_spec = {
     .basicsize = sizeof(Result),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = Result_slots,
+};
+
+/* ------------------------------------ imap()'s consumer end, in C */
+
+/*
+ * ConsumerBase: the C base of pool.py's _Consumer, what imap() and
+ * imap_unordered() return.  Iterating it is one C call per result: the
+ * results the consumer takes come a few at a time from the call's _taken
+ * deque (IMapIterator._next_locked moves them there under its lock); only
+ * when that is empty does it call _next_locked() (in Python), which waits.
+ * This is what _Consumer.next(timeout) does in Python, without a frame per
+ * result.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *results;   /* _results: the call (an IMapIterator) */
+    PyObject *taken;     /* _taken: its deque of results moved for us */
+    PyObject *popleft;   /* _taken.popleft */
+} Consumer;
+
+static int
+Consumer_init(Consumer *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"results", NULL};
+    PyObject *results;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:ConsumerBase", kwlist,
+                                     &results))
+        return -1;
+    PyObject *taken = PyObject_GetAttr(results, str_taken);
+    PyObject *popleft = taken ? PyObject_GetAttr(taken, str_popleft) : NULL;
+    if (popleft == NULL) {
+        Py_XDECREF(taken);
+        return -1;
+    }
+    Py_XSETREF(self->results, Py_NewRef(results));
+    Py_XSETREF(self->taken, taken);
+    Py_XSETREF(self->popleft, popleft);
+    return 0;
+}
+
+static PyObject *
+Consumer_iternext(Consumer *self)
+{
+    PyObject *pair;
+    if (self->results == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cpool: consumer not initialised");
+        return NULL;
+    }
+    /* Under the GIL, and no Python code runs between the two calls: another
+     * consumer thread cannot empty the deque in between. */
+    Py_ssize_t n = PyObject_Size(self->taken);
+    if (n < 0)
+        return NULL;
+    if (n > 0)
+        pair = PyObject_CallNoArgs(self->popleft);
+    else
+        pair = PyObject_CallMethodOneArg(self->results, str_next_locked, Py_None);
+    if (pair == NULL)
+        return NULL;          /* StopIteration included */
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        Py_DECREF(pair);
+        PyErr_SetString(PyExc_RuntimeError, "cpool: malformed imap result");
+        return NULL;
+    }
+    PyObject *value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    int ok = PyObject_IsTrue(PyTuple_GET_ITEM(pair, 0));
+    Py_DECREF(pair);
+    if (ok > 0)
+        return value;
+    if (ok == 0)
+        raise_value(value);
+    Py_DECREF(value);
+    return NULL;
+}
+
+static int
+Consumer_traverse(Consumer *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->results);
+    Py_VISIT(self->taken);
+    Py_VISIT(self->popleft);
+    return 0;
+}
+
+static int
+Consumer_clear(Consumer *self)
+{
+    Py_CLEAR(self->results);
+    Py_CLEAR(self->taken);
+    Py_CLEAR(self->popleft);
+    return 0;
+}
+
+static void
+Consumer_dealloc(Consumer *self)
+{
+    dealloc_gc((PyObject *)self, (inquiry)Consumer_clear);
+}
+
+static PyMemberDef Consumer_members[] = {
+    {"_results", T_OBJECT, offsetof(Consumer, results), READONLY, NULL},
+    {"_taken", T_OBJECT, offsetof(Consumer, taken), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Consumer_slots[] = {
+    {Py_tp_init, Consumer_init},
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, Consumer_iternext},
+    {Py_tp_dealloc, Consumer_dealloc},
+    {Py_tp_traverse, Consumer_traverse},
+    {Py_tp_clear, Consumer_clear},
+    {Py_tp_members, Consumer_members},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_doc, "The C part of cpool.pool._Consumer: iterating it."},
+    {0, NULL},
+};
+
+PyType_Spec cp_consumer_base_spec = {
+    .name = "cpool._core.ConsumerBase",
+    .basicsize = sizeof(Consumer),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = Consumer_slots,
 };
 
 /* ------------------------------------------- Pool.apply_async() in C */
@@ -583,11 +731,7 @@ PoolBase_clear(PoolBase *self)
 static void
 PoolBase_dealloc(PoolBase *self)
 {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    PoolBase_clear(self);
-    tp->tp_free(self);
-    Py_DECREF(tp);
+    dealloc_gc((PyObject *)self, (inquiry)PoolBase_clear);
 }
 
 static PyObject *

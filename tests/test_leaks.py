@@ -68,6 +68,19 @@ def _batch(p, kind, n):
         for i in range(n // 4):
             assert sorted(p.imap_unordered(helpers.square, range(i, i + 10))) == \
                 [x * x for x in range(i, i + 10)]
+    elif kind == "imap_error":
+        # failed items, raised by iterating (C) and by next(timeout)
+        for i in range(n // 8):
+            it = p.imap(helpers.raise_value_error, range(i, i + 4))
+            for x in range(i, i + 4):
+                try:
+                    it.next(T) if x % 2 else next(it)
+                except ValueError as e:
+                    assert e.args == ("bad value", x)
+                else:
+                    raise AssertionError("no exception")
+            assert next(it, None) is None
+        del it
     elif kind == "apply_error":
         for i in range(n // 4):
             try:
@@ -126,7 +139,7 @@ def _settle():
 
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
-         "imap", "imap_cs4", "imap_unordered", "apply_error", "apply_async_fail",
+         "imap", "imap_cs4", "imap_unordered", "imap_error", "apply_error", "apply_async_fail",
          "plain_data", "plain_data_large", "large_payload", "arena_arrays"]
 
 
