@@ -90,6 +90,14 @@ def _make_error(kind, pid, status, job, index, func):
     return WorkerLostError("protocol error on task %s" % task, pid=pid, task=task)
 
 
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):
+            pass        # None, or closed
+
+
 def _not_the_owner():
     return RuntimeError(
         "cpool: a pool can only be used by the process that created it")
@@ -709,6 +717,10 @@ class Pool(_core.PoolBase):
         self._initializer = initializer
         self._initargs = initargs
         _worker.prepare()
+        # What the parent printed and its buffers still hold would otherwise
+        # be copied into the fork server, and each worker would print it
+        # again when it exits (multiprocessing flushes before each fork).
+        _flush_std_streams()
         self._core = _core.Core(processes, initializer, tuple(initargs),
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
                                 _make_error, _default_spin_ns(processes))

@@ -13,6 +13,8 @@ import multiprocessing.pool
 import operator
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -1450,3 +1452,34 @@ def test_retiring_worker_waits_for_the_threads_its_tasks_started(cpool_Pool, tmp
     # loses the plain threads started in the workers it started as
     # replacements: with maxtasksperchild=1, two of the four files here.)
     _run_writers(cpool_Pool, tmp_path, task, 1)
+
+
+def _run_with(impl, code, timeout=60):
+    """Run `code` in a new interpreter where Pool is the pool under test,
+    with stdout block-buffered (a pipe, and PYTHONUNBUFFERED unset)."""
+    head = ("from cpool import Pool\n" if impl == "cpool" else
+            "import multiprocessing\n"
+            "Pool = multiprocessing.get_context('fork').Pool\n")
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    return subprocess.run([sys.executable, "-c", head + code],
+                          cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("maxtasks", [None, 1])
+def test_what_the_parent_printed_before_the_pool_is_printed_once(impl, maxtasks):
+    # Output still in the parent's buffer when the workers are forked must
+    # not be printed again by each worker as it exits.
+    out = _run_with(impl, f"""
+import helpers
+print("before the pool")
+p = Pool(2, maxtasksperchild={maxtasks!r})
+assert p.map(helpers.square, range(6), 1) == [0, 1, 4, 9, 16, 25]
+p.close()
+p.join()
+print("after")
+""")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["before the pool", "after"]
