@@ -174,6 +174,12 @@ kill_all_and_exit(void)
 }
 
 static void
+ignore_signal(int sig)
+{
+    (void)sig;
+}
+
+static void
 spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
       int slot)
 {
@@ -198,6 +204,13 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
             _exit(70);
         close(sock);
         close(sfd);
+        /* Ctrl-C stays the parent's business, but through a handler that
+         * does nothing rather than the zygote's SIG_IGN: exec() resets a
+         * handled signal to its default and keeps an ignored one ignored,
+         * and the programs a task runs must get their Ctrl-C. */
+        struct sigaction sa = {.sa_handler = ignore_signal, .sa_flags = SA_RESTART};
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
         sigprocmask(SIG_SETMASK, oldmask, NULL);
         PyOS_AfterFork_Child();
         fn(arg, slot);   /* never returns */

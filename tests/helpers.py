@@ -11,6 +11,7 @@ a "long enough" time.  Every gated task has a fallback deadline
 the run.
 """
 import os
+import sys
 import threading
 import time
 
@@ -491,3 +492,13 @@ def submit_writer(path):
 
 class WeakDict(dict):
     """A dict that can be weakly referenced."""
+
+
+def child_gets_ctrl_c(_=None):
+    """Whether a program this task runs gets SIGINT's default disposition
+    (Python then raises KeyboardInterrupt on Ctrl-C)."""
+    import subprocess
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=60)
+    return out.stdout.strip()

@@ -1483,3 +1483,10 @@ print("after")
 """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["before the pool", "after"]
+
+
+def test_programs_a_task_runs_get_ctrl_c(Pool):
+    # Whatever the worker does with SIGINT, a program it executes starts
+    # with the default disposition: Ctrl-C stops it.
+    with Pool(1) as p:
+        assert p.apply(helpers.child_gets_ctrl_c) == "True"
