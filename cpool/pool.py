@@ -721,7 +721,10 @@ class Pool(_core.PoolBase):
         # be copied into the fork server, and each worker would print it
         # again when it exits (multiprocessing flushes before each fork).
         _flush_std_streams()
-        self._core = _core.Core(processes, initializer, tuple(initargs),
+        # initargs only matter with an initializer (multiprocessing takes
+        # initargs=None without one).
+        initargs = tuple(initargs) if initializer is not None else ()
+        self._core = _core.Core(processes, initializer, initargs,
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
                                 _make_error, _default_spin_ns(processes))
         self._pool = [None] * processes

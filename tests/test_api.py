@@ -1490,3 +1490,9 @@ def test_programs_a_task_runs_get_ctrl_c(Pool):
     # with the default disposition: Ctrl-C stops it.
     with Pool(1) as p:
         assert p.apply(helpers.child_gets_ctrl_c) == "True"
+
+
+@pytest.mark.parametrize("initargs", [None, 5, ()])
+def test_initargs_are_not_looked_at_without_an_initializer(Pool, initargs):
+    with Pool(1, initargs=initargs) as p:
+        assert p.apply(helpers.square, (3,)) == 9
