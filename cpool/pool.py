@@ -431,7 +431,7 @@ class IMapIterator(_mp.IMapIterator):
                 if deadline is None:
                     deadline = time.monotonic() + timeout
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if not left > 0:        # NaN too: no wait, as multiprocessing
                     raise TimeoutError
                 self._cond.wait(left)
             if taken:

@@ -1496,3 +1496,16 @@ def test_programs_a_task_runs_get_ctrl_c(Pool):
 def test_initargs_are_not_looked_at_without_an_initializer(Pool, initargs):
     with Pool(1, initargs=initargs) as p:
         assert p.apply(helpers.square, (3,)) == 9
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_imap_next_with_a_timeout_that_allows_no_wait(Pool, tmp_path, timeout):
+    gate = helpers.Gate(tmp_path)
+    with Pool(1) as p:
+        it = p.imap(functools.partial(helpers.gated, gate_path=gate.path), [1])
+        t0 = time.monotonic()
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=timeout)
+        assert time.monotonic() - t0 < 1
+        gate.open()
+        assert it.next(timeout=T) == 1
