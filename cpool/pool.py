@@ -482,6 +482,10 @@ class _Consumer(_core.ConsumerBase):
             success, value = self._results._next_locked(timeout)
         if success:
             return value
+        if isinstance(value, StopIteration):
+            # as is, it would end the caller's loop as if the results had
+            # run out (PEP 479's reasoning)
+            raise RuntimeError("a task raised StopIteration") from value
         raise value
 
     def __getattr__(self, name):

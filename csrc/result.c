@@ -548,8 +548,21 @@ Consumer_iternext(Consumer *self)
     Py_DECREF(pair);
     if (ok > 0)
         return value;
-    if (ok == 0)
-        raise_value(value);
+    if (ok == 0) {
+        if (PyObject_TypeCheck(value, (PyTypeObject *)PyExc_StopIteration)) {
+            /* Raised as is, it would end the caller's loop as if the
+             * results had run out (PEP 479's reasoning). */
+            PyObject *exc = PyObject_CallFunction(PyExc_RuntimeError, "s",
+                                                  "a task raised StopIteration");
+            if (exc != NULL) {
+                PyException_SetCause(exc, Py_NewRef(value));
+                PyErr_SetObject(PyExc_RuntimeError, exc);
+                Py_DECREF(exc);
+            }
+        }
+        else
+            raise_value(value);
+    }
     Py_DECREF(value);
     return NULL;
 }

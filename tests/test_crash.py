@@ -147,6 +147,33 @@ def test_stop_iteration_in_map_fails_the_call(pool):
     assert pool.map(T.stop_at_2, [0, 1, 3]) == [0, 1, 3]
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_stop_iteration_in_imap_is_not_the_end_of_the_results(method):
+    # Raised as is by next(), a task's StopIteration would end the caller's
+    # loop as if the results had run out (multiprocessing's does: the items
+    # after it are lost without a word).  It comes as a RuntimeError from it.
+    with Pool(1) as p:
+        it = getattr(p, method)(T.stop_at_2, range(5))
+        got = []
+        with pytest.raises(RuntimeError, match="a task raised StopIteration") as ei:
+            for x in it:
+                got.append(x)
+        assert got == [0, 1]
+        assert isinstance(ei.value.__cause__, StopIteration)
+        assert ei.value.__cause__.args == ("stop at", 2)
+        assert list(it) == [3, 4]
+        # next(timeout) too
+        it = getattr(p, method)(T.stop_at_2, [2, 3])
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            it.next(timeout=helpers.START_TIMEOUT)
+        assert it.next(timeout=helpers.START_TIMEOUT) == 3
+        # a chunk that holds it fails as a whole, and, as any error in a
+        # chunked imap, ends the generator (multiprocessing's: [0, 1])
+        it = getattr(p, method)(T.stop_at_2, range(6), chunksize=3)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            list(it)
+
+
 def test_unpicklable_exception_names_type_and_message(pool):
     with pytest.raises(MaybeEncodingError) as ei:
         pool.apply(T.raise_locked_error)
