@@ -787,7 +787,12 @@ class Pool(_core.PoolBase):
             # result; the pool is untouched.
             if self._state == TERMINATE:
                 raise ValueError("Pool not running") from None
-            result._set(index, (False, e))
+            if result._callback is None and result._error_callback is None:
+                result._set(index, (False, e))
+            else:
+                # its callbacks run in the collector thread, not in this
+                # caller's, which may hold locks they take
+                self._core.fail_unsent(result._job, index, e)
 
     def apply(self, func, args=(), kwds={}):
         """Equivalent of `func(*args, **kwds)`."""

@@ -371,6 +371,62 @@ fail_task(Core *c, cp_task *t, int kind, pid_t pid, int status)
     task_clear(t);
 }
 
+/*
+ * A task that cannot be sent (pickling failed) fails its result, and the
+ * pool goes on, as with multiprocessing.  A result with a callback or an
+ * error callback is failed by the collector thread, as every result is
+ * completed (and as multiprocessing's task thread fails it): in the
+ * caller's thread, inside apply_async() or map_async(), the callback would
+ * run before the caller has the result, and while the caller holds its
+ * locks.  Once the collector has ended, nothing would: the caller's thread
+ * does it.  Steals exc.
+ */
+static void ring_doorbell(Core *c);
+
+static void
+fail_unsent(Core *c, uint64_t job, uint64_t index, PyObject *exc, int later)
+{
+    if (later && !c->collected) {
+        PyObject *item = Py_BuildValue("(KKO)", (unsigned long long)job,
+                                       (unsigned long long)index, exc);
+        if (item != NULL && PyList_Append(c->late, item) == 0) {
+            Py_DECREF(item);
+            Py_DECREF(exc);
+            ring_doorbell(c);
+            return;
+        }
+        Py_XDECREF(item);
+        PyErr_WriteUnraisable((PyObject *)c);
+    }
+    deliver(c, job, index, 0, exc);
+}
+
+/* The collector's side of fail_unsent().  Returns 1 if it failed any. */
+static int
+deliver_late(Core *c)
+{
+    if (PyList_GET_SIZE(c->late) == 0)
+        return 0;
+    PyObject *items = c->late, *fresh = PyList_New(0);
+    if (fresh == NULL) {
+        PyErr_WriteUnraisable((PyObject *)c);
+        return 0;
+    }
+    c->late = fresh;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        uint64_t job = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+        uint64_t index = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 1));
+        PyObject *exc = Py_NewRef(PyTuple_GET_ITEM(item, 2));
+        if (c->quiet)
+            deliver_quietly(c, job, exc);
+        else
+            deliver(c, job, index, 0, exc);
+    }
+    Py_DECREF(items);
+    return 1;
+}
+
 /* ----------------------------------------------------------------- slots */
 
 static void
@@ -1343,6 +1399,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
     c->collecting = 1;
     Py_INCREF(c);
     for (;;) {
+        int progress = deliver_late(c);
         if (c->state == CORE_TERMINATED || c->state == CORE_BROKEN) {
             fail_all(c, c->state == CORE_BROKEN ? CP_E_BROKEN : CP_E_TERMINATED);
             if (c->state == CORE_BROKEN) {
@@ -1356,12 +1413,11 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         /* The zygote's messages (deaths, spawns) are read when its socket
          * woke the collector's poll, and at least every ZCHECK_NS while
          * results keep it from sleeping: not a recv() per round. */
-        int progress = 0;
         uint64_t now = cp_now_ns();
         if (c->zsock_ready || now - c->zcheck_ns >= ZCHECK_NS) {
             c->zsock_ready = 0;
             c->zcheck_ns = now;
-            progress = zygote_events(c);
+            progress |= zygote_events(c);
         }
         for (int i = 0; i < c->nslots && c->state < CORE_TERMINATED; i++) {
             cp_slot *s = &c->slots[i];
@@ -1411,6 +1467,11 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         Py_END_ALLOW_THREADS
         c->asleep = 0;
     }
+    /* No thread switch between the last look at `late` and `collected`:
+     * what fail_unsent() queues is either failed here or not queued. */
+    while (deliver_late(c))
+        ;
+    c->collected = 1;
     c->collecting = 0;
     PyMem_Free(watch);
     Py_DECREF(c);
@@ -1722,7 +1783,8 @@ cp_core_apply_async(PyObject *core, PyObject *const *args, uint64_t flags)
             PyErr_SetString(PyExc_ValueError, "Pool not running");
             return NULL;
         }
-        deliver_to(r, 0, 0, cp_err_take());
+        fail_unsent(c, job, 0, cp_err_take(),
+                    args[4] != Py_None || args[5] != Py_None);
     }
     return r;
 }
@@ -2144,8 +2206,9 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->make_error = Py_NewRef(make_error);
     c->fids = PyDict_New();
     c->fbytes = PyDict_New();
+    c->late = PyList_New(0);
     c->slots = PyMem_Calloc((size_t)n, sizeof(cp_slot));
-    if (c->fids == NULL || c->fbytes == NULL || c->slots == NULL) {
+    if (c->fids == NULL || c->fbytes == NULL || c->late == NULL || c->slots == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -2219,6 +2282,7 @@ Core_traverse(Core *c, visitproc visit, void *arg)
     Py_VISIT(c->wfuncs);
     Py_VISIT(c->batch_yes);
     Py_VISIT(c->batch_no);
+    Py_VISIT(c->late);
     for (int i = 0; c->slots && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         Py_VISIT(s->known);
@@ -2243,6 +2307,7 @@ Core_clear(Core *c)
     Py_CLEAR(c->wfuncs);
     Py_CLEAR(c->batch_yes);
     Py_CLEAR(c->batch_no);
+    Py_CLEAR(c->late);
     return 0;
 }
 
@@ -2282,7 +2347,31 @@ Core_dealloc(Core *c)
     Py_DECREF(tp);
 }
 
+PyDoc_STRVAR(Core_fail_unsent_doc,
+"fail_unsent(job, index, exc)\n--\n\n"
+"Fail the result of a task that could not be sent, from the collector\n"
+"thread (its callbacks run there), or at once if the collector has ended.");
+
+static PyObject *
+Core_fail_unsent(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "fail_unsent(job, index, exc)");
+        return NULL;
+    }
+    if (check_owner(c) < 0)
+        return NULL;
+    uint64_t job = PyLong_AsUnsignedLongLong(args[0]);
+    uint64_t index = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    fail_unsent(c, job, index, Py_NewRef(args[2]), 1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Core_methods[] = {
+    {"fail_unsent", (PyCFunction)(void (*)(void))Core_fail_unsent, METH_FASTCALL,
+     Core_fail_unsent_doc},
     {"submit", (PyCFunction)(void (*)(void))Core_submit, METH_FASTCALL, Core_submit_doc},
     {"call", (PyCFunction)(void (*)(void))Core_call, METH_FASTCALL, Core_call_doc},
     {"submit_slice", (PyCFunction)(void (*)(void))Core_submit_slice, METH_FASTCALL,

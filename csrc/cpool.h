@@ -368,6 +368,10 @@ typedef struct Core {
                               results fail without waking their waiters or
                               running callbacks (deliver_quietly) */
     int collecting;        /* the collector loop is running */
+    int collected;         /* ... and has ended: nothing will deliver late */
+    PyObject *late;        /* list of (job, index, exc): tasks that could not
+                              be sent, whose results the collector fails
+                              (fail_unsent) */
     cp_call *calls[CP_MAX_CALLS];  /* synchronous calls waiting */
     int ncalls;
     int asleep;            /* the collector is in collector_sleep() */

@@ -1509,3 +1509,58 @@ def test_imap_next_with_a_timeout_that_allows_no_wait(Pool, tmp_path, timeout):
         assert time.monotonic() - t0 < 1
         gate.open()
         assert it.next(timeout=T) == 1
+
+
+@pytest.mark.parametrize("how", ["apply_async", "map_async"])
+def test_error_callback_of_a_task_that_cannot_be_sent_runs_after_the_call(Pool, how):
+    # Not inside apply_async()/map_async(), in the caller's thread: the
+    # caller would not have the result yet, and may hold locks the callback
+    # takes (here: a callback run inside the call would wait for the lock
+    # the caller holds until it gave up).
+    lock = threading.Lock()
+    got = []
+
+    def on_error(e):
+        ok = lock.acquire(timeout=5)
+        got.append((type(e), threading.get_ident(), ok, len(results)))
+        if ok:
+            lock.release()
+
+    results = []
+    with Pool(1) as p:
+        with lock:
+            if how == "apply_async":
+                r = p.apply_async(helpers.identity, (threading.Lock(),),
+                                  error_callback=on_error)
+            else:
+                # its only chunk: the one that ends the call
+                r = p.map_async(helpers.identity, [threading.Lock()],
+                                error_callback=on_error)
+            results.append(r)
+        r.wait(T)
+        assert r.ready() and not r.successful()
+        deadline = time.monotonic() + T
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [(t, ident != threading.get_ident(), ok, n) for t, ident, ok, n in got] \
+        == [(TypeError, True, True, 1)]
+    with pytest.raises(TypeError):
+        r.get(0)
+
+
+def test_a_task_that_cannot_be_sent_fails_with_its_error_even_if_terminated_at_once(
+        cpool_Pool):
+    # Its failure, left to the collector thread, is delivered before the
+    # collector ends.  (multiprocessing may terminate before its task
+    # thread fails it: the result then waits forever.)
+    got = []
+    p = cpool_Pool(1)
+    try:
+        r = p.apply_async(helpers.identity, (threading.Lock(),),
+                          error_callback=got.append)
+    finally:
+        p.terminate()
+        p.join()
+    with pytest.raises(TypeError):
+        r.get(T)
+    assert [type(e) for e in got] == [TypeError]
