@@ -1284,6 +1284,85 @@ kill_everything(Core *c)
     reap_zygote(c, 1000);
 }
 
+/* Queue a STOP record to slot s's worker: it leaves once it reads it.
+ * Returns -1 if its ring has no room. */
+static int
+send_stop(cp_slot *s)
+{
+    cp_rec *rec = cp_ring_reserve(&s->tq, 0);
+    if (rec == NULL)
+        return -1;
+    memset((uint8_t *)rec + 4, 0, sizeof *rec - 4);
+    rec->kind = CP_K_STOP;
+    cp_ring_commit(&s->tq, rec);
+    cp_ring_flush(&s->tq);
+    s->stopping = 1;
+    return 0;
+}
+
+/* How long terminate() waits for idle workers to leave (see below). */
+#define LEAVE_NS (UINT64_C(100) * 1000 * 1000)
+
+/*
+ * terminate(), before everything is killed: a worker that runs no task
+ * leaves as after close() (multiprocessing's idle workers often get their
+ * stop sentinel before its SIGTERM): what its tasks printed and its buffers
+ * still hold is written, and multiprocessing's exit functions (the
+ * Finalize callbacks of its tasks) run.  Tasks queued to it that it has
+ * not claimed are taken back first (the compare-and-swap on the record
+ * decides: they fail as terminated); a worker that claimed one is running
+ * it and is killed with the rest.  Waits at most LEAVE_NS, the GIL
+ * released, for the workers to say they are through (CP_W_LEFT).
+ */
+static void
+let_idle_workers_leave(Core *c)
+{
+    cp_ctl **leaving = PyMem_Calloc((size_t)c->nslots, sizeof *leaving);
+    int n = 0;
+    if (leaving == NULL)
+        return;     /* then they are killed */
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (!s->live || s->pid <= 0 || s->owner || s->corrupt ||
+            s->death_pending || s->out_buf != NULL ||
+            cp_load_acquire(&s->ctl->state) != CP_W_READY)
+            continue;
+        size_t taken = 0;
+        int claimed = 0;
+        for (size_t j = 0; j < s->fifo.len && !claimed; j++) {
+            cp_task *t = fifo_at(&s->fifo, j);
+            if (!record_unread(s, t))
+                continue;       /* read: unfinished() below tells */
+            uint32_t expect = CP_T_QUEUED;
+            if (__atomic_compare_exchange_n(&t->rec->state, &expect, CP_T_STOLEN,
+                                            0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                taken++;
+            else
+                claimed = 1;
+        }
+        if (claimed || unfinished(s) > taken)
+            continue;           /* running a task */
+        if (!s->stopping && send_stop(s) < 0)
+            continue;
+        leaving[n++] = s->ctl;
+    }
+    if (n > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t end = cp_now_ns() + LEAVE_NS;
+        for (int k = 0; k < n; k++) {
+            uint32_t st;
+            while ((st = cp_load_acquire(&leaving[k]->state)) != CP_W_LEFT) {
+                uint64_t now = cp_now_ns();
+                if (now >= end)
+                    break;
+                cp_futex_wait(&leaving[k]->state, st, (long)(end - now));
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(leaving);
+}
+
 /* Advance a graceful shutdown.  Returns 1 once everything is gone. */
 static int
 shutdown_step(Core *c)
@@ -1293,17 +1372,9 @@ shutdown_step(Core *c)
             cp_slot *s = &c->slots[i];
             if (!s->live)
                 continue;
-            cp_rec *rec = cp_ring_reserve(&s->tq, 0);
-            if (rec == NULL) {
-                /* Cannot happen with nothing in flight; make sure anyway. */
-                if (s->pid > 0)
-                    kill(s->pid, SIGKILL);
-            } else {
-                memset((uint8_t *)rec + 4, 0, sizeof *rec - 4);
-                rec->kind = CP_K_STOP;
-                cp_ring_commit(&s->tq, rec);
-                cp_ring_flush(&s->tq);
-            }
+            /* No room cannot happen with nothing in flight; make sure. */
+            if (send_stop(s) < 0 && s->pid > 0)
+                kill(s->pid, SIGKILL);
             s->stopping = 1;
         }
         c->state = CORE_STOPPING;
@@ -2044,6 +2115,7 @@ Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)
     int collecting = c->collecting;
     if (collecting)
         ring_doorbell(c);
+    let_idle_workers_leave(c);
     kill_everything(c);
     if (!collecting)
         fail_all(c, CP_E_TERMINATED);

@@ -161,7 +161,10 @@ typedef struct cp_ctl {
     _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
 } cp_ctl;
 
-enum { CP_W_EMPTY = 0, CP_W_STARTING = 1, CP_W_READY = 2, CP_W_DEAD = 3 };
+/* CP_W_LEFT: the worker is through with Python (its output flushed, its
+ * exit functions run) and about to _exit(); it wakes futex waiters. */
+enum { CP_W_EMPTY = 0, CP_W_STARTING = 1, CP_W_READY = 2, CP_W_DEAD = 3,
+       CP_W_LEFT = 4 };
 
 /* A worker's exit code when a task closed the fd it wakes the parent with
  * (ring.c).  (70-78 are the worker's other exits: worker.c, proc.c.) */

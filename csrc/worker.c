@@ -55,10 +55,18 @@ flush_std(void)
     }
 }
 
+static volatile int forked_copy;
+static cp_ctl *my_ctl;     /* this worker's control block */
+
 static void __attribute__((noreturn))
 worker_exit(int code)
 {
     flush_std();
+    if (my_ctl != NULL && !forked_copy) {
+        /* terminate() may be waiting for this (see let_idle_workers_leave) */
+        cp_store_release(&my_ctl->state, CP_W_LEFT);
+        cp_futex_wake(&my_ctl->state);
+    }
     _exit(code);
 }
 
@@ -90,8 +98,6 @@ worker_leave(void)
  * taking tasks and publishing results (or arena blocks) beside it: it exits
  * here, before it touches anything shared.  The atfork hook (which
  * os.fork() and libc's fork() run) marks such a child. */
-static volatile int forked_copy;
-
 static void
 mark_forked_copy(void)
 {
@@ -421,7 +427,7 @@ cp_worker_main(void *arg, int slot)
     forked_copy = 0;
     if (pthread_atfork(NULL, NULL, mark_forked_copy) != 0)
         _exit(76);
-    w.ctl = cp_shm_ctl(&c->shm, slot);
+    w.ctl = my_ctl = cp_shm_ctl(&c->shm, slot);
     w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
     w.spin_ns = c->spin_ns;
     /* The worker wakes the parent through the eventfd, never a futex: the

@@ -181,3 +181,29 @@ def stop_at_2(x):
     if x == 2:
         raise StopIteration("stop at", x)
     return x
+
+
+def print_line(x):
+    print("line from task", x)
+    return x
+
+
+def register_teardown(path):
+    """Initializer: a multiprocessing Finalize callback (a worker teardown
+    idiom) that appends this worker's pid to `path` when it exits."""
+    import os
+    from multiprocessing import util
+    util.Finalize(None, _append_pid, (path, os.getpid()), exitpriority=10)
+
+
+def _append_pid(path, pid):
+    with open(path, "a") as f:
+        f.write("%d\n" % pid)
+
+
+def start_endless_thread(x):
+    """Start a non-daemon thread that never ends: the worker's normal exit
+    would wait for it forever."""
+    import threading
+    threading.Thread(target=threading.Event().wait).start()
+    return x

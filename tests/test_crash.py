@@ -591,6 +591,65 @@ def test_ctrl_c_to_the_process_group_does_not_spray_worker_tracebacks():
     assert "Traceback" not in out.stderr
 
 
+def _buffered_env():
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)      # stdout to a pipe: block-buffered
+    return env
+
+
+@pytest.mark.parametrize("how", ["with", "terminate", "exit"])
+def test_idle_workers_leave_normally_when_the_pool_is_terminated(how, tmp_path):
+    # A worker that runs no task when the pool is terminated (a with block
+    # left, terminate(), interpreter exit) leaves as after close(): what its
+    # tasks printed is written out, and multiprocessing's exit functions
+    # run in it (here a Finalize callback from the initializer).
+    marks = tmp_path / "teardown"
+    code = f"""
+        import time
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(2, T.register_teardown, ({str(marks)!r},))
+        assert p.map(T.print_line, range(6), chunksize=1) == list(range(6))
+        pids = sorted(p._core.pids())
+        if {how!r} == "with":
+            with p:
+                pass
+        elif {how!r} == "terminate":
+            p.terminate()
+            p.join()
+        print("pids", *pids)
+    """
+    out = _run(code, env=_buffered_env())
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert sorted(l for l in lines if l.startswith("line")) == \
+        ["line from task %d" % i for i in range(6)]
+    pids = [l for l in lines if l.startswith("pids")][0].split()[1:]
+    assert sorted(marks.read_text().split()) == sorted(pids)
+
+
+def test_terminate_waits_only_briefly_for_an_idle_worker_that_cannot_leave():
+    # Its exit would wait for a thread its task started that never ends:
+    # terminate() gives up on it after a moment and kills it.
+    code = """
+        import time
+        from cpool import Pool
+        import crash_tasks as T
+        p = Pool(1)
+        assert p.apply(T.start_endless_thread, (1,)) == 1
+        pid = p._core.pids()[0]
+        t0 = time.monotonic()
+        p.terminate()
+        p.join()
+        print("took", time.monotonic() - t0, "pid", pid)
+    """
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    took, pid = out.stdout.split()[1], int(out.stdout.split()[3])
+    assert float(took) < 2.0
+    assert _gone([pid], 5)
+
+
 def test_a_thousand_pools_leave_nothing_behind():
     def fds():
         return len(os.listdir("/proc/self/fd"))
