@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 import weakref
+import multiprocessing
 from multiprocessing import TimeoutError
 from multiprocessing import pool as _mp
 
@@ -691,8 +692,30 @@ def _exit_pools():
 atexit.register(_exit_pools)
 
 
+def _start_method(context):
+    """The start method multiprocessing.Pool would use with `context`."""
+    if context is None:
+        return multiprocessing.get_start_method(allow_none=True) or "fork"
+    return context.get_start_method()
+
+
 class Pool(_core.PoolBase):
     """A drop-in replacement for multiprocessing.Pool."""
+
+    def __new__(cls, processes=None, initializer=None, initargs=(),
+                maxtasksperchild=None, context=None):
+        # cpool forks its workers.  Asked for another start method (a
+        # "spawn" or "forkserver" context, or multiprocessing's default set
+        # so), it hands over to multiprocessing.Pool with it, which gives
+        # what was asked for: fresh interpreters, not copies of this one.
+        if _start_method(context) != "fork":
+            if cls is not Pool:
+                raise ValueError(
+                    "%s forks its workers: start method %r is not supported"
+                    % (cls.__name__, _start_method(context)))
+            return _mp.Pool(processes, initializer, initargs,
+                            maxtasksperchild, context)
+        return super().__new__(cls)
 
     def __init__(self, processes=None, initializer=None, initargs=(),
                  maxtasksperchild=None, context=None):

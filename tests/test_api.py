@@ -1564,3 +1564,42 @@ def test_a_task_that_cannot_be_sent_fails_with_its_error_even_if_terminated_at_o
     with pytest.raises(TypeError):
         r.get(T)
     assert [type(e) for e in got] == [TypeError]
+
+
+def test_a_fork_context_makes_a_cpool_pool(cpool_Pool):
+    with cpool_Pool(1, context=multiprocessing.get_context("fork")) as p:
+        assert type(p) is cpool_Pool
+        assert p.apply(helpers.whoami)[0] == "ForkPoolWorker-1"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_another_start_method_gets_a_multiprocessing_pool_with_it(cpool_Pool, method):
+    # cpool forks; asked for fresh interpreters, it hands over to
+    # multiprocessing rather than fork anyway.
+    with cpool_Pool(1, context=multiprocessing.get_context(method)) as p:
+        assert type(p) is multiprocessing.pool.Pool
+        name = {"spawn": "SpawnPoolWorker-", "forkserver": "ForkServerPoolWorker-"}
+        assert p.apply(helpers.whoami)[0].startswith(name[method])
+        assert p.map(helpers.square, range(4)) == [0, 1, 4, 9]
+    # A subclass cannot be handed over: its own methods would be lost.
+    class Sub(cpool_Pool):
+        pass
+    with pytest.raises(ValueError, match="forks its workers"):
+        Sub(1, context=multiprocessing.get_context(method))
+
+
+def test_a_default_start_method_set_to_spawn_is_followed(cpool_Pool):
+    out = _run_with("cpool", """
+import multiprocessing, helpers
+multiprocessing.set_start_method("spawn")
+with Pool(1) as p:
+    print(type(p).__module__, p.apply(helpers.whoami)[0])
+""")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["multiprocessing.pool", "SpawnPoolWorker-1"]
+
+
+def test_a_context_that_is_not_one_is_refused(cpool_Pool):
+    for P in (cpool_Pool, multiprocessing.pool.Pool):
+        with pytest.raises(AttributeError):
+            P(1, context="fork")
