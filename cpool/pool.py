@@ -879,7 +879,8 @@ class Pool(_core.PoolBase):
         if len(iterable) == 0:
             chunksize = 0
         elif chunksize < 1:
-            # multiprocessing would wait forever (0) or return wrong results
+            # multiprocessing returns [None] * len(iterable) without running
+            # anything
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
