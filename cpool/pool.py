@@ -699,8 +699,12 @@ def _start_method(context):
     return context.get_start_method()
 
 
-class Pool(_core.PoolBase):
-    """A drop-in replacement for multiprocessing.Pool."""
+class Pool(_core.PoolBase, _mp.Pool):
+    """A drop-in replacement for multiprocessing.Pool.
+
+    An instance of multiprocessing.pool.Pool, for code that checks what it
+    was given; every public method, and the internals that matter, are
+    cpool's own (multiprocessing's task and result threads are not used)."""
 
     def __new__(cls, processes=None, initializer=None, initargs=(),
                 maxtasksperchild=None, context=None):

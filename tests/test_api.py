@@ -1603,3 +1603,17 @@ def test_a_context_that_is_not_one_is_refused(cpool_Pool):
     for P in (cpool_Pool, multiprocessing.pool.Pool):
         with pytest.raises(AttributeError):
             P(1, context="fork")
+
+
+def test_the_pool_is_a_multiprocessing_pool(Pool):
+    # For code that checks what it was given (isinstance, type annotations).
+    with Pool(1) as p:
+        assert isinstance(p, multiprocessing.pool.Pool)
+        assert isinstance(p.apply_async(helpers.square, (2,)),
+                          multiprocessing.pool.ApplyResult)
+        assert isinstance(p.map_async(helpers.square, [2]),
+                          multiprocessing.pool.MapResult)
+        assert isinstance(p.imap(helpers.square, [2]),
+                          multiprocessing.pool.IMapIterator)
+        assert isinstance(p.imap_unordered(helpers.square, [2]),
+                          multiprocessing.pool.IMapUnorderedIterator)
