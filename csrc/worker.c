@@ -266,6 +266,46 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     cp_store_release(&w->ctl->results, ++w->results);
 }
 
+/* The TypeError Python's func(*args) or func(**kwds) raises for an
+ * argument of the wrong kind ("mod.f() argument after * must be an
+ * iterable, not int"): the function named as CPython names it there. */
+static void
+bad_call_argument(PyObject *func, const char *stars, const char *what,
+                  PyObject *arg)
+{
+    PyObject *qualname = PyObject_GetAttrString(func, "__qualname__");
+    PyObject *module = qualname ? PyObject_GetAttrString(func, "__module__") : NULL;
+    PyObject *name;
+    PyErr_Clear();
+    if (qualname == NULL)
+        name = PyObject_Str(func);
+    else if (module != NULL && PyUnicode_Check(module) &&
+             PyUnicode_CompareWithASCIIString(module, "builtins") != 0)
+        name = PyUnicode_FromFormat("%U.%S()", module, qualname);
+    else
+        name = PyUnicode_FromFormat("%S()", qualname);
+    Py_XDECREF(qualname);
+    Py_XDECREF(module);
+    if (name == NULL)
+        return;
+    PyErr_Format(PyExc_TypeError, "%U argument after %s must be %s, not %.200s",
+                 name, stars, what, Py_TYPE(arg)->tp_name);
+    Py_DECREF(name);
+}
+
+/* func(*args, **kwds)'s positional arguments as a tuple.  New reference. */
+static PyObject *
+call_args(PyObject *func, PyObject *args)
+{
+    if (PyTuple_CheckExact(args))
+        return Py_NewRef(args);
+    if (Py_TYPE(args)->tp_iter == NULL && !PySequence_Check(args)) {
+        bad_call_argument(func, "*", "an iterable", args);
+        return NULL;
+    }
+    return PySequence_Tuple(args);
+}
+
 /* func(*args, **kwds)'s keywords: kwds itself if it is a dict (None if it is
  * empty), a dict made from any other mapping, or a TypeError as Python's **
  * gives.  New reference. */
@@ -279,14 +319,7 @@ call_kwds(PyObject *func, PyObject *kwds)
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return NULL;
         PyErr_Clear();
-        PyObject *name = PyObject_GetAttrString(func, "__qualname__");
-        if (name == NULL)
-            PyErr_Clear();
-        PyErr_Format(PyExc_TypeError,
-                     "%S() argument after ** must be a mapping, not %.200s",
-                     name ? name : (PyObject *)Py_TYPE(func),
-                     Py_TYPE(kwds)->tp_name);
-        Py_XDECREF(name);
+        bad_call_argument(func, "**", "a mapping", kwds);
         return NULL;
     }
     Py_DECREF(keys);
@@ -328,7 +361,7 @@ run_task(wctx *w, const cp_rec *h, PyObject *obj)
         if (!PyTuple_Check(body) || PyTuple_GET_SIZE(body) != 2) {
             PyErr_SetString(PyExc_RuntimeError, "cpool: malformed task");
         } else {
-            PyObject *args = PySequence_Tuple(PyTuple_GET_ITEM(body, 0));
+            PyObject *args = call_args(func, PyTuple_GET_ITEM(body, 0));
             PyObject *kw = args ? call_kwds(func, PyTuple_GET_ITEM(body, 1)) : NULL;
             if (kw != NULL)
                 res = PyObject_Call(func, args, kw == Py_None ? NULL : kw);

@@ -1617,3 +1617,21 @@ def test_the_pool_is_a_multiprocessing_pool(Pool):
                           multiprocessing.pool.IMapIterator)
         assert isinstance(p.imap_unordered(helpers.square, [2]),
                           multiprocessing.pool.IMapUnorderedIterator)
+
+
+@pytest.mark.parametrize("args, kwds, message", [
+    (None, {}, "helpers.echo_args() argument after * must be an iterable, not NoneType"),
+    (5, {}, "helpers.echo_args() argument after * must be an iterable, not int"),
+    ((), None, "helpers.echo_args() argument after ** must be a mapping, not NoneType"),
+    ((), [("a", 1)], "helpers.echo_args() argument after ** must be a mapping, not list"),
+    (None, {}, "len() argument after * must be an iterable, not NoneType"),
+])
+def test_arguments_of_the_wrong_kind_fail_as_python_says(Pool, args, kwds, message):
+    func = len if message.startswith("len") else helpers.echo_args
+    with Pool(1) as p:
+        with pytest.raises(TypeError) as info:
+            p.apply(func, args, kwds)
+        assert str(info.value) == message
+        with pytest.raises(TypeError) as info:
+            p.apply_async(func, args, kwds).get(T)
+        assert str(info.value) == message
