@@ -706,19 +706,17 @@ class Pool(_core.PoolBase, _mp.Pool):
     was given; every public method, and the internals that matter, are
     cpool's own (multiprocessing's task and result threads are not used)."""
 
-    def __new__(cls, processes=None, initializer=None, initargs=(),
-                maxtasksperchild=None, context=None):
+    def __new__(cls, *args, **kwargs):
         # cpool forks its workers.  Asked for another start method (a
         # "spawn" or "forkserver" context, or multiprocessing's default set
-        # so), it hands over to multiprocessing.Pool with it, which gives
-        # what was asked for: fresh interpreters, not copies of this one.
-        if _start_method(context) != "fork":
-            if cls is not Pool:
-                raise ValueError(
-                    "%s forks its workers: start method %r is not supported"
-                    % (cls.__name__, _start_method(context)))
-            return _mp.Pool(processes, initializer, initargs,
-                            maxtasksperchild, context)
+        # so), Pool(...) hands over to multiprocessing.Pool with it, which
+        # gives what was asked for: fresh interpreters, not copies of this
+        # one.  (A subclass, whose own methods would be lost, is checked in
+        # __init__ instead, against the context it passes.)
+        if cls is Pool:
+            context = kwargs.get("context", args[4] if len(args) > 4 else None)
+            if _start_method(context) != "fork":
+                return _mp.Pool(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, processes=None, initializer=None, initargs=(),
@@ -726,6 +724,10 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._pool = []
         self._state = INIT
         self._cache = {}
+        if context is not None and context.get_start_method() != "fork":
+            raise ValueError("%s forks its workers: start method %r is not "
+                             "supported" % (type(self).__name__,
+                                            context.get_start_method()))
         self._ctx = context
         self._feeders = {}      # feeder thread -> its imap result
         self._idle_feeders = []  # feeder threads waiting for their next call

@@ -1066,8 +1066,9 @@ handle_death(Core *c, int i, pid_t pid, int status)
     /* A worker that never got through its initializer would fail the same
      * way again: blame the oldest task it was given (so that every such
      * death makes progress) and respawn only when there is work. */
+    uint32_t wstate = cp_load_acquire(&s->ctl->state);
     int startup_failure = init_exc != NULL ||
-                          cp_load_acquire(&s->ctl->state) != CP_W_READY;
+                          (wstate != CP_W_READY && wstate != CP_W_LEFT);
 
     /* Newest first, so that tasks go back to the front of pending in their
      * original order. */

@@ -38,10 +38,15 @@
  *     is tracked (set_result()).
  *   - Anything that could later give it a way back tracks it first:
  *     setting any attribute (Result_setattro, which multiprocessing's
- *     ApplyResult.__init__ and _set go through too) and reaching its
+ *     ApplyResult.__init__ and _set go through too, and the setters of the
+ *     C fields, for their descriptors called directly) and reaching its
  *     instance dict (the __dict__ descriptor, which pool.py's ApplyResult
  *     takes from here).  A result handed to its Python _set() because a
  *     callback was set after all is tracked too (cp_result_complete()).
+ *     Not covered: multiprocessing's own __dict__ descriptor (its class
+ *     still has one) called directly on a finished result, and the dict
+ *     gc.get_referents() hands out; a cycle made through those is not
+ *     collected.
  *
  * A result with a callback or an error callback is completed by its Python
  * _set() (which runs the callback and reports what it raises).  pool.py
@@ -431,11 +436,6 @@ Result_set_dict(PyObject *obj, PyObject *value, void *Py_UNUSED(closure))
     return PyObject_GenericSetDict(obj, value, NULL);
 }
 
-static PyGetSetDef Result_getset[] = {
-    {"__dict__", Result_get_dict, Result_set_dict, NULL, NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyMethodDef Result_methods[] = {
     {"ready", (PyCFunction)Result_ready, METH_NOARGS,
      "Whether the result is there (the call completed)."},
@@ -445,10 +445,51 @@ static PyMethodDef Result_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-#define RESULT_FIELD(name, field) \
-    {name, T_OBJECT, offsetof(Result, field), 0, NULL}
+/* multiprocessing's attributes, as C fields.  Setting one may give a
+ * finished, untracked result a way back to itself: the setters track it
+ * first, as Result_setattro does (a member descriptor's __set__, called
+ * directly, would bypass that). */
+static PyObject *
+Result_get_field(PyObject *obj, void *offset)
+{
+    PyObject *v = *(PyObject **)((char *)obj + (size_t)offset);
+    return Py_NewRef(v != NULL ? v : Py_None);
+}
 
-static PyMemberDef Result_members[] = {
+static int
+Result_set_field(PyObject *obj, PyObject *value, void *offset)
+{
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+    Py_XSETREF(*(PyObject **)((char *)obj + (size_t)offset), Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+Result_get_ready(Result *r, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(r->ready);
+}
+
+static int
+Result_set_ready(Result *r, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "can't delete _ready");
+        return -1;
+    }
+    int v = PyObject_IsTrue(value);
+    if (v < 0)
+        return -1;
+    r->ready = (char)v;
+    return 0;
+}
+
+#define RESULT_FIELD(name, field) \
+    {name, Result_get_field, Result_set_field, NULL, (void *)offsetof(Result, field)}
+
+static PyGetSetDef Result_getset[] = {
+    {"__dict__", Result_get_dict, Result_set_dict, NULL, NULL},
     RESULT_FIELD("_pool", pool),
     RESULT_FIELD("_done", done),
     RESULT_FIELD("_job", job),
@@ -457,8 +498,8 @@ static PyMemberDef Result_members[] = {
     RESULT_FIELD("_error_callback", error_callback),
     RESULT_FIELD("_success", success),
     RESULT_FIELD("_value", value),
-    {"_ready", T_BOOL, offsetof(Result, ready), 0, NULL},
-    {NULL, 0, 0, 0, NULL},
+    {"_ready", (getter)Result_get_ready, (setter)Result_set_ready, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot Result_slots[] = {
@@ -466,7 +507,6 @@ static PyType_Slot Result_slots[] = {
     {Py_tp_traverse, Result_traverse},
     {Py_tp_clear, Result_clear},
     {Py_tp_methods, Result_methods},
-    {Py_tp_members, Result_members},
     {Py_tp_getset, Result_getset},
     {Py_tp_setattro, Result_setattro},
     {Py_tp_new, PyType_GenericNew},

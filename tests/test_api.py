@@ -1588,6 +1588,18 @@ def test_another_start_method_gets_a_multiprocessing_pool_with_it(cpool_Pool, me
         Sub(1, context=multiprocessing.get_context(method))
 
 
+def test_a_subclass_may_take_other_arguments(cpool_Pool):
+    class Tagged(cpool_Pool):
+        def __init__(self, n, tag=None, *rest):
+            super().__init__(n, context=multiprocessing.get_context("fork"))
+            self.tag = tag
+
+    with Tagged(1, tag="x") as p:
+        assert p.tag == "x" and p.apply(helpers.square, (3,)) == 9
+    with Tagged(1, "y", 3, 4, 5, 6) as p:
+        assert p.tag == "y" and p.apply(helpers.square, (4,)) == 16
+
+
 def test_a_default_start_method_set_to_spawn_is_followed(cpool_Pool):
     out = _run_with("cpool", """
 import multiprocessing, helpers

@@ -263,7 +263,8 @@ def test_finished_results_that_cannot_be_in_a_cycle_stay_untracked(cpool_Pool):
         assert gc.is_tracked(failed) and gc.is_tracked(with_cb)
 
 
-@pytest.mark.parametrize("how", ["setattr", "vars", "__dict__", "set __dict__"])
+@pytest.mark.parametrize("how", ["setattr", "vars", "__dict__", "set __dict__",
+                                 "field descriptor"])
 def test_an_untracked_finished_result_is_tracked_when_it_may_refer_back(
         cpool_Pool, how):
     # Setting an attribute, or reaching the instance dict, may make a cycle
@@ -281,9 +282,15 @@ def test_an_untracked_finished_result_is_tracked_when_it_may_refer_back(
             vars(r)["me"] = r
         elif how == "__dict__":
             r.__dict__["me"] = r
-        else:
+        elif how == "set __dict__":
             r.__dict__ = {"me": r}
-        assert gc.is_tracked(r) and r.me is r
+        else:
+            # multiprocessing's attributes are C fields: their descriptor,
+            # called directly, tracks it too
+            vars(type(r).__mro__[1])["_callback"].__set__(r, {"me": r})
+            assert type(r).__mro__[1].__name__ == "ResultBase"
+        assert gc.is_tracked(r)
+        assert (r._callback if how == "field descriptor" else vars(r))["me"] is r
         ref = weakref.ref(r)
         del r
         gc.collect()
