@@ -724,10 +724,10 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._pool = []
         self._state = INIT
         self._cache = {}
-        if context is not None and context.get_start_method() != "fork":
+        method = context.get_start_method() if context is not None else "fork"
+        if method != "fork":
             raise ValueError("%s forks its workers: start method %r is not "
-                             "supported" % (type(self).__name__,
-                                            context.get_start_method()))
+                             "supported" % (type(self).__name__, method))
         self._ctx = context
         self._feeders = {}      # feeder thread -> its imap result
         self._idle_feeders = []  # feeder threads waiting for their next call

@@ -211,6 +211,14 @@ cp_result_done_lock(PyObject *Py_UNUSED(m), PyObject *obj)
     return lock;
 }
 
+/* Hand a result (left untracked, see the top) to the garbage collector. */
+static void
+track(PyObject *obj)
+{
+    if (!PyObject_GC_IsTracked(obj))
+        PyObject_GC_Track(obj);
+}
+
 /* Whether `v` holds no reference the garbage collector follows, now or
  * later: not a container, or a tuple the collector found holds none (the
  * test CPython applies before it stops tracking a tuple). */
@@ -270,9 +278,8 @@ cp_result_complete(PyObject *obj, int ok, PyObject *value)
         or_none(r->callback) != Py_None || or_none(r->error_callback) != Py_None) {
         /* Its _set() completes it.  It may have been made without callbacks
          * (and so left untracked) and been given one since. */
-        if (PyObject_TypeCheck(obj, cp_state->result_base) &&
-            !PyObject_GC_IsTracked(obj))
-            PyObject_GC_Track(obj);
+        if (PyObject_TypeCheck(obj, cp_state->result_base))
+            track(obj);
         return 0;
     }
     set_result(r, ok, value, 1);
@@ -415,24 +422,21 @@ Result_get(Result *r, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
 static int
 Result_setattro(PyObject *obj, PyObject *name, PyObject *value)
 {
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);
+    track(obj);
     return PyObject_GenericSetAttr(obj, name, value);
 }
 
 static PyObject *
 Result_get_dict(PyObject *obj, void *Py_UNUSED(closure))
 {
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);
+    track(obj);
     return PyObject_GenericGetDict(obj, NULL);
 }
 
 static int
 Result_set_dict(PyObject *obj, PyObject *value, void *Py_UNUSED(closure))
 {
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);
+    track(obj);
     return PyObject_GenericSetDict(obj, value, NULL);
 }
 
@@ -459,8 +463,7 @@ Result_get_field(PyObject *obj, void *offset)
 static int
 Result_set_field(PyObject *obj, PyObject *value, void *offset)
 {
-    if (!PyObject_GC_IsTracked(obj))
-        PyObject_GC_Track(obj);
+    track(obj);
     Py_XSETREF(*(PyObject **)((char *)obj + (size_t)offset), Py_XNewRef(value));
     return 0;
 }
