@@ -1324,9 +1324,10 @@ let_idle_workers_leave(Core *c)
         return;     /* then they are killed */
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        if (!s->live || s->pid <= 0 || s->owner || s->corrupt ||
-            s->death_pending || s->out_buf != NULL ||
-            cp_load_acquire(&s->ctl->state) != CP_W_READY)
+        /* Its state, not s->pid: a worker can be given tasks, and run them,
+         * before the zygote's report of its pid is read. */
+        if (!s->live || s->owner || s->corrupt || s->death_pending ||
+            s->out_buf != NULL || cp_load_acquire(&s->ctl->state) != CP_W_READY)
             continue;
         size_t taken = 0;
         int claimed = 0;
