@@ -34,8 +34,9 @@
  *   - tail is written only by the producer, head only by the consumer;
  *   - 0 <= tail - head <= cap, both count bytes ever written/consumed;
  *   - bytes in [head, tail) hold complete, published records;
- *   - cons_sleep is set by the consumer just before it sleeps on tail, and
- *     prod_sleep by the producer before it sleeps on head.
+ *   - cons_sleep is set by the consumer just before it sleeps until tail
+ *     moves, and prod_sleep by the producer before it sleeps until head
+ *     moves; each is also the futex word its side sleeps on (ring.c).
  * head and tail live on separate cache lines so the two sides do not fight
  * over one line.
  */
@@ -145,8 +146,6 @@ int cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns)
 
 int cp_futex_wait(uint32_t *addr, uint32_t expected, long timeout_ns);
 int cp_futex_wake(uint32_t *addr);
-uint32_t *cp_ring_tail_word(cp_ring_hdr *h);
-uint32_t *cp_ring_head_word(cp_ring_hdr *h);
 uint64_t cp_now_ns(void);
 
 /* ------------------------------------------------------------------- shm */

@@ -167,6 +167,66 @@ Ring_resync(Ring *r, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* wait(timeout) -> bool: the consumer's wait for data (no spin), without
+ * the GIL; False if it timed out (or a signal came) with the ring empty. */
+static PyObject *
+Ring_wait(Ring *r, PyObject *arg)
+{
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(t >= 0.0 && t <= 3600.0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be 0 to 3600 seconds");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cp_ring_wait_data(&r->cons, 0, (long)(t * 1e9));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == 0);
+}
+
+/* wait_space(size, timeout) -> bool: the producer's wait for room for a
+ * record of size payload bytes (no spin), without the GIL. */
+static PyObject *
+Ring_wait_space(Ring *r, PyObject *args)
+{
+    unsigned int size;
+    double t;
+    if (!PyArg_ParseTuple(args, "Id", &size, &t))
+        return NULL;
+    if (!(t >= 0.0 && t <= 3600.0) || size > r->prod.max_frag) {
+        PyErr_SetString(PyExc_ValueError,
+                        "size must be at most max_frag, timeout 0 to 3600 s");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cp_ring_wait_space(&r->prod, cp_ring_need(&r->prod, size), 0,
+                            (long)(t * 1e9));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rc == 0);
+}
+
+/* release(): the consumer hands back its space again with nothing new,
+ * waking a producer that sleeps for room (see flush()). */
+static PyObject *
+Ring_release(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    cp_ring_release_flush(&r->cons);
+    Py_RETURN_NONE;
+}
+
+/* flush(): publish again with nothing new, waking a sleeping consumer: what
+ * the consumer sees from a producer whose wake-up comes after the consumer
+ * has taken the records it was for. */
+static PyObject *
+Ring_flush(Ring *r, PyObject *Py_UNUSED(ignored))
+{
+    cp_ring_flush(&r->prod);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Ring_get_free(Ring *r, void *Py_UNUSED(c))
 {
@@ -192,6 +252,11 @@ static PyMethodDef Ring_methods[] = {
     {"pop", (PyCFunction)Ring_pop, METH_NOARGS, "pop() -> (kind, flags, total, payload) | None"},
     {"raw", (PyCFunction)Ring_raw, METH_VARARGS, "raw(data) -> bool"},
     {"resync", (PyCFunction)Ring_resync, METH_NOARGS, "drop unread bytes"},
+    {"wait", (PyCFunction)Ring_wait, METH_O, "wait(timeout) -> bool: data came"},
+    {"flush", (PyCFunction)Ring_flush, METH_NOARGS, "publish nothing new; wake"},
+    {"wait_space", (PyCFunction)Ring_wait_space, METH_VARARGS,
+     "wait_space(size, timeout) -> bool: room came"},
+    {"release", (PyCFunction)Ring_release, METH_NOARGS, "free nothing new; wake"},
     {NULL, NULL, 0, NULL},
 };
 

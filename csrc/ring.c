@@ -8,13 +8,22 @@
  *   producer: write record, store-release tail;
  *   consumer: load-acquire tail, read record, store-release head.
  * Sleeping: the waiting side sets its *_sleep flag, issues a full fence and
- * re-checks the index before FUTEX_WAIT; the other side publishes its index,
+ * re-checks the index before it sleeps; the other side publishes its index,
  * issues a full fence and wakes only if the flag is set.  Either the waiter
  * sees the new index, or the publisher sees the flag: never neither.  The
  * publisher clears the flag as it wakes (an exchange): until the woken side
  * runs, which can take a while on a busy machine, further publishes would
  * otherwise each pay another wake-up system call for nothing.  A waiter that
  * goes back to sleep sets the flag again.
+ *
+ * The futex word is the flag itself (FUTEX_WAIT while it is still 1), not
+ * the index.  A publisher held up between its look at the flag and its
+ * exchange can clear the flag of a later sleep than the one it saw, for
+ * records the waiter has already taken, and wake it just before it enters
+ * FUTEX_WAIT.  Waiting on the index, the waiter would then sleep with its
+ * flag cleared, and the next publish would not wake it: a lost wake-up.
+ * Waiting on the flag, it finds the flag cleared, looks at the ring again
+ * and sets the flag anew.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,22 +46,6 @@ cp_now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
-
-/* The futex word of a 64-bit index is its low half; the index only moves
- * forward by less than 2^32 while the other side sleeps on it (at most one
- * ring's worth), so comparing the low halves is exact. */
-static uint32_t *
-low_word(uint64_t *p)
-{
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    return (uint32_t *)p;
-#else
-    return (uint32_t *)p + 1;
-#endif
-}
-
-uint32_t *cp_ring_tail_word(cp_ring_hdr *h) { return low_word(&h->tail); }
-uint32_t *cp_ring_head_word(cp_ring_hdr *h) { return low_word(&h->head); }
 
 /* Shared futexes (no FUTEX_PRIVATE_FLAG): the waker is another process. */
 int
@@ -80,7 +73,7 @@ cp_futex_wake(uint32_t *addr)
 /* Wake the other side if its sleep flag is set, clearing the flag (once per
  * sleep; see the top of the file).  Call after a full fence. */
 static void
-ring_wake_if_asleep(cp_ring *r, uint32_t *flag, uint32_t *word)
+ring_wake_if_asleep(cp_ring *r, uint32_t *flag)
 {
     if (!cp_load_relaxed(flag) || !__atomic_exchange_n(flag, 0, __ATOMIC_ACQ_REL))
         return;
@@ -98,7 +91,7 @@ ring_wake_if_asleep(cp_ring *r, uint32_t *flag, uint32_t *word)
         if (n < 0 && errno != EAGAIN)
             _exit(CP_EXIT_NO_DOORBELL);
     } else {
-        cp_futex_wake(word);
+        cp_futex_wake(flag);
     }
 }
 
@@ -201,7 +194,7 @@ cp_ring_flush(cp_ring *r)
     cp_store_release(&r->h->tail, r->pos);
     /* Order the tail store before reading the sleep flag (see top of file). */
     cp_fence_full();
-    ring_wake_if_asleep(r, &r->h->cons_sleep, cp_ring_tail_word(r->h));
+    ring_wake_if_asleep(r, &r->h->cons_sleep);
 }
 
 int
@@ -269,7 +262,7 @@ cp_ring_release_flush(cp_ring *r)
      * read of them must be done before this store. */
     cp_store_release(&r->h->head, r->pos);
     cp_fence_full();
-    ring_wake_if_asleep(r, &r->h->prod_sleep, cp_ring_head_word(r->h));
+    ring_wake_if_asleep(r, &r->h->prod_sleep);
 }
 
 static long
@@ -318,7 +311,7 @@ cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns)
         uint64_t t = cp_load_acquire(&r->h->tail);
         int rc = 0;
         if (t == r->pos)
-            rc = cp_futex_wait(cp_ring_tail_word(r->h), (uint32_t)t, left);
+            rc = cp_futex_wait(&r->h->cons_sleep, 1, left);
         cp_store_relaxed(&r->h->cons_sleep, 0);
         if (cp_ring_has_data(r))
             return 0;
@@ -362,7 +355,7 @@ cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns)
         uint64_t hd = cp_load_acquire(&r->h->head);
         int rc = 0;
         if (r->cap - (r->pos - hd) < need)
-            rc = cp_futex_wait(cp_ring_head_word(r->h), (uint32_t)hd, left);
+            rc = cp_futex_wait(&r->h->prod_sleep, 1, left);
         cp_store_relaxed(&r->h->prod_sleep, 0);
         if (cp_ring_free_bytes(r) >= need)
             return 0;

@@ -1,6 +1,6 @@
 """The shared-memory ring on its own (cpool._core.Ring: the same C code as the
 pool's rings, over private memory): records, wrap-around, a full ring,
-messages larger than a ring, and corrupt input."""
+messages larger than a ring, corrupt input, and wake-ups that come late."""
 import random
 import struct
 
@@ -234,3 +234,79 @@ def test_decoder_fuzz_never_crashes():
             _core.decode_message(bytes(m), True, rng.choice([1, 5, 50, 10_000]))
         except Exception:
             pass                                  # refused: fine; a crash is not
+
+
+def _late_wake_ups(r, sleeper, step, late, n=3000):
+    """Let the thread running sleeper(progress, stop) make progress n times,
+    one step(i) at a time.  After each, once the sleeper has moved, wake it
+    again and again with late() (nothing new) while it heads back to sleep:
+    some of those wake-ups land between its last look at the ring and its
+    sleep.  Returns the step the sleeper never woke up for, or None."""
+    import sys
+    import threading
+    import time
+
+    progress, stop = [0], []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    t = threading.Thread(target=sleeper, args=(progress, stop))
+    t.start()
+    stuck = None
+    try:
+        for i in range(n):
+            step(i)
+            deadline = time.monotonic() + 10.0
+            while progress[0] <= i and time.monotonic() < deadline:
+                pass
+            if progress[0] <= i:
+                stuck = i
+                break
+            for _ in range(100):
+                late()
+    finally:
+        sys.setswitchinterval(old)
+        stop.append(1)
+        step(n)          # a real one, to wake it for the stop
+        t.join()
+    assert stuck is not None or progress[0] == n
+    return stuck
+
+
+def test_a_late_wake_up_does_not_cost_the_consumer_the_next_one():
+    """A wake-up can reach the consumer after it has already taken the
+    records it was for (its producer was held up between publishing and
+    waking), just as it is about to sleep again.  That must not leave it
+    asleep through the next publish."""
+    r = _core.Ring(CAP)
+
+    def consume(progress, stop):
+        while not stop:
+            if r.pop() is not None:
+                progress[0] += 1
+            else:
+                r.wait(12.0)
+
+    stuck = _late_wake_ups(r, consume, lambda i: r.push(b"%d" % i), r.flush)
+    assert stuck is None, f"record {stuck} left unread: its wake-up was lost"
+
+
+def test_a_late_wake_up_does_not_cost_the_producer_the_next_one():
+    """The same for a producer asleep on a full ring (a worker whose result
+    ring the parent drains): room handed back must wake it."""
+    r = _core.Ring(CAP)
+    payload = b"x" * 8
+    while r.push(payload):
+        pass
+
+    def produce(progress, stop):
+        while not stop:
+            if r.push(payload):
+                progress[0] += 1
+            else:
+                r.wait_space(len(payload), 12.0)
+
+    def take(i):
+        assert r.pop() is not None   # the ring stays full
+
+    stuck = _late_wake_ups(r, produce, take, r.release)
+    assert stuck is None, f"room freed by record {stuck} unseen: wake-up lost"
