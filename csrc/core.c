@@ -45,7 +45,9 @@
 /* The collector looks at the rings at least this often even if no doorbell
  * rang: a task that closed its worker's eventfd and let a file take its
  * number (the worker's wake-ups then land in the file) delays that worker's
- * results, it does not lose them.  (Idle, this is two wake-ups a second.) */
+ * results, it does not lose them.  (Idle, this is two wake-ups a second.)
+ * Nothing else may rely on it: CPOOL_RING_CHECK_MS overrides it (tests make
+ * it long, so that a missed wake-up shows as a hang, not a delay). */
 #define RING_CHECK_MS 500
 /* A worker's oldest task left unclaimed this long while another worker is
  * idle is given to the idle one (see steal_for_idle). */
@@ -479,6 +481,15 @@ start_timeout_ns(void)
     return ms > 0 ? (uint64_t)ms * 1000000 : CP_START_NS;
 }
 
+/* The collector's longest sleep (RING_CHECK_MS), in ms. */
+static int
+ring_check_ms(void)
+{
+    const char *env = getenv("CPOOL_RING_CHECK_MS");
+    long long ms = env ? atoll(env) : 0;
+    return ms > 0 && ms <= 3600000 ? (int)ms : RING_CHECK_MS;
+}
+
 static int
 slot_spawn(Core *c, int i)
 {
@@ -737,17 +748,21 @@ ready_and_idle(Core *c, cp_slot *s)
  *   apply_async() from another thread) must be seen in time, so look again
  *   within STALL_NS (a healthy one is asleep on its ring after a short spin);
  * - a worker held back after a task was taken from it (stalled) is let go
- *   only when seen to move again: with work pending, look again within
- *   STALL_NS. */
+ *   only when seen to move again, and it does not say when it moves: with
+ *   work pending, or queued behind another worker's task (which it could
+ *   take), look again within STALL_NS. */
 static int
 stall_wait_ms(Core *c)
 {
     if (c->state > CORE_CLOSING)
         return -1;
     const int stall_ms = (int)(STALL_NS / 1000000);
-    int wait = -1, ready_idle = 0;
-    for (int i = 0; i < c->nslots; i++)
+    int wait = -1, ready_idle = 0, behind = 0;
+    for (int i = 0; i < c->nslots; i++) {
         ready_idle += ready_and_idle(c, &c->slots[i]);
+        /* tasks queued behind another, which steal_for_idle() can move */
+        behind |= c->slots[i].fifo.len > 1;
+    }
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         if (!s->live || s->owner || s->corrupt || s->stopping)
@@ -757,7 +772,7 @@ stall_wait_ms(Core *c)
         if ((s->fifo.len == 0 && !s->stalled &&
              !cp_load_relaxed(&s->tq.h->cons_sleep) &&
              ready_idle > ready_and_idle(c, s)) ||
-            (s->stalled && c->pending.len))
+            (s->stalled && (c->pending.len || behind)))
             wait = stall_ms;
     }
     if (c->pending.len || idle_slots(c) == 0)
@@ -1529,8 +1544,8 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
             c->state = CORE_BROKEN;
             continue;
         }
-        if (timeout_ms < 0 || timeout_ms > RING_CHECK_MS)
-            timeout_ms = RING_CHECK_MS;
+        if (timeout_ms < 0 || timeout_ms > c->ring_check_ms)
+            timeout_ms = c->ring_check_ms;
         int stall_ms = stall_wait_ms(c);
         if (stall_ms > 0 && stall_ms < timeout_ms)
             timeout_ms = stall_ms;
@@ -1642,14 +1657,21 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
 }
 
 /* After queueing: leave nothing that only the collector can move without
- * telling it (a half-sent message, or work with nothing in flight). */
+ * telling it (a half-sent message, work with nothing in flight, or a task
+ * queued behind another while a held-up worker may be free soon: the
+ * collector then looks again within STALL_NS, see stall_wait_ms). */
 static void
 wake_if_needed(Core *c)
 {
-    int wake = 0;
-    for (int i = 0; i < c->nslots; i++)
+    int wake = 0, stalled = 0, behind = 0;
+    for (int i = 0; i < c->nslots; i++) {
         if (c->slots[i].out_buf)
             wake = 1;
+        stalled |= c->slots[i].stalled;
+        behind |= c->slots[i].fifo.len > 1;
+    }
+    if (stalled && behind)
+        wake = 1;
     if (c->pending.len && !wake) {
         wake = 1;
         for (int i = 0; i < c->nslots; i++)
@@ -1862,17 +1884,24 @@ cp_core_apply_async(PyObject *core, PyObject *const *args, uint64_t flags)
     return r;
 }
 
-/* Give a slot back to the collector after a synchronous call.  If the
- * collector sleeps, it is not watching this slot: watch it on its behalf
- * (set the flag the worker checks), and wake it if something is there. */
+/* Give a slot back to the collector after a synchronous call.  Work queued
+ * meanwhile went to `pending` (nothing is sent to an owned slot): send it
+ * now.  If the collector sleeps, it may have looked at the pool while the
+ * slot was owned, and it is not watching this slot: watch it on its behalf
+ * (set the flag the worker checks), and wake it if something is there for
+ * it to do: results, a death, work still pending, or a close() to finish
+ * (the call may have been the last work). */
 static void
 release_slot(Core *c, cp_slot *s)
 {
     s->owner = 0;
+    if (c->pending.len && pump(c) < 0)
+        PyErr_WriteUnraisable((PyObject *)c);   /* the collector retries */
     if (c->asleep) {
         cp_store_relaxed(&s->rq.h->cons_sleep, 1);
         cp_fence_full();
-        if (cp_load_acquire(&s->rq.h->tail) != s->rq.pos || s->death_pending)
+        if (cp_load_acquire(&s->rq.h->tail) != s->rq.pos || s->death_pending ||
+            c->pending.len || c->state == CORE_CLOSING)
             ring_doorbell(c);
     }
 }
@@ -2271,6 +2300,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     }
     c->owner = getpid();
     c->start_by_ns = cp_now_ns() + start_timeout_ns();
+    c->ring_check_ms = ring_check_ms();
     c->nslots = n;
     c->maxtasks = maxtasks > 0 ? maxtasks : 0;
     c->spin_ns = spin_ns;

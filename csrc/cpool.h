@@ -388,6 +388,7 @@ typedef struct Core {
     PyObject *initargs;
     long maxtasks;         /* 0 = unlimited */
     long spin_ns;
+    int ring_check_ms;     /* the collector's longest sleep (RING_CHECK_MS) */
     PyObject *cache;       /* job -> result object with _set(i, (ok, value)) */
     PyObject *make_error;  /* callable(kind, pid, status, job, index, func) */
     PyObject *wfuncs;      /* worker only: fid -> callable */

@@ -502,3 +502,11 @@ def child_gets_ctrl_c(_=None):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, timeout=60)
     return out.stdout.strip()
+
+
+def pipe_handshake(w, r):
+    """Say the task runs (a byte on fd w), then wait for one on fd r.  The
+    pipes are made before the pool, so its workers have them."""
+    os.write(w, b"x")
+    os.read(r, 1)
+    return 1

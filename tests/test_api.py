@@ -975,6 +975,75 @@ def test_a_task_queued_at_a_worker_held_up_between_tasks_goes_to_an_idle_one(
     assert a_queued
 
 
+def test_a_held_up_worker_takes_work_queued_elsewhere_once_it_moves(
+        cpool_Pool, tmp_path, monkeypatch):
+    # A worker whose task was taken back from it (it was held up) gets no
+    # more until it moves on, and it does not say when it does: the
+    # collector must look, while a task waits behind another worker's long
+    # one.  The collector's own periodic look is put off for a minute here,
+    # so only that can move the task in time.
+    monkeypatch.setenv("CPOOL_RING_CHECK_MS", "60000")
+    gates = [helpers.Gate(tmp_path, name) for name in "abc"]
+    gate_a, gate_b, gate_c = gates
+    try:
+        with cpool_Pool(2) as p:
+            rb, pid_a, pid_b = _hold_up_a_while_b_is_busy(p, gate_a, gate_b)
+            rt = p.apply_async(os.getpid)          # queued at a: b is busy
+            gate_b.open()
+            assert rb.get(timeout=T) == "b"
+            assert rt.get(timeout=T) == pid_b      # taken back from a
+            started = gate_c.started_path()
+            rc = p.apply_async(helpers.gated, ("c", gate_c.path, started))
+            assert gate_c.wait_started(started) == pid_b
+            ru = p.apply_async(os.getpid)          # a gets nothing: behind c
+            assert {pid: q for pid, q, _ in p._core.queues()} == \
+                {pid_a: 0, pid_b: 2}
+            gate_a.open()
+            assert ru.get(timeout=10) == pid_a     # not after c
+            gate_c.open()
+            assert rc.get(timeout=T) == "c"
+    finally:
+        for g in gates:
+            g.open()
+
+
+def test_work_queued_while_apply_holds_the_only_worker_is_sent_after(
+        cpool_Pool, monkeypatch):
+    # apply() takes an idle worker for itself and reads its result directly;
+    # what other threads queue meanwhile waits in the parent (nothing is
+    # sent to a worker a caller holds), and must be sent when the caller
+    # lets the worker go, with the collector asleep.  Its periodic look is
+    # put off for a minute here.  Each round, the call's task runs until the
+    # other thread has queued its task; in most rounds the call still holds
+    # the worker then (it spins on its result for at most 200 us).
+    monkeypatch.setenv("CPOOL_RING_CHECK_MS", "60000")
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    held = 0
+    try:
+        with cpool_Pool(1) as p:
+            pid = p.apply(os.getpid)
+            for _ in range(100):
+                out = []
+                caller = threading.Thread(target=lambda: out.append(
+                    p.apply(helpers.pipe_handshake, (w1, r2))))
+                caller.start()
+                os.read(r1, 1)                     # the call's task runs
+                rs = p.apply_async(os.getpid)
+                queued = sum(q for _, q, _ in p._core.queues())
+                held += p._core.unfinished > queued   # rs waits in the parent
+                os.write(w2, b"x")
+                caller.join(T)
+                assert out == [1]
+                assert rs.get(timeout=10) == pid
+                if held >= 5:
+                    break
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+    assert held >= 1, "the call never held the worker while a task was queued"
+
+
 def test_apply_sent_to_a_worker_held_up_between_tasks_is_run_by_another(a_held_up):
     # apply() takes a worker with nothing queued, which a held-up one is.
     h = a_held_up
