@@ -472,12 +472,25 @@ slot_reset(Core *c, int i)
     s->ctl->arena_part = s->part;
 }
 
+/* A whole number from 1 to max in environment variable `name` (a tuning
+ * knob for tests), or 0 if it is unset or anything else. */
+static long long
+env_number(const char *name, long long max)
+{
+    const char *env = getenv(name);
+    if (env == NULL || *env < '0' || *env > '9')
+        return 0;
+    char *end;
+    errno = 0;
+    long long v = strtoll(env, &end, 10);
+    return errno == 0 && *end == '\0' && v >= 1 && v <= max ? v : 0;
+}
+
 /* The start-up deadline (CP_START_NS), in ns. */
 static uint64_t
 start_timeout_ns(void)
 {
-    const char *env = getenv("CPOOL_START_TIMEOUT_MS");
-    long long ms = env ? atoll(env) : 0;
+    long long ms = env_number("CPOOL_START_TIMEOUT_MS", 24LL * 3600 * 1000);
     return ms > 0 ? (uint64_t)ms * 1000000 : CP_START_NS;
 }
 
@@ -485,9 +498,8 @@ start_timeout_ns(void)
 static int
 ring_check_ms(void)
 {
-    const char *env = getenv("CPOOL_RING_CHECK_MS");
-    long long ms = env ? atoll(env) : 0;
-    return ms > 0 && ms <= 3600000 ? (int)ms : RING_CHECK_MS;
+    long long ms = env_number("CPOOL_RING_CHECK_MS", 3600000);
+    return ms > 0 ? (int)ms : RING_CHECK_MS;
 }
 
 static int
@@ -739,6 +751,16 @@ ready_and_idle(Core *c, cp_slot *s)
            cp_load_acquire(&s->ctl->state) == CP_W_READY;
 }
 
+/* Whether slot s holds a task that steal_for_idle() could give a worker
+ * that moves again: one queued behind another, or its oldest, unread (its
+ * worker may be held up too). */
+static int
+takeable(cp_slot *s)
+{
+    return s->fifo.len > 1 ||
+           (s->fifo.len == 1 && record_unread(s, fifo_front(&s->fifo)));
+}
+
 /* How long the collector may sleep (at least 1 ms), or -1 for as long as it
  * likes, given workers that may be held up:
  * - an oldest task left unclaimed while a worker is idle is due to be taken
@@ -749,19 +771,18 @@ ready_and_idle(Core *c, cp_slot *s)
  *   within STALL_NS (a healthy one is asleep on its ring after a short spin);
  * - a worker held back after a task was taken from it (stalled) is let go
  *   only when seen to move again, and it does not say when it moves: with
- *   work pending, or queued behind another worker's task (which it could
- *   take), look again within STALL_NS. */
+ *   work pending, or a task at another worker that it could take
+ *   (takeable()), look again within STALL_NS. */
 static int
 stall_wait_ms(Core *c)
 {
     if (c->state > CORE_CLOSING)
         return -1;
     const int stall_ms = (int)(STALL_NS / 1000000);
-    int wait = -1, ready_idle = 0, behind = 0;
+    int wait = -1, ready_idle = 0, takes = 0;
     for (int i = 0; i < c->nslots; i++) {
         ready_idle += ready_and_idle(c, &c->slots[i]);
-        /* tasks queued behind another, which steal_for_idle() can move */
-        behind |= c->slots[i].fifo.len > 1;
+        takes |= takeable(&c->slots[i]);
     }
     for (int i = 0; i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
@@ -772,7 +793,7 @@ stall_wait_ms(Core *c)
         if ((s->fifo.len == 0 && !s->stalled &&
              !cp_load_relaxed(&s->tq.h->cons_sleep) &&
              ready_idle > ready_and_idle(c, s)) ||
-            (s->stalled && (c->pending.len || behind)))
+            (s->stalled && (c->pending.len || takes)))
             wait = stall_ms;
     }
     if (c->pending.len || idle_slots(c) == 0)
@@ -1657,20 +1678,20 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
 }
 
 /* After queueing: leave nothing that only the collector can move without
- * telling it (a half-sent message, work with nothing in flight, or a task
- * queued behind another while a held-up worker may be free soon: the
- * collector then looks again within STALL_NS, see stall_wait_ms). */
+ * telling it (a half-sent message, work with nothing in flight, or work a
+ * held-back worker could take once it moves again: the collector then looks
+ * within STALL_NS, see stall_wait_ms). */
 static void
 wake_if_needed(Core *c)
 {
-    int wake = 0, stalled = 0, behind = 0;
+    int wake = 0, stalled = 0, takes = 0;
     for (int i = 0; i < c->nslots; i++) {
         if (c->slots[i].out_buf)
             wake = 1;
         stalled |= c->slots[i].stalled;
-        behind |= c->slots[i].fifo.len > 1;
+        takes |= takeable(&c->slots[i]);
     }
-    if (stalled && behind)
+    if (stalled && (takes || c->pending.len))
         wake = 1;
     if (c->pending.len && !wake) {
         wake = 1;
@@ -1910,10 +1931,12 @@ static long
 call_spin_ns(Core *c, cp_slot *s)
 {
     /* Spin for about a few run times of a typical task here, within bounds:
-     * the caller's core is better spent elsewhere on long tasks. */
+     * the caller's core is better spent elsewhere on long tasks.
+     * CPOOL_CALL_SPIN_NS fixes it (tests: a call that keeps its worker). */
+    if (c->call_spin_ns > 0)
+        return c->call_spin_ns;
     long ns = (long)(s->avg_us * 3000.0);
     long lo = 20000;
-    (void)c;
     if (s->avg_us > 1000.0 || ns < lo)
         ns = lo;
     return ns > 200000 ? 200000 : ns;
@@ -2301,6 +2324,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->owner = getpid();
     c->start_by_ns = cp_now_ns() + start_timeout_ns();
     c->ring_check_ms = ring_check_ms();
+    c->call_spin_ns = (long)env_number("CPOOL_CALL_SPIN_NS", 3600LL * 1000000000);
     c->nslots = n;
     c->maxtasks = maxtasks > 0 ? maxtasks : 0;
     c->spin_ns = spin_ns;

@@ -389,6 +389,7 @@ typedef struct Core {
     long maxtasks;         /* 0 = unlimited */
     long spin_ns;
     int ring_check_ms;     /* the collector's longest sleep (RING_CHECK_MS) */
+    long call_spin_ns;     /* apply()'s spin on its result, if fixed, or 0 */
     PyObject *cache;       /* job -> result object with _set(i, (ok, value)) */
     PyObject *make_error;  /* callable(kind, pid, status, job, index, func) */
     PyObject *wfuncs;      /* worker only: fid -> callable */

@@ -975,33 +975,53 @@ def test_a_task_queued_at_a_worker_held_up_between_tasks_goes_to_an_idle_one(
     assert a_queued
 
 
-def test_a_held_up_worker_takes_work_queued_elsewhere_once_it_moves(
-        cpool_Pool, tmp_path, monkeypatch):
-    # A worker whose task was taken back from it (it was held up) gets no
-    # more until it moves on, and it does not say when it does: the
-    # collector must look, while a task waits behind another worker's long
-    # one.  The collector's own periodic look is put off for a minute here,
-    # so only that can move the task in time.
+def _hold_back_a(p, gate_a, gate_b):
+    """After _hold_up_a_while_b_is_busy(), a task queued at held-up worker a
+    is taken back for b once b is free; a is then held back (sent nothing)
+    until it moves again.  Returns the pids of a and b."""
+    rb, pid_a, pid_b = _hold_up_a_while_b_is_busy(p, gate_a, gate_b)
+    rt = p.apply_async(os.getpid)              # queued at a: b is busy
+    gate_b.open()
+    assert rb.get(timeout=T) == "b"
+    assert rt.get(timeout=T) == pid_b          # taken back from a
+    return pid_a, pid_b
+
+
+@pytest.mark.parametrize("where", ["behind a long task", "pending",
+                                   "at another held-up worker"])
+def test_a_held_back_worker_takes_work_once_it_moves(
+        cpool_Pool, tmp_path, monkeypatch, where):
+    # A worker held back after a task was taken from it does not say when it
+    # moves on: the collector must look while there is work it could take,
+    # wherever that work waits: queued behind another worker's long task,
+    # in the parent (the other worker, busy, is retiring: maxtasksperchild),
+    # or unread at another worker that is held up in turn.  The collector's
+    # own periodic look is put off for a minute here, so only that can move
+    # the task in time.
     monkeypatch.setenv("CPOOL_RING_CHECK_MS", "60000")
     gates = [helpers.Gate(tmp_path, name) for name in "abc"]
     gate_a, gate_b, gate_c = gates
+    maxtasks = 3 if where == "pending" else None
     try:
-        with cpool_Pool(2) as p:
-            rb, pid_a, pid_b = _hold_up_a_while_b_is_busy(p, gate_a, gate_b)
-            rt = p.apply_async(os.getpid)          # queued at a: b is busy
-            gate_b.open()
-            assert rb.get(timeout=T) == "b"
-            assert rt.get(timeout=T) == pid_b      # taken back from a
-            started = gate_c.started_path()
-            rc = p.apply_async(helpers.gated, ("c", gate_c.path, started))
-            assert gate_c.wait_started(started) == pid_b
-            ru = p.apply_async(os.getpid)          # a gets nothing: behind c
+        with cpool_Pool(2, maxtasksperchild=maxtasks) as p:
+            pid_a, pid_b = _hold_back_a(p, gate_a, gate_b)
+            if where == "at another held-up worker":
+                rc = p.apply_async(helpers.hold_after_result, (gate_c.path,))
+                assert rc.get(timeout=T) == pid_b
+            else:
+                started = gate_c.started_path()
+                rc = p.apply_async(helpers.gated, ("c", gate_c.path, started))
+                assert gate_c.wait_started(started) == pid_b  # b's third
+            ru = p.apply_async(os.getpid)
+            at_b = 2 if where == "behind a long task" else 1
             assert {pid: q for pid, q, _ in p._core.queues()} == \
-                {pid_a: 0, pid_b: 2}
+                {pid_a: 0, pid_b: at_b}
+            assert p._core.unfinished == (2 if where == "pending" else at_b)
             gate_a.open()
-            assert ru.get(timeout=10) == pid_a     # not after c
+            assert ru.get(timeout=10) == pid_a
             gate_c.open()
-            assert rc.get(timeout=T) == "c"
+            assert rc.get(timeout=T) == \
+                (pid_b if where == "at another held-up worker" else "c")
     finally:
         for g in gates:
             g.open()
@@ -1013,35 +1033,33 @@ def test_work_queued_while_apply_holds_the_only_worker_is_sent_after(
     # what other threads queue meanwhile waits in the parent (nothing is
     # sent to a worker a caller holds), and must be sent when the caller
     # lets the worker go, with the collector asleep.  Its periodic look is
-    # put off for a minute here.  Each round, the call's task runs until the
-    # other thread has queued its task; in most rounds the call still holds
-    # the worker then (it spins on its result for at most 200 us).
+    # put off for a minute here, and apply() spins on its result for up to
+    # a minute (normally at most 200 us): each round's call holds the worker
+    # until its task returns, which is after the other thread has queued.
     monkeypatch.setenv("CPOOL_RING_CHECK_MS", "60000")
+    monkeypatch.setenv("CPOOL_CALL_SPIN_NS", str(60 * 10**9))
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
-    held = 0
     try:
         with cpool_Pool(1) as p:
             pid = p.apply(os.getpid)
-            for _ in range(100):
+            for _ in range(20):
                 out = []
                 caller = threading.Thread(target=lambda: out.append(
                     p.apply(helpers.pipe_handshake, (w1, r2))))
                 caller.start()
                 os.read(r1, 1)                     # the call's task runs
                 rs = p.apply_async(os.getpid)
-                queued = sum(q for _, q, _ in p._core.queues())
-                held += p._core.unfinished > queued   # rs waits in the parent
+                # rs waits in the parent: the call holds the worker
+                assert [q for _, q, _ in p._core.queues()] == [1]
+                assert p._core.unfinished == 2
                 os.write(w2, b"x")
                 caller.join(T)
                 assert out == [1]
                 assert rs.get(timeout=10) == pid
-                if held >= 5:
-                    break
     finally:
         for fd in (r1, w1, r2, w2):
             os.close(fd)
-    assert held >= 1, "the call never held the worker while a task was queued"
 
 
 def test_apply_sent_to_a_worker_held_up_between_tasks_is_run_by_another(a_held_up):
