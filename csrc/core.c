@@ -1124,7 +1124,6 @@ handle_death(Core *c, int i, pid_t pid, int status)
             fail_task(c, &t, CP_E_LOST, pid, status);
         }
     }
-    Py_XDECREF(init_exc);
     s->live = 0;
     slot_reset(c, i);
     /* Respawn at once to keep the pool's size, except after an initializer
@@ -1134,6 +1133,11 @@ handle_death(Core *c, int i, pid_t pid, int status)
         if (slot_spawn(c, i) < 0)
             s->live = 0;
     }
+    /* Last: letting go of it may run Python (a __del__), and so another
+     * thread, whose pump() must not send to the slot before it is reset.
+     * (While the loop above runs callbacks, what is sent to the slot lands
+     * in its fifo, which the loop empties.) */
+    Py_XDECREF(init_exc);
 }
 
 /* Fail every task the pool holds (terminate, or a dead zygote). */
