@@ -99,6 +99,14 @@ def build_rows(results, pool_names):
         if serial:
             speedups = [fmt(serial / meds[n]) + "x" if meds[n] else "-" for n in pool_names]
             rows.append([f"  speed-up over serial ({fmt(serial)} ms)", "x", *speedups, ""])
+        floor = median(samples.get("fork floor"))
+        if floor:
+            # Each pool's time in floors; the last cell is the best mp/cpool
+            # ratio any pool that forks could reach in this run.
+            times = [fmt(meds[n] / floor) + "x" if meds[n] else "-" for n in pool_names]
+            best = f"≤ {mp / floor:.2f}x" if mp else "-"
+            rows.append([f"  over a bare fork running the task ({fmt(floor)} ms)", "x",
+                         *times, best])
     return rows
 
 
@@ -186,6 +194,11 @@ def write_markdown(path, header, rows, pool_names, skipped, repeat):
         "chunks per worker of at most 4096 items, multiprocessing 4 per worker. cf "
         "(concurrent.futures) and loky default to chunksize=1 in `map`, so these rows "
         "give them the chunksize multiprocessing would choose. mpire picks its own.",
+        "- The start-up row's second line divides each pool's time by a floor measured "
+        "beside it, in the same kind of fresh process: no pool, a bare `os.fork()` whose "
+        "child runs the task and writes the pickled result to a pipe. Its last cell, "
+        "multiprocessing's time over the floor, is the largest mp/cpool ratio any pool "
+        "that forks its workers could show in this run.",
         "- `ERR` means the pool failed or returned a wrong result; `-` means the "
         "workload does not fit that pool's API or the pool is not installed.",
     ]
@@ -258,7 +271,9 @@ def main(argv=None):
     results = []
     for wl in selected:
         log(f"  {wl.name} ...")
-        pools = backends + [W.make_backend("serial")] if wl.with_serial else backends
+        pools = backends + [W.make_backend(name) for name, wanted in
+                            (("serial", wl.with_serial), ("fork floor", wl.with_floor))
+                            if wanted]
         results.append((wl, run_workload(wl, pools, args.repeat)))
 
     header = ["workload", "unit", *(COLUMN_TITLES.get(n, n) for n in pool_names), "mp/cpool"]

@@ -18,7 +18,7 @@ import workloads as W  # noqa: E402
 CASES = [
     pytest.param(wl, pool, id=f"{wl.name}-{pool}")
     for wl in W.WORKLOADS
-    for pool in W.POOL_NAMES + ["serial"]
+    for pool in W.POOL_NAMES + ["serial", "fork floor"]
     if wl.supports(pool)
 ]
 

@@ -14,6 +14,8 @@ import gc
 import importlib.util
 import multiprocessing
 import os
+import pickle
+import struct
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -191,12 +193,58 @@ class SerialBackend:
         return [f(x) for x in items]
 
 
+class ForkFloorBackend:
+    """No pool at all: ``os.fork()`` a child that runs the one task and
+    writes its pickled result to a pipe.  The start-up workload runs it
+    beside the pools as a floor: any pool that forks its workers pays at
+    least this before its first result (one fork, the child's after-fork
+    hooks, one task, one hand-off), and nothing for a pool's own work.
+    The child is reaped in stop(), outside the timed region, as a pool's
+    workers go on living after the first result."""
+
+    name = "fork floor"
+    ops = {"apply"}
+
+    def __init__(self):
+        self.children = []
+
+    def start(self, workers):
+        pass
+
+    def stop(self):
+        for pid in self.children:
+            os.waitpid(pid, 0)
+        self.children = []
+
+    def apply(self, f, *args):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                # the child
+            status = 1
+            try:
+                os.close(r)
+                data = pickle.dumps(f(*args))
+                os.write(w, struct.pack("=Q", len(data)) + data)
+                status = 0
+            finally:
+                os._exit(status)
+        self.children.append(pid)
+        os.close(w)
+        with open(r, "rb") as pipe:
+            head = pipe.read(8)
+            if len(head) != 8:
+                raise RuntimeError("the forked child sent no result")
+            (n,) = struct.unpack("=Q", head)
+            return pickle.loads(pipe.read(n))
+
+
 POOL_NAMES = ["multiprocessing", "cpool", "concurrent.futures", "loky", "mpire"]
 OPTIONAL_POOLS = {"loky", "mpire"}  # skipped when not installed
 POOL_OPS = {  # what each pool supports, known without importing it
     "multiprocessing": PoolBackend.ops, "cpool": PoolBackend.ops,
     "concurrent.futures": FuturesBackend.ops, "loky": FuturesBackend.ops,
     "mpire": MpireBackend.ops, "serial": SerialBackend.ops,
+    "fork floor": ForkFloorBackend.ops,
 }
 
 
@@ -220,6 +268,8 @@ def make_backend(name):
         return MpireBackend(name, mpire.WorkerPool)
     if name == "serial":
         return SerialBackend()
+    if name == "fork floor":
+        return ForkFloorBackend()
     raise ValueError(f"unknown pool {name!r}")
 
 
@@ -437,19 +487,22 @@ class Workload:
     scale: float = 1e3       # seconds -> unit
     manages_pool: bool = False   # run() starts/stops the pool itself
     with_serial: bool = False    # also run the serial baseline
+    with_floor: bool = False     # also run a bare fork (ForkFloorBackend)
     needs_numpy: bool = False
     isolated: bool = False       # each repetition in a fresh process
 
     def supports(self, pool_name):
         if pool_name == "serial":
             return self.with_serial
+        if pool_name == "fork floor":
+            return self.with_floor
         return self.op in POOL_OPS[pool_name]
 
 
 WORKLOADS = [
     Workload("startup", "start-up to first result", run_startup,
              lambda out, _: out == 49, 1, 1, "apply", manages_pool=True,
-             isolated=True),
+             isolated=True, with_floor=True),
     Workload("terminate", "terminate a warm pool", run_terminate,
              lambda out, _: True, 1, 1, "submit", manages_pool=True,
              isolated=True),
