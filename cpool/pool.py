@@ -11,12 +11,14 @@ import collections
 import itertools
 import operator
 import os
+import signal
 import sys
 import threading
 import time
 import warnings
 import weakref
 import multiprocessing
+import multiprocessing.connection
 from multiprocessing import TimeoutError
 from multiprocessing import pool as _mp
 
@@ -655,6 +657,125 @@ def _finalize(core, owner, feed_lock, idle_feeders, quiet=None):
         _dismiss_feeders(feed_lock, idle_feeders)
 
 
+def _exit_known(proc, timeout):
+    # The worker is gone; its exit status comes with the fork server's
+    # report, which the collector reads within milliseconds.
+    deadline = time.monotonic() + timeout
+    while proc._exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    return proc._exitcode is not None
+
+
+class WorkerProcess:
+    """An entry of Pool._pool: one live worker, described as
+    multiprocessing's pool describes its workers with their Process objects,
+    for code that reads their pids, polls is_alive() or exitcode, joins them
+    or signals them.  The same object stands for a worker as long as it
+    lives; a replacement gets a new one.
+
+    The workers are the fork server's children, not this process's, so this
+    is not a multiprocessing.Process (it cannot be started, and is not among
+    multiprocessing.active_children()).  A pidfd tells whether it runs; its
+    exit code is the one the fork server reports (-signal if killed, as
+    multiprocessing's: terminate() kills with SIGKILL)."""
+
+    __slots__ = ("pid", "_name", "_exitcode", "_pidfd", "__weakref__")
+    daemon = True
+
+    def __init__(self, pid, number):
+        self.pid = pid
+        self._name = "ForkPoolWorker-%d" % number
+        self._exitcode = None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = -1                     # gone already
+        except (AttributeError, OSError):
+            fd = None                   # no pidfds: os.kill(pid, 0) instead
+        self._pidfd = fd
+        if fd is not None and fd >= 0:
+            weakref.finalize(self, os.close, fd)
+
+    name = property(lambda self: self._name)
+    ident = property(lambda self: self.pid)
+
+    def _gone(self, timeout=0):
+        """Has the worker ended (waiting up to timeout seconds, None: for
+        ever)?"""
+        if self._exitcode is not None:
+            return True
+        fd = self._pidfd
+        if fd is None:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return True
+            if timeout == 0:
+                return False
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.005)
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    return True
+            return False
+        if fd < 0:
+            return True
+        return bool(multiprocessing.connection.wait([fd], timeout))
+
+    @property
+    def exitcode(self):
+        """None while the worker runs, then its exit code."""
+        if not self._gone():
+            return None
+        if not _exit_known(self, 5.0):
+            # No report within 5 s (the collector blocked, say in a
+            # callback): say it was killed, the end of a worker that does
+            # not leave on its own.
+            self._exitcode = -signal.SIGKILL
+        return self._exitcode
+
+    def is_alive(self):
+        return self.exitcode is None
+
+    def join(self, timeout=None):
+        if self._gone(timeout):
+            self.exitcode     # noqa: B018 (waits for the report)
+
+    @property
+    def sentinel(self):
+        """A pidfd: readable once the worker has ended."""
+        if self._pidfd is None or self._pidfd < 0:
+            raise ValueError("no sentinel for worker %d" % self.pid)
+        return self._pidfd
+
+    def _signal(self, sig):
+        if self._exitcode is not None:
+            return
+        try:
+            if self._pidfd is not None and self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            elif self._pidfd is None:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self):
+        """SIGTERM, as multiprocessing's Process.terminate(); the pool
+        replaces the worker, and the task it ran fails (WorkerLostError)."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self):
+        self._signal(signal.SIGKILL)
+
+    def __repr__(self):
+        code = self.exitcode
+        status = "started" if code is None else "stopped exitcode=%d" % code
+        return "<WorkerProcess name=%r pid=%d parent=%d %s daemon>" % (
+            self._name, self.pid, os.getpid(), status)
+
+
 _exiting = False                # _exit_pools() has run
 _live_pools = weakref.WeakSet()
 
@@ -721,7 +842,6 @@ class Pool(_core.PoolBase, _mp.Pool):
 
     def __init__(self, processes=None, initializer=None, initargs=(),
                  maxtasksperchild=None, context=None):
-        self._pool = []
         self._state = INIT
         self._cache = {}
         method = context.get_start_method() if context is not None else "fork"
@@ -760,7 +880,6 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._core = _core.Core(processes, initializer, initargs,
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
                                 _make_error, _default_spin_ns(processes))
-        self._pool = [None] * processes
         self._collector = threading.Thread(target=self._core.collect,
                                            name="cpool-collector", daemon=True)
         self._collector.start()
@@ -773,6 +892,21 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._terminate.atexit = _exiting
         _live_pools.add(self)
         self._state = RUN
+
+    @property
+    def _pool(self, _make=WorkerProcess):
+        """The live workers, as multiprocessing's list of its workers'
+        processes (WorkerProcess objects).  A worker just forked is listed
+        once the fork server has told its pid (within milliseconds)."""
+        core = getattr(self, "_core", None)     # None: __init__ failed
+        if core is None:
+            return []
+        deadline = time.monotonic() + 1.0
+        while True:
+            procs, unknown = core.workers(_make)
+            if not unknown or self._state != RUN or time.monotonic() > deadline:
+                return procs
+            time.sleep(0.0005)
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
     def __del__(self, _warn=warnings.warn, RUN=RUN):

@@ -29,6 +29,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "structmember.h"
@@ -1160,6 +1161,43 @@ fail_all(Core *c, int kind)
     }
 }
 
+/* Pool._pool's object for slot s's worker `pid` learns its exit code
+ * (multiprocessing's: -signal, or the status it exited with). */
+static void
+proc_exited(cp_slot *s, pid_t pid, int status)
+{
+    if (s->proc == NULL || s->proc_pid != pid)
+        return;
+    PyObject *proc = s->proc;
+    s->proc = NULL;
+    int code = WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+    PyObject *v = PyLong_FromLong(code);
+    if (v == NULL || PyObject_SetAttrString(proc, "_exitcode", v) < 0)
+        PyErr_WriteUnraisable(proc);
+    Py_XDECREF(v);
+    Py_DECREF(proc);
+}
+
+/* Every worker is gone and the zygote with them, so no more exit reports
+ * will come: those not reported were killed (the zygote's SIGKILL at
+ * terminate(), or PR_SET_PDEATHSIG when the zygote died). */
+static void
+procs_killed(Core *c)
+{
+    /* First the exits it reported before it went that were not read (the
+     * idle workers that terminate() let leave, say). */
+    cp_zmsg m;
+    while (c->zsock >= 0 && cp_proc_recv(c->zsock, &m) > 0) {
+        if (m.type == CP_Z_EXITED && m.slot >= 0 && m.slot < c->nslots)
+            proc_exited(&c->slots[m.slot], m.pid, m.status);
+    }
+    for (int i = 0; c->slots && i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (s->proc != NULL)
+            proc_exited(s, s->proc_pid, SIGKILL);   /* a wait status */
+    }
+}
+
 /* Read the zygote's messages.  Returns 1 if any was handled. */
 static int
 zygote_events(Core *c)
@@ -1183,12 +1221,14 @@ zygote_events(Core *c)
         cp_slot *s = &c->slots[m.slot];
         if (m.type == CP_Z_SPAWNED) {
             s->pid = m.pid;
+            s->number = m.status;
             if (s->corrupt)
                 kill(m.pid, SIGKILL);   /* found corrupt before we knew it */
         } else if (m.type == CP_Z_EXITED) {
             if (cp_load_acquire(&s->ctl->state) >= CP_W_STARTING)
                 c->started = 1;
             handle_death(c, m.slot, m.pid, m.status);
+            proc_exited(s, m.pid, m.status);
         } else if (m.type == CP_Z_SPAWNFAIL) {
             /* pump() may have queued tasks to the slot before the failure
              * was known: give them back (newest first keeps their order). */
@@ -1518,6 +1558,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
             if (c->state == CORE_BROKEN) {
                 kill_everything(c);
                 c->state = CORE_DONE;
+                procs_killed(c);
             }
             break;
         }
@@ -2175,6 +2216,7 @@ Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)
         ring_doorbell(c);
     let_idle_workers_leave(c);
     kill_everything(c);
+    procs_killed(c);
     if (!collecting)
         fail_all(c, CP_E_TERMINATED);
     Py_RETURN_NONE;
@@ -2193,6 +2235,50 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
         Py_XDECREF(v);
     }
     return l;
+}
+
+PyDoc_STRVAR(Core_workers_doc,
+"workers(make) -> (list, unknown)\n--\n\n"
+"Pool._pool: an object per live worker whose pid is known, the same one\n"
+"for as long as that worker lives, made by make(pid, number) the first\n"
+"time; it is given _exitcode when the worker's exit is known.  unknown\n"
+"counts the workers asked for whose pids the zygote has not reported yet.");
+
+static PyObject *
+Core_workers(Core *c, PyObject *make)
+{
+    PyObject *l = PyList_New(0);
+    int unknown = 0;
+    for (int i = 0; l != NULL && i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        if (!s->live)
+            continue;
+        if (s->pid <= 0) {
+            unknown++;
+            continue;
+        }
+        if (s->proc == NULL || s->proc_pid != s->pid) {
+            pid_t pid = s->pid;
+            PyObject *p = PyObject_CallFunction(make, "ii", (int)pid, s->number);
+            if (p == NULL) {
+                Py_CLEAR(l);
+                break;
+            }
+            /* make() ran Python: the collector may have seen the worker go
+             * meanwhile.  Then it is not listed (as if asked a moment later). */
+            if (!s->live || s->pid != pid) {
+                Py_DECREF(p);
+                continue;
+            }
+            Py_XSETREF(s->proc, p);
+            s->proc_pid = pid;
+        }
+        if (PyList_Append(l, s->proc) < 0)
+            Py_CLEAR(l);
+    }
+    if (l == NULL)
+        return NULL;
+    return Py_BuildValue("(Ni)", l, unknown);
 }
 
 /* [(pid, queued, unfinished)] per slot: the tasks the parent holds as sent
@@ -2419,6 +2505,7 @@ Core_traverse(Core *c, visitproc visit, void *arg)
         cp_slot *s = &c->slots[i];
         Py_VISIT(s->known);
         Py_VISIT(s->init_exc);
+        Py_VISIT(s->proc);
         for (size_t j = 0; j < s->fifo.len; j++)
             Py_VISIT(fifo_at(&s->fifo, j)->func);
     }
@@ -2440,6 +2527,8 @@ Core_clear(Core *c)
     Py_CLEAR(c->batch_yes);
     Py_CLEAR(c->batch_no);
     Py_CLEAR(c->late);
+    /* Not the procs: they hold nothing (__slots__ without a pool), and
+     * dealloc tells them their workers were killed. */
     return 0;
 }
 
@@ -2451,8 +2540,10 @@ Core_dealloc(Core *c)
     if (c->weakreflist != NULL)
         PyObject_ClearWeakRefs((PyObject *)c);
     if (c->owner == getpid()) {
-        if (c->state != CORE_DONE && c->zpid > 0)
+        if (c->state != CORE_DONE && c->zpid > 0) {
             kill_everything(c);
+            procs_killed(c);
+        }
         close_fds(c);
     }
     /* In a child forked from the owner, these fds were closed at fork
@@ -2465,6 +2556,7 @@ Core_dealloc(Core *c)
         gather_drop(s);
         Py_CLEAR(s->scratch);
         Py_CLEAR(s->init_exc);
+        Py_CLEAR(s->proc);
     }
     fifo_free(&c->pending);
     PyMem_Free(c->slots);
@@ -2517,6 +2609,7 @@ static PyMethodDef Core_methods[] = {
     {"terminate", (PyCFunction)(void (*)(void))Core_terminate, METH_FASTCALL,
      Core_terminate_doc},
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
+    {"workers", (PyCFunction)Core_workers, METH_O, Core_workers_doc},
     {"queues", (PyCFunction)Core_queues, METH_NOARGS,
      "Per slot: (pid, tasks sent and not yet answered, of those how many its "
      "worker has not finished)."},

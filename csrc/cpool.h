@@ -248,7 +248,7 @@ typedef struct cp_zmsg {
     int32_t type;    /* CP_Z_* */
     int32_t slot;
     int32_t pid;     /* CP_Z_SPAWNED: the worker's pid */
-    int32_t status;  /* wait status for CP_Z_EXITED */
+    int32_t status;  /* CP_Z_EXITED: wait status; CP_Z_SPAWNED: the number */
 } cp_zmsg;
 
 enum {
@@ -336,6 +336,11 @@ typedef struct cp_slot {
     /* Synchronous apply() fast path: a caller owns the (idle) slot, sends one
      * task and reads its result ring itself; the collector keeps off it. */
     int owner;
+    int number;            /* its worker's number among the zygote's forks */
+    /* Pool._pool's object for its worker (made on first asking), told the
+     * worker's exit code when the zygote reports it; proc_pid is its pid. */
+    PyObject *proc;
+    pid_t proc_pid;
 } cp_slot;
 
 /* A synchronous call's mailbox, on its caller's stack while it waits. */

@@ -226,6 +226,7 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
         n_children++;
         m.type = CP_Z_SPAWNED;
         m.pid = pid;
+        m.status = n_spawned;   /* its number, for its name */
     }
     if (cp_proc_send(sock, &m) < 0)
         kill_all_and_exit();
@@ -287,10 +288,15 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
             int rc = cp_proc_recv(sock, &m);
             if (rc <= 0)            /* EOF: the parent is gone */
                 kill_all_and_exit();
-            if (m.type == CP_Z_SPAWN)
+            if (m.type == CP_Z_SPAWN) {
                 spawn(sock, &oldmask, sfd, fn, arg, m.slot);
-            else
-                kill_all_and_exit();   /* CP_Z_KILL, CP_Z_QUIT */
+            } else {
+                /* CP_Z_KILL, CP_Z_QUIT.  Those that left on their own (the
+                 * idle workers terminate() lets go) are reported as usual
+                 * first: Pool._pool tells their exit codes. */
+                reap(sock, sfd);
+                kill_all_and_exit();
+            }
         }
     }
 }

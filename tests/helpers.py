@@ -421,6 +421,11 @@ def whoami(_=None):
             sys.stdin.read())
 
 
+def name_and_pid(_=None):
+    import multiprocessing
+    return multiprocessing.current_process().name, os.getpid()
+
+
 def register_exit_finalizer(path):
     """A multiprocessing finalizer that leaves a file when this process
     exits normally."""

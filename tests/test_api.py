@@ -9,10 +9,12 @@ import gc
 import itertools
 import math
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.pool
 import operator
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -816,6 +818,90 @@ def test_maxtasksperchild_early_close_does_not_hang(Pool):
         p.close()
         p.join()
         assert [r.get(timeout=0) for r in rs] == [i * i for i in range(12)]
+    finally:
+        p.terminate()
+        p.join()
+
+
+# ------------------------------------------------------------- pool._pool
+# Code reads the workers' processes from the private pool._pool: their pids
+# (to watch their memory), is_alive() and exitcode, join(), terminate().
+
+
+def _until(cond, timeout=T):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_pool_lists_its_workers(Pool):
+    with Pool(2) as p:
+        procs = p._pool
+        assert len(procs) == 2
+        assert all(w.is_alive() and w.exitcode is None and w.daemon for w in procs)
+        listed = {(w.name, w.pid) for w in procs}
+        pids = {pid for _, pid in listed}
+        assert len(pids) == 2 and os.getpid() not in pids
+        assert all(name.startswith("ForkPoolWorker-") for name, _ in listed)
+        # The tasks run in the processes listed, under the names listed.
+        assert set(p.map(helpers.name_and_pid, range(50), chunksize=1)) <= listed
+        # The same objects while the workers live.
+        assert all(a is b for a, b in zip(p._pool, procs))
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_worker_killed_through_the_pool_list_is_replaced(cpool_Pool):
+    # cpool only: multiprocessing's idle workers wait for tasks holding the
+    # task queue's lock, so one killed there takes the lock with it and the
+    # pool hangs.
+    with cpool_Pool(2) as p:
+        p.map(helpers.square, range(10))
+        assert len(p._pool) == 2
+        fds = _open_fds()       # with the pidfds of the two workers listed
+        for _ in range(3):
+            victim = p._pool[0]
+            others = {w.pid for w in p._pool[1:]}
+            victim.kill()
+            assert multiprocessing.connection.wait([victim.sentinel], T) == [victim.sentinel]
+            victim.join(T)
+            assert victim.exitcode == -signal.SIGKILL and not victim.is_alive()
+            _until(lambda: len(p._pool) == 2 and victim.pid not in {w.pid for w in p._pool})
+            fresh = [w for w in p._pool if w.pid not in others]
+            assert len(fresh) == 1 and fresh[0].is_alive()
+            assert fresh[0].name != victim.name
+            assert p.map(helpers.square, range(20)) == [i * i for i in range(20)]
+        del victim, fresh
+        gc.collect()
+        assert _open_fds() <= fds      # the pidfds of workers let go are closed
+
+
+@pytest.mark.parametrize("how", ["maxtasksperchild", "close", "terminate"])
+def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
+    # cpool only: multiprocessing's own threads reap its workers, and a
+    # join() or exitcode from another thread races with them (the loser's
+    # waitpid() fails, and its Process keeps exitcode None).
+    n = 1 if how == "maxtasksperchild" else 2
+    p = cpool_Pool(n, maxtasksperchild=1 if how == "maxtasksperchild" else None)
+    try:
+        procs = p._pool
+        assert len(procs) == n
+        assert p.map(helpers.square, range(4), chunksize=1) == [0, 1, 4, 9]
+        if how == "close":
+            p.close()
+        elif how == "terminate":
+            p.terminate()
+        for w in procs:
+            w.join(T)
+            assert not w.is_alive()
+        codes = [w.exitcode for w in procs]
+        if how == "terminate":      # killed, or left if idle (cpool)
+            assert all(c in (0, -signal.SIGTERM, -signal.SIGKILL) for c in codes), codes
+        else:
+            assert codes == [0] * n
     finally:
         p.terminate()
         p.join()

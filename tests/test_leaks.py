@@ -122,6 +122,12 @@ def _batch(p, kind, n):
             out = p.apply(helpers.ones, (1 << 17, i))
             assert out.shape == (1 << 17,) and out[-1] == i
         del out
+    elif kind == "pool_list":
+        for i in range(n // 2):
+            procs = p._pool
+            assert len(procs) == 2 and all(w.is_alive() for w in procs)
+            assert p.apply(helpers.square, (i,)) == i * i
+        del procs
     else:
         raise AssertionError(kind)
 
@@ -140,7 +146,7 @@ def _settle():
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
          "imap", "imap_cs4", "imap_unordered", "imap_error", "apply_error", "apply_async_fail",
-         "plain_data", "plain_data_large", "large_payload", "arena_arrays"]
+         "plain_data", "plain_data_large", "large_payload", "arena_arrays", "pool_list"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -244,12 +250,22 @@ def _cycle(Pool, how):
         with Pool(2) as p:
             assert p.apply(helpers.square, (3,)) == 9
         p.join()
+    elif how == "pool-list":
+        # the workers' entries (each with a pidfd) outlive the pool
+        p = Pool(2)
+        procs = p._pool
+        procs[0].kill()
+        procs[0].join(T)
+        assert p.apply(helpers.square, (3,)) == 9
+        p.terminate()
+        p.join()
+        assert all(w.exitcode is not None for w in procs + p._pool)
     else:
         raise AssertionError(how)
 
 
 @pytest.mark.parametrize("how", ["close-join", "terminate", "terminate-no-join", "with",
-                                 "with-join"])
+                                 "with-join", "pool-list"])
 def test_pool_lifecycle_releases_fds_threads_processes(cpool_Pool, how):
     _cycle(cpool_Pool, how)  # warm-up: one-time lazy resources
     nfds, nthreads, kids = _resources()
