@@ -657,13 +657,13 @@ def _finalize(core, owner, feed_lock, idle_feeders, quiet=None):
         _dismiss_feeders(feed_lock, idle_feeders)
 
 
-def _exit_known(proc, timeout):
-    # The worker is gone; its exit status comes with the fork server's
-    # report, which the collector reads within milliseconds.
-    deadline = time.monotonic() + timeout
-    while proc._exitcode is None and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    return proc._exitcode is not None
+_collectors = weakref.WeakSet()     # every pool's collector thread
+
+
+def _on_collector():
+    """Is this a pool's collector thread (running a callback)?  It is the
+    one that reads the fork server's reports, so it must not wait for one."""
+    return threading.current_thread() in _collectors
 
 
 class WorkerProcess:
@@ -677,7 +677,10 @@ class WorkerProcess:
     is not a multiprocessing.Process (it cannot be started, and is not among
     multiprocessing.active_children()).  A pidfd tells whether it runs; its
     exit code is the one the fork server reports (-signal if killed, as
-    multiprocessing's: terminate() kills with SIGKILL)."""
+    multiprocessing's: terminate() kills with SIGKILL), which the pool's
+    collector reads within milliseconds of the end: until then exitcode is
+    None although is_alive() is False.  join() waits for it too, except on
+    the collector thread (in a callback), which is the one that reads it."""
 
     __slots__ = ("pid", "_name", "_exitcode", "_pidfd", "__weakref__")
     daemon = True
@@ -699,64 +702,68 @@ class WorkerProcess:
     name = property(lambda self: self._name)
     ident = property(lambda self: self.pid)
 
-    def _gone(self, timeout=0):
-        """Has the worker ended (waiting up to timeout seconds, None: for
-        ever)?"""
+    def _gone(self, deadline=0.0):
+        """Has the worker ended?  Waits until the time.monotonic() deadline
+        (None: for ever; 0: not at all)."""
         if self._exitcode is not None:
             return True
         fd = self._pidfd
-        if fd is None:
+        if fd is not None:
+            if fd < 0:
+                return True
+            timeout = None if deadline is None else \
+                max(0.0, deadline - time.monotonic())
+            return bool(multiprocessing.connection.wait([fd], timeout))
+        while True:
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return True
-            if timeout == 0:
+            if deadline is not None and time.monotonic() >= deadline:
                 return False
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while deadline is None or time.monotonic() < deadline:
-                time.sleep(0.005)
-                try:
-                    os.kill(self.pid, 0)
-                except ProcessLookupError:
-                    return True
-            return False
-        if fd < 0:
-            return True
-        return bool(multiprocessing.connection.wait([fd], timeout))
+            time.sleep(0.005)
 
     @property
     def exitcode(self):
-        """None while the worker runs, then its exit code."""
-        if not self._gone():
-            return None
-        if not _exit_known(self, 5.0):
-            # No report within 5 s (the collector blocked, say in a
-            # callback): say it was killed, the end of a worker that does
-            # not leave on its own.
-            self._exitcode = -signal.SIGKILL
+        """None while the worker runs (or until its end is reported), then
+        its exit code."""
         return self._exitcode
 
     def is_alive(self):
-        return self.exitcode is None
+        return not self._gone()
 
     def join(self, timeout=None):
-        if self._gone(timeout):
-            self.exitcode     # noqa: B018 (waits for the report)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._gone(deadline) or _on_collector():
+            return
+        # Gone: its exit code is on its way.
+        while self._exitcode is None and (
+                deadline is None or time.monotonic() < deadline):
+            time.sleep(0.0005)
 
     @property
     def sentinel(self):
-        """A pidfd: readable once the worker has ended."""
-        if self._pidfd is None or self._pidfd < 0:
-            raise ValueError("no sentinel for worker %d" % self.pid)
+        """A file descriptor that is readable once the worker has ended (its
+        pidfd)."""
+        if self._pidfd is None:
+            raise ValueError("no sentinel for worker %d: this system has no "
+                             "pidfd_open()" % self.pid)
+        if self._pidfd < 0:
+            # Gone before it was asked about: a pipe at end of file is as
+            # readable as the pidfd of an ended process.
+            r, w = os.pipe()
+            os.close(w)
+            self._pidfd = r
+            weakref.finalize(self, os.close, r)
         return self._pidfd
 
     def _signal(self, sig):
-        if self._exitcode is not None:
+        if self._exitcode is not None or self._gone():
             return
         try:
-            if self._pidfd is not None and self._pidfd >= 0:
+            if self._pidfd is not None:
                 signal.pidfd_send_signal(self._pidfd, sig)
-            elif self._pidfd is None:
+            else:
                 os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
@@ -770,8 +777,11 @@ class WorkerProcess:
         self._signal(signal.SIGKILL)
 
     def __repr__(self):
-        code = self.exitcode
-        status = "started" if code is None else "stopped exitcode=%d" % code
+        code = self._exitcode
+        if code is not None:
+            status = "stopped exitcode=%d" % code
+        else:
+            status = "stopped" if self._gone() else "started"
         return "<WorkerProcess name=%r pid=%d parent=%d %s daemon>" % (
             self._name, self.pid, os.getpid(), status)
 
@@ -882,6 +892,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                                 _make_error, _default_spin_ns(processes))
         self._collector = threading.Thread(target=self._core.collect,
                                            name="cpool-collector", daemon=True)
+        _collectors.add(self._collector)
         self._collector.start()
         self._owner = os.getpid()
         self._terminate = weakref.finalize(self, _finalize, self._core,
@@ -901,10 +912,13 @@ class Pool(_core.PoolBase, _mp.Pool):
         core = getattr(self, "_core", None)     # None: __init__ failed
         if core is None:
             return []
+        # A worker just asked for is listed once the collector has read its
+        # pid (unless this is the collector, in a callback).
         deadline = time.monotonic() + 1.0
         while True:
             procs, unknown = core.workers(_make)
-            if not unknown or self._state != RUN or time.monotonic() > deadline:
+            if (not unknown or self._state != RUN or _on_collector()
+                    or time.monotonic() > deadline):
                 return procs
             time.sleep(0.0005)
 

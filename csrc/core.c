@@ -451,6 +451,7 @@ slot_reset(Core *c, int i)
     cp_ring_attach(&s->tq, cp_shm_task_ring(&c->shm, i), -1);
     cp_ring_attach(&s->rq, cp_shm_result_ring(&c->shm, i), -1);
     s->pid = 0;
+    s->pid_wait = 0;
     s->retiring = 0;
     s->stopping = 0;
     s->corrupt = 0;
@@ -512,6 +513,7 @@ slot_spawn(Core *c, int i)
     if (rc < 0)
         return rc;
     c->slots[i].live = 1;
+    c->slots[i].pid_wait = 1;
     /* No worker has started yet (they died before they could say so): this
      * one gets the whole time. */
     if (!c->started)
@@ -1221,14 +1223,18 @@ zygote_events(Core *c)
         cp_slot *s = &c->slots[m.slot];
         if (m.type == CP_Z_SPAWNED) {
             s->pid = m.pid;
+            s->pid_wait = 0;
             s->number = m.status;
             if (s->corrupt)
                 kill(m.pid, SIGKILL);   /* found corrupt before we knew it */
         } else if (m.type == CP_Z_EXITED) {
             if (cp_load_acquire(&s->ctl->state) >= CP_W_STARTING)
                 c->started = 1;
-            handle_death(c, m.slot, m.pid, m.status);
+            /* Its Pool._pool object first: handle_death() runs callbacks,
+             * which may read it, or terminate() (which takes the workers
+             * not reported as killed). */
             proc_exited(s, m.pid, m.status);
+            handle_death(c, m.slot, m.pid, m.status);
         } else if (m.type == CP_Z_SPAWNFAIL) {
             /* pump() may have queued tasks to the slot before the failure
              * was known: give them back (newest first keeps their order). */
@@ -2244,6 +2250,13 @@ PyDoc_STRVAR(Core_workers_doc,
 "time; it is given _exitcode when the worker's exit is known.  unknown\n"
 "counts the workers asked for whose pids the zygote has not reported yet.");
 
+/* Is slot s's worker running, as far as the parent knows? */
+static int
+worker_listed(cp_slot *s)
+{
+    return s->live && s->pid > 0 && !s->death_pending;
+}
+
 static PyObject *
 Core_workers(Core *c, PyObject *make)
 {
@@ -2251,30 +2264,33 @@ Core_workers(Core *c, PyObject *make)
     int unknown = 0;
     for (int i = 0; l != NULL && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        if (!s->live)
-            continue;
-        if (s->pid <= 0) {
+        if (s->live && s->pid_wait)
             unknown++;
+        if (!worker_listed(s))
             continue;
-        }
-        if (s->proc == NULL || s->proc_pid != s->pid) {
-            pid_t pid = s->pid;
-            PyObject *p = PyObject_CallFunction(make, "ii", (int)pid, s->number);
+        pid_t pid = s->pid;
+        PyObject *p;
+        if (s->proc != NULL && s->proc_pid == pid) {
+            p = Py_NewRef(s->proc);
+        } else {
+            p = PyObject_CallFunction(make, "ii", (int)pid, s->number);
             if (p == NULL) {
                 Py_CLEAR(l);
                 break;
             }
             /* make() ran Python: the collector may have seen the worker go
-             * meanwhile.  Then it is not listed (as if asked a moment later). */
-            if (!s->live || s->pid != pid) {
+             * meanwhile.  Then it is not listed (as if asked a moment later);
+             * its pid may be another process's already. */
+            if (!worker_listed(s) || s->pid != pid) {
                 Py_DECREF(p);
                 continue;
             }
-            Py_XSETREF(s->proc, p);
+            Py_XSETREF(s->proc, Py_NewRef(p));
             s->proc_pid = pid;
         }
-        if (PyList_Append(l, s->proc) < 0)
+        if (PyList_Append(l, p) < 0)
             Py_CLEAR(l);
+        Py_DECREF(p);
     }
     if (l == NULL)
         return NULL;
@@ -2469,8 +2485,10 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     cp_proc_register_fd(c->efd);
     if (c->zpidfd >= 0)
         cp_proc_register_fd(c->zpidfd);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         c->slots[i].live = 1;
+        c->slots[i].pid_wait = 1;     /* the zygote forks them at once */
+    }
     return 0;
 }
 

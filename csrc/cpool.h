@@ -303,6 +303,7 @@ typedef struct cp_slot {
     cp_ring tq;            /* producer end of the task ring */
     cp_ring rq;            /* consumer end of the result ring */
     pid_t pid;             /* 0 until the zygote reports it */
+    int pid_wait;          /* spawn asked for, the zygote has not answered */
     int live;              /* a worker was requested and has not been reaped */
     int retiring;          /* got maxtasksperchild tasks: send no more */
     int stopping;          /* a STOP record was queued */

@@ -907,6 +907,76 @@ def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
         p.join()
 
 
+def test_the_pool_list_read_from_a_callback(cpool_Pool):
+    # cpool only (multiprocessing's threads race a join, as above).  A
+    # callback runs on the thread that reads the workers' exits: what it
+    # asks of them is answered at once, from what is known, and a
+    # terminate() it calls takes the workers that had left as having left.
+    p = cpool_Pool(2, maxtasksperchild=1)
+    procs = p._pool
+    assert len(procs) == 2
+    seen = {}
+
+    def callback(_):
+        if seen:
+            return
+        # Both workers leave after their one task: wait until they have.
+        seen["ended"] = [multiprocessing.connection.wait([w.sentinel], T) != []
+                         for w in procs]
+        start = time.monotonic()
+        # Their exits are not read yet (this thread reads them), nor any
+        # replacement's pid: the list says what is known.
+        listed = p._pool
+        for w in procs:
+            w.join(T)               # gone: does not wait for the report
+        seen["codes"] = [w.exitcode for w in procs]
+        seen["alive"] = [w.is_alive() for w in procs]
+        seen["listed"] = [w.pid for w in listed]
+        seen["took"] = time.monotonic() - start
+        p.terminate()
+
+    try:
+        rs = [p.apply_async(helpers.square, (i,), callback=callback) for i in range(2)]
+        for r in rs:
+            r.wait(T)
+        p.join()
+        assert seen["ended"] == [True, True]
+        assert seen["alive"] == [False, False]
+        assert all(c in (None, 0) for c in seen["codes"]), seen["codes"]
+        assert len(seen["listed"]) <= 2
+        assert seen["took"] < 0.5, seen        # no waiting on itself
+        # Left on their own before terminate(): not counted as killed.
+        assert [w.exitcode for w in procs] == [0, 0]
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_a_worker_object_keeps_its_deadlines(cpool_Pool):
+    from cpool.pool import WorkerProcess
+    with cpool_Pool(1) as p:
+        (w,) = p._pool
+        start = time.monotonic()
+        w.join(0.05)
+        assert w.is_alive() and w.exitcode is None
+        assert time.monotonic() - start < T
+    # A process that was gone before its object was made: its sentinel is
+    # readable, and a join with a timeout returns although no exit code
+    # will ever be reported for it.
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    gone = WorkerProcess(child, 1)
+    assert not gone.is_alive() and gone.exitcode is None
+    assert multiprocessing.connection.wait([gone.sentinel], 0) == [gone.sentinel]
+    start = time.monotonic()
+    gone.join(0.05)
+    assert time.monotonic() - start < T
+    assert "stopped" in repr(gone)
+    gone.kill()                 # nothing to signal: no error
+
+
 # ------------------------------------------------------------- concurrency
 
 def test_many_threads_share_one_pool(Pool):
