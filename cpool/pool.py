@@ -8,6 +8,8 @@ unset), so get/wait/ready/successful/next behave exactly as there.
 """
 import atexit
 import collections
+import errno
+import functools
 import itertools
 import operator
 import os
@@ -657,15 +659,6 @@ def _finalize(core, owner, feed_lock, idle_feeders, quiet=None):
         _dismiss_feeders(feed_lock, idle_feeders)
 
 
-_collectors = weakref.WeakSet()     # every pool's collector thread
-
-
-def _on_collector():
-    """Is this a pool's collector thread (running a callback)?  It is the
-    one that reads the fork server's reports, so it must not wait for one."""
-    return threading.current_thread() in _collectors
-
-
 class WorkerProcess:
     """An entry of Pool._pool: one live worker, described as
     multiprocessing's pool describes its workers with their Process objects,
@@ -675,71 +668,94 @@ class WorkerProcess:
 
     The workers are the fork server's children, not this process's, so this
     is not a multiprocessing.Process (it cannot be started, and is not among
-    multiprocessing.active_children()).  A pidfd tells whether it runs; its
-    exit code is the one the fork server reports (-signal if killed, as
-    multiprocessing's: terminate() kills with SIGKILL), which the pool's
-    collector reads within milliseconds of the end: until then exitcode is
-    None although is_alive() is False.  join() waits for it too, except on
-    the collector thread (in a callback), which is the one that reads it."""
+    multiprocessing.active_children()).  A pidfd tells whether it runs and
+    carries its signals (so that they cannot reach another process that
+    reuses the pid); its exit code is the one the fork server records when
+    it reaps it (-signal if killed, as multiprocessing's: terminate() kills
+    with SIGKILL), read from the pool's shared memory: neither depends on
+    the pool's threads."""
 
-    __slots__ = ("pid", "_name", "_exitcode", "_pidfd", "__weakref__")
+    __slots__ = ("pid", "_name", "_exitcode", "_pidfd", "_closer", "_core",
+                 "_slot", "_parent_pid", "__weakref__")
     daemon = True
 
-    def __init__(self, pid, number):
+    def __init__(self, pid, number, slot, core):
         self.pid = pid
         self._name = "ForkPoolWorker-%d" % number
         self._exitcode = None
+        self._core = weakref.ref(core)
+        self._slot = slot
+        self._parent_pid = os.getpid()
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
             fd = -1                     # gone already
-        except (AttributeError, OSError):
-            fd = None                   # no pidfds: os.kill(pid, 0) instead
+        except AttributeError:
+            fd = None                   # no pidfds: the record only
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            fd = None
+        self._closer = None
+        self._set_fd(fd)
+        # The fork server records a worker's end before it reaps it, and so
+        # before its pid can be reused: recorded now, the pidfd may be some
+        # other process's, and is not kept.
+        if self._code() is not None:
+            self._set_fd(-1)
+
+    def _set_fd(self, fd):
+        if self._closer is not None:
+            self._closer()              # closes the one held, once
         self._pidfd = fd
+        self._closer = None
         if fd is not None and fd >= 0:
-            weakref.finalize(self, os.close, fd)
+            self._closer = weakref.finalize(self, os.close, fd)
 
     name = property(lambda self: self._name)
     ident = property(lambda self: self.pid)
 
-    def _gone(self, deadline=0.0):
-        """Has the worker ended?  Waits until the time.monotonic() deadline
-        (None: for ever; 0: not at all)."""
-        if self._exitcode is not None:
+    def _code(self):
+        if self._exitcode is None:
+            core = self._core()
+            if core is not None:
+                self._exitcode = core.exit_code(self._slot, self.pid)
+        return self._exitcode
+
+    def _ended(self, timeout=0.0):
+        """Has the process ended (waiting up to timeout seconds, None: for
+        ever)?  Its exit code may not be recorded yet."""
+        if self._code() is not None:
             return True
         fd = self._pidfd
-        if fd is not None:
-            if fd < 0:
-                return True
-            timeout = None if deadline is None else \
-                max(0.0, deadline - time.monotonic())
+        if fd is not None and fd >= 0:
             return bool(multiprocessing.connection.wait([fd], timeout))
-        while True:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
+        return fd is not None        # -1: it was gone when this was made
 
     @property
     def exitcode(self):
-        """None while the worker runs (or until its end is reported), then
-        its exit code."""
-        return self._exitcode
+        """None while the worker runs, then its exit code."""
+        return self._code()
 
     def is_alive(self):
-        return not self._gone()
+        assert self._parent_pid == os.getpid(), 'can only test a child process'
+        return not self._ended()
 
     def join(self, timeout=None):
+        assert self._parent_pid == os.getpid(), 'can only join a child process'
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._gone(deadline) or _on_collector():
+        if self._pidfd is None:                 # no pidfds: poll the record
+            while self._code() is None and (
+                    deadline is None or time.monotonic() < deadline):
+                time.sleep(0.005)
             return
-        # Gone: its exit code is on its way.
-        while self._exitcode is None and (
+        if not self._ended(timeout):
+            return
+        # Ended: the fork server records its exit code as it reaps it, at
+        # once (it runs no Python, and waits for nothing else).
+        while self._code() is None and (
                 deadline is None or time.monotonic() < deadline):
-            time.sleep(0.0005)
+            time.sleep(0.0002)
 
     @property
     def sentinel(self):
@@ -753,12 +769,11 @@ class WorkerProcess:
             # readable as the pidfd of an ended process.
             r, w = os.pipe()
             os.close(w)
-            self._pidfd = r
-            weakref.finalize(self, os.close, r)
+            self._set_fd(r)
         return self._pidfd
 
     def _signal(self, sig):
-        if self._exitcode is not None or self._gone():
+        if self._ended():
             return
         try:
             if self._pidfd is not None:
@@ -776,14 +791,25 @@ class WorkerProcess:
     def kill(self):
         self._signal(signal.SIGKILL)
 
+    def close(self):
+        """Let go of its pidfd, as multiprocessing's Process.close(); the
+        object can only tell its pid, name and exit code after that."""
+        if self._exitcode is None and not self._ended():
+            raise ValueError("Cannot close a process while it is still "
+                             "running. You should first call join() or "
+                             "terminate().")
+        self._code()
+        if self._pidfd is not None:
+            self._set_fd(-1)
+
     def __repr__(self):
-        code = self._exitcode
+        code = self._code()
         if code is not None:
             status = "stopped exitcode=%d" % code
         else:
-            status = "stopped" if self._gone() else "started"
+            status = "stopped" if self._ended() else "started"
         return "<WorkerProcess name=%r pid=%d parent=%d %s daemon>" % (
-            self._name, self.pid, os.getpid(), status)
+            self._name, self.pid, self._parent_pid, status)
 
 
 _exiting = False                # _exit_pools() has run
@@ -892,7 +918,6 @@ class Pool(_core.PoolBase, _mp.Pool):
                                 _make_error, _default_spin_ns(processes))
         self._collector = threading.Thread(target=self._core.collect,
                                            name="cpool-collector", daemon=True)
-        _collectors.add(self._collector)
         self._collector.start()
         self._owner = os.getpid()
         self._terminate = weakref.finalize(self, _finalize, self._core,
@@ -907,20 +932,19 @@ class Pool(_core.PoolBase, _mp.Pool):
     @property
     def _pool(self, _make=WorkerProcess):
         """The live workers, as multiprocessing's list of its workers'
-        processes (WorkerProcess objects).  A worker just forked is listed
-        once the fork server has told its pid (within milliseconds)."""
+        processes (WorkerProcess objects).  A worker is listed once the
+        fork server has forked it: a worker just asked for, within
+        milliseconds."""
         core = getattr(self, "_core", None)     # None: __init__ failed
         if core is None:
             return []
-        # A worker just asked for is listed once the collector has read its
-        # pid (unless this is the collector, in a callback).
+        make = functools.partial(_make, core=core)
         deadline = time.monotonic() + 1.0
         while True:
-            procs, unknown = core.workers(_make)
-            if (not unknown or self._state != RUN or _on_collector()
-                    or time.monotonic() > deadline):
+            procs, unknown = core.workers(make)
+            if not unknown or self._state != RUN or time.monotonic() > deadline:
                 return procs
-            time.sleep(0.0005)
+            time.sleep(0.0002)
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
     def __del__(self, _warn=warnings.warn, RUN=RUN):

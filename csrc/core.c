@@ -29,7 +29,6 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "structmember.h"
@@ -1164,39 +1163,46 @@ fail_all(Core *c, int kind)
 }
 
 /* Pool._pool's object for slot s's worker `pid` learns its exit code
- * (multiprocessing's: -signal, or the status it exited with). */
-static void
-proc_exited(cp_slot *s, pid_t pid, int status)
+ * (multiprocessing's: -signal, or the status it exited with).  The slot lets
+ * go of it: returns the reference, for the caller to drop once the slot no
+ * longer lists the worker (dropping it may run Python). */
+static PyObject *
+proc_ended(cp_slot *s, pid_t pid, int code)
 {
     if (s->proc == NULL || s->proc_pid != pid)
-        return;
+        return NULL;
     PyObject *proc = s->proc;
     s->proc = NULL;
-    int code = WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
     PyObject *v = PyLong_FromLong(code);
     if (v == NULL || PyObject_SetAttrString(proc, "_exitcode", v) < 0)
         PyErr_WriteUnraisable(proc);
     Py_XDECREF(v);
-    Py_DECREF(proc);
+    return proc;
 }
 
-/* Every worker is gone and the zygote with them, so no more exit reports
- * will come: those not reported were killed (the zygote's SIGKILL at
- * terminate(), or PR_SET_PDEATHSIG when the zygote died). */
+static int
+wait_status_code(int status)
+{
+    return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+/* Every worker is gone and the zygote with them.  The zygote recorded how
+ * each ended (the idle workers terminate() let leave, too); one it did not
+ * was killed by PR_SET_PDEATHSIG when the zygote died. */
 static void
 procs_killed(Core *c)
 {
-    /* First the exits it reported before it went that were not read (the
-     * idle workers that terminate() let leave, say). */
+    /* The reports it sent are in the records as well. */
     cp_zmsg m;
-    while (c->zsock >= 0 && cp_proc_recv(c->zsock, &m) > 0) {
-        if (m.type == CP_Z_EXITED && m.slot >= 0 && m.slot < c->nslots)
-            proc_exited(&c->slots[m.slot], m.pid, m.status);
-    }
+    while (c->zsock >= 0 && cp_proc_recv(c->zsock, &m) > 0)
+        ;
     for (int i = 0; c->slots && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        if (s->proc != NULL)
-            proc_exited(s, s->proc_pid, SIGKILL);   /* a wait status */
+        if (s->proc == NULL)
+            continue;
+        uint64_t rec = cp_load_acquire(&s->ctl->exited);
+        int code = CP_CTL_PID(rec) == s->proc_pid ? CP_CTL_LOW(rec) : -SIGKILL;
+        Py_XDECREF(proc_ended(s, s->proc_pid, code));
     }
 }
 
@@ -1231,10 +1237,11 @@ zygote_events(Core *c)
             if (cp_load_acquire(&s->ctl->state) >= CP_W_STARTING)
                 c->started = 1;
             /* Its Pool._pool object first: handle_death() runs callbacks,
-             * which may read it, or terminate() (which takes the workers
-             * not reported as killed). */
-            proc_exited(s, m.pid, m.status);
+             * which may read it.  It is let go of only once the slot no
+             * longer lists the worker. */
+            PyObject *proc = proc_ended(s, m.pid, wait_status_code(m.status));
             handle_death(c, m.slot, m.pid, m.status);
+            Py_XDECREF(proc);
         } else if (m.type == CP_Z_SPAWNFAIL) {
             /* pump() may have queued tasks to the slot before the failure
              * was known: give them back (newest first keeps their order). */
@@ -2245,16 +2252,29 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
 
 PyDoc_STRVAR(Core_workers_doc,
 "workers(make) -> (list, unknown)\n--\n\n"
-"Pool._pool: an object per live worker whose pid is known, the same one\n"
-"for as long as that worker lives, made by make(pid, number) the first\n"
-"time; it is given _exitcode when the worker's exit is known.  unknown\n"
-"counts the workers asked for whose pids the zygote has not reported yet.");
+"Pool._pool: an object per live worker, the same one for as long as that\n"
+"worker lives, made by make(pid, number, slot) the first time; it is given\n"
+"_exitcode when the collector reads the worker's end (exit_code() tells it\n"
+"before that).  unknown counts the workers asked for that the zygote has\n"
+"not forked yet.  Empty once the pool is terminated, and in a forked child.");
 
-/* Is slot s's worker running, as far as the parent knows? */
-static int
-worker_listed(cp_slot *s)
+/* The pid of slot s's worker as far as Pool._pool is concerned (the zygote
+ * writes it when it forks, before the collector reads it), and its number;
+ * 0 if none or its death is known. */
+static pid_t
+listed_pid(cp_slot *s, int *number)
 {
-    return s->live && s->pid > 0 && !s->death_pending;
+    if (!s->live || s->death_pending)
+        return 0;
+    if (s->pid > 0) {
+        *number = s->number;
+        return s->pid;
+    }
+    if (!s->pid_wait)
+        return 0;
+    uint64_t w = cp_load_acquire(&s->ctl->spawned);
+    *number = CP_CTL_LOW(w);
+    return CP_CTL_PID(w);
 }
 
 static PyObject *
@@ -2262,39 +2282,91 @@ Core_workers(Core *c, PyObject *make)
 {
     PyObject *l = PyList_New(0);
     int unknown = 0;
+    if (c->owner != cp_self_pid() || c->state >= CORE_TERMINATED)
+        goto done;
     for (int i = 0; l != NULL && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
-        if (s->live && s->pid_wait)
-            unknown++;
-        if (!worker_listed(s))
+        int number = 0;
+        pid_t pid = listed_pid(s, &number);
+        if (pid <= 0) {
+            unknown += s->live && s->pid_wait && !s->death_pending;
             continue;
-        pid_t pid = s->pid;
+        }
         PyObject *p;
         if (s->proc != NULL && s->proc_pid == pid) {
             p = Py_NewRef(s->proc);
         } else {
-            p = PyObject_CallFunction(make, "ii", (int)pid, s->number);
+            p = PyObject_CallFunction(make, "iii", (int)pid, number, i);
             if (p == NULL) {
                 Py_CLEAR(l);
                 break;
             }
-            /* make() ran Python: the collector may have seen the worker go
-             * meanwhile.  Then it is not listed (as if asked a moment later);
-             * its pid may be another process's already. */
-            if (!worker_listed(s) || s->pid != pid) {
+            /* make() ran Python, and so maybe other threads: the collector
+             * may have seen the worker go (it is not listed then, as if
+             * asked a moment later), or another reader made its object. */
+            int again = 0;
+            if (c->state >= CORE_TERMINATED || listed_pid(s, &again) != pid) {
                 Py_DECREF(p);
                 continue;
             }
-            Py_XSETREF(s->proc, Py_NewRef(p));
-            s->proc_pid = pid;
+            if (s->proc != NULL && s->proc_pid == pid) {
+                Py_SETREF(p, Py_NewRef(s->proc));
+            } else {
+                Py_XSETREF(s->proc, Py_NewRef(p));
+                s->proc_pid = pid;
+            }
         }
         if (PyList_Append(l, p) < 0)
             Py_CLEAR(l);
         Py_DECREF(p);
     }
+done:
     if (l == NULL)
         return NULL;
     return Py_BuildValue("(Ni)", l, unknown);
+}
+
+/* Has the zygote exited (it records every end before it goes)? */
+static int
+zygote_gone(Core *c)
+{
+    if (c->zpid <= 0)
+        return 1;
+    if (c->zpidfd < 0)
+        return kill(c->zpid, 0) < 0 && errno == ESRCH;
+    struct pollfd p = {.fd = c->zpidfd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+PyDoc_STRVAR(Core_exit_code_doc,
+"exit_code(slot, pid) -> int or None\n--\n\n"
+"How slot's worker pid ended, from the zygote's record (written before it\n"
+"reaps the worker, so that None also says the pid is not free for reuse),\n"
+"or None if it has not ended.  With the zygote gone, a worker it did not\n"
+"record was killed with it (-SIGKILL).");
+
+static PyObject *
+Core_exit_code(Core *c, PyObject *args)
+{
+    int slot, pid;
+    if (!PyArg_ParseTuple(args, "ii:exit_code", &slot, &pid))
+        return NULL;
+    if (slot < 0 || slot >= c->nslots || c->slots == NULL) {
+        PyErr_Format(PyExc_ValueError, "no slot %d", slot);
+        return NULL;
+    }
+    cp_ctl *ctl = c->slots[slot].ctl;
+    uint64_t rec = cp_load_acquire(&ctl->exited);
+    if (CP_CTL_PID(rec) == (pid_t)pid)
+        return PyLong_FromLong(CP_CTL_LOW(rec));
+    /* (A forked child has none of the pool's fds to ask with.) */
+    if (c->owner == cp_self_pid() && zygote_gone(c)) {
+        /* It may have written the record just before it went. */
+        rec = cp_load_acquire(&ctl->exited);
+        return PyLong_FromLong(CP_CTL_PID(rec) == (pid_t)pid ?
+                               CP_CTL_LOW(rec) : -SIGKILL);
+    }
+    Py_RETURN_NONE;
 }
 
 /* [(pid, queued, unfinished)] per slot: the tasks the parent holds as sent
@@ -2471,7 +2543,8 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         return -1;
     }
     /* The zygote forks the n workers at once, unasked. */
-    rc = cp_proc_zygote_start(sv[1], sv[0], cp_worker_main, c, n, &c->zpid);
+    rc = cp_proc_zygote_start(sv[1], sv[0], cp_worker_main, c, &c->shm, n,
+                              &c->zpid);
     if (rc < 0) {
         close(sv[0]);
         errno = -rc;
@@ -2628,6 +2701,7 @@ static PyMethodDef Core_methods[] = {
      Core_terminate_doc},
     {"pids", (PyCFunction)Core_pids, METH_NOARGS, "Pids of the live workers."},
     {"workers", (PyCFunction)Core_workers, METH_O, Core_workers_doc},
+    {"exit_code", (PyCFunction)Core_exit_code, METH_VARARGS, Core_exit_code_doc},
     {"queues", (PyCFunction)Core_queues, METH_NOARGS,
      "Per slot: (pid, tasks sent and not yet answered, of those how many its "
      "worker has not finished)."},

@@ -157,8 +157,21 @@ typedef struct cp_ctl {
     uint32_t state;                            /* CP_W_* */
     int32_t arena_part;                        /* its result partition, or -1 */
     uint64_t results;                          /* results it has published */
+    /* The zygote's line (Pool._pool reads it, not the collector):
+     * spawned: pid << 32 | number of the slot's newest worker, written when
+     *   it is forked (0 from the slot's reset until then);
+     * exited: pid << 32 | (uint32_t)exit code (-signal if killed) of the
+     *   slot's last worker that ended, written BEFORE the zygote reaps it,
+     *   so that while it does not name a pid, that pid is not free for
+     *   reuse; kept across resets. */
+    _Alignas(CP_CACHELINE) uint64_t spawned;
+    uint64_t exited;
     _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
 } cp_ctl;
+
+#define CP_CTL_WORD(pid, low) (((uint64_t)(uint32_t)(pid) << 32) | (uint32_t)(low))
+#define CP_CTL_PID(word) ((pid_t)((word) >> 32))
+#define CP_CTL_LOW(word) ((int32_t)(uint32_t)(word))
 
 /* CP_W_LEFT: the worker is through with Python (its output flushed, its
  * exit functions run) and about to _exit(); it wakes futex waiters. */
@@ -265,7 +278,7 @@ typedef void (*cp_worker_fn)(void *arg, int slot);
 int cp_proc_worker_number(void);
 
 int cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
-                         void *arg, int nfirst, pid_t *zpid);
+                         void *arg, cp_shm *shm, int nfirst, pid_t *zpid);
 int cp_proc_send(int sock, const cp_zmsg *m);
 int cp_proc_recv(int sock, cp_zmsg *m);
 void cp_proc_close_inherited(void);

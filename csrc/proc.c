@@ -40,6 +40,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -149,10 +150,12 @@ typedef struct {
 } child_t;
 
 #define MAX_CHILDREN 4096
+#define LEAVE_GRACE_MS 100
 
 static child_t children[MAX_CHILDREN];
 static int n_children;
 static int n_spawned;      /* workers this zygote forked (their numbers) */
+static cp_shm *zshm;       /* the pool's slots (their ctl's zygote line) */
 
 /* In a worker: its number among its zygote's forks, from 1. */
 int
@@ -161,14 +164,81 @@ cp_proc_worker_number(void)
     return n_spawned;
 }
 
-static void
-kill_all_and_exit(void)
+/*
+ * Child i has ended (flags: WNOHANG to only look): record how in its slot,
+ * reap it, drop it from the table and fill *m with the report for the
+ * parent.  The record is written between waitid(WNOWAIT) and the reap,
+ * while the pid cannot be reused yet: Pool._pool trusts a pidfd it opened
+ * only if, after opening it, the record does not name that pid.  Returns 1
+ * if it was reaped, 0 if not (still running, or not ours to wait for).
+ */
+static int
+collect(int i, int flags, cp_zmsg *m)
 {
+    pid_t pid = children[i].pid;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    while (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOWAIT | flags) < 0) {
+        if (errno != EINTR)
+            return 0;
+    }
+    if (si.si_pid != pid)
+        return 0;
+    int code = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
+    cp_store_release(&cp_shm_ctl(zshm, children[i].slot)->exited,
+                     CP_CTL_WORD(pid, code));
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    *m = (cp_zmsg){.type = CP_Z_EXITED, .slot = children[i].slot,
+                   .pid = pid, .status = st};
+    children[i] = children[--n_children];
+    return 1;
+}
+
+/* Kill every worker, record how each ended (those that had left on their
+ * own too: the idle workers terminate() lets go), and exit.  The reports go
+ * to the parent while its socket takes them without blocking (sock < 0:
+ * none); the records in the slots are what counts. */
+/* Is child i through with everything but its _exit() (CP_W_LEFT), and
+ * not gone yet? */
+static int
+leaving(int i)
+{
+    if (cp_load_acquire(&cp_shm_ctl(zshm, children[i].slot)->state) != CP_W_LEFT)
+        return 0;
+    siginfo_t si;
+    memset(&si, 0, sizeof si);
+    return waitid(P_PID, (id_t)children[i].pid, &si,
+                  WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == 0;
+}
+
+static void
+kill_all_and_exit(int sock)
+{
+    /* A worker that is leaving on its own (the idle ones terminate() lets
+     * go) is a few instructions from its exit: let it get there, within
+     * LEAVE_GRACE_MS, so that its exit code is its own, not the kill's. */
+    for (int waited = 0; waited < LEAVE_GRACE_MS * 10; waited++) {
+        int any = 0;
+        for (int i = 0; i < n_children && !any; i++)
+            any = leaving(i);
+        if (!any)
+            break;
+        struct timespec ts = {0, 100 * 1000};
+        nanosleep(&ts, NULL);
+    }
     for (int i = 0; i < n_children; i++)
         kill(children[i].pid, SIGKILL);
-    for (int i = 0; i < n_children; i++) {
-        while (waitpid(children[i].pid, NULL, 0) < 0 && errno == EINTR)
-            ;
+    while (n_children > 0) {
+        cp_zmsg m;
+        if (!collect(n_children - 1, 0, &m)) {
+            n_children--;       /* not ours to wait for */
+            continue;
+        }
+        if (sock >= 0 && send(sock, &m, sizeof m, MSG_NOSIGNAL | MSG_DONTWAIT)
+                             != (ssize_t)sizeof m)
+            sock = -1;
     }
     _exit(0);
 }
@@ -224,12 +294,14 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
         children[n_children].pid = pid;
         children[n_children].slot = slot;
         n_children++;
+        cp_store_release(&cp_shm_ctl(zshm, slot)->spawned,
+                         CP_CTL_WORD(pid, n_spawned));
         m.type = CP_Z_SPAWNED;
         m.pid = pid;
         m.status = n_spawned;   /* its number, for its name */
     }
     if (cp_proc_send(sock, &m) < 0)
-        kill_all_and_exit();
+        kill_all_and_exit(-1);
 }
 
 static void
@@ -238,21 +310,12 @@ reap(int sock, int sfd)
     struct signalfd_siginfo si;
     while (read(sfd, &si, sizeof si) > 0)
         ;
-    for (;;) {
-        int st;
-        pid_t pid = waitpid(-1, &st, WNOHANG);
-        if (pid <= 0)
-            return;
-        for (int i = 0; i < n_children; i++) {
-            if (children[i].pid != pid)
-                continue;
-            cp_zmsg m = {.type = CP_Z_EXITED, .slot = children[i].slot,
-                         .pid = pid, .status = st};
-            children[i] = children[--n_children];
-            if (cp_proc_send(sock, &m) < 0)
-                kill_all_and_exit();
-            break;
-        }
+    /* Downwards: collect() moves the last entry into the one it drops. */
+    for (int i = n_children - 1; i >= 0; i--) {
+        cp_zmsg m;
+        if (i < n_children && collect(i, WNOHANG, &m) &&
+            cp_proc_send(sock, &m) < 0)
+            kill_all_and_exit(-1);
     }
 }
 
@@ -279,7 +342,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            kill_all_and_exit();
+            kill_all_and_exit(sock);
         }
         if (fds[1].revents)
             reap(sock, sfd);
@@ -287,7 +350,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
             cp_zmsg m;
             int rc = cp_proc_recv(sock, &m);
             if (rc <= 0)            /* EOF: the parent is gone */
-                kill_all_and_exit();
+                kill_all_and_exit(-1);
             if (m.type == CP_Z_SPAWN) {
                 spawn(sock, &oldmask, sfd, fn, arg, m.slot);
             } else {
@@ -295,7 +358,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
                  * idle workers terminate() lets go) are reported as usual
                  * first: Pool._pool tells their exit codes. */
                 reap(sock, sfd);
-                kill_all_and_exit();
+                kill_all_and_exit(sock);
             }
         }
     }
@@ -309,7 +372,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
  */
 int
 cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
-                     void *arg, int nfirst, pid_t *zpid)
+                     void *arg, cp_shm *shm, int nfirst, pid_t *zpid)
 {
     PyOS_BeforeFork();
     pid_t pid = fork();
@@ -320,6 +383,7 @@ cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
          * itself a worker (a pool made inside a task): start empty. */
         n_children = 0;
         n_spawned = 0;
+        zshm = shm;
         zygote_main(sock_child, fn, arg, nfirst);
         _exit(0);
     }

@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -96,12 +97,13 @@ cp_shm_result_ring(cp_shm *s, int slot)
 }
 
 /* Reset a slot for a new worker.  Only safe while no process uses the slot:
- * before the first fork, or after its worker has been reaped. */
+ * before the first fork, or after its worker has been reaped.  The record of
+ * how its last worker ended (exited) is kept. */
 void
 cp_shm_reset_slot(cp_shm *s, int slot)
 {
     cp_ctl *c = cp_shm_ctl(s, slot);
-    memset(c, 0, sizeof *c);
+    memset(c, 0, offsetof(cp_ctl, exited));
     cp_ring_format(cp_shm_task_ring(s, slot), s->ring_cap);
     cp_ring_format(cp_shm_result_ring(s, slot), s->ring_cap);
 }

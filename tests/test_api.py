@@ -897,11 +897,9 @@ def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
         for w in procs:
             w.join(T)
             assert not w.is_alive()
-        codes = [w.exitcode for w in procs]
-        if how == "terminate":      # killed, or left if idle (cpool)
-            assert all(c in (0, -signal.SIGTERM, -signal.SIGKILL) for c in codes), codes
-        else:
-            assert codes == [0] * n
+        # Idle when the pool is terminated, they leave as after close()
+        # (see test_crash's test_idle_workers_leave_normally...).
+        assert [w.exitcode for w in procs] == [0] * n
     finally:
         p.terminate()
         p.join()
@@ -960,21 +958,136 @@ def test_a_worker_object_keeps_its_deadlines(cpool_Pool):
         w.join(0.05)
         assert w.is_alive() and w.exitcode is None
         assert time.monotonic() - start < T
-    # A process that was gone before its object was made: its sentinel is
-    # readable, and a join with a timeout returns although no exit code
-    # will ever be reported for it.
-    child = os.fork()
-    if child == 0:
-        os._exit(0)
-    os.waitpid(child, 0)
-    gone = WorkerProcess(child, 1)
-    assert not gone.is_alive() and gone.exitcode is None
-    assert multiprocessing.connection.wait([gone.sentinel], 0) == [gone.sentinel]
-    start = time.monotonic()
-    gone.join(0.05)
-    assert time.monotonic() - start < T
-    assert "stopped" in repr(gone)
-    gone.kill()                 # nothing to signal: no error
+        with pytest.raises(ValueError, match="still running"):
+            w.close()
+        # An object for a process that was gone before it was made (as the
+        # pool makes one for a worker whose end it has not read yet): its
+        # sentinel is readable, and a join with a timeout returns although
+        # no exit code is recorded for that pid.
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        gone = WorkerProcess(child, 1, 0, p._core)
+        assert not gone.is_alive() and gone.exitcode is None
+        assert multiprocessing.connection.wait([gone.sentinel], 0) == [gone.sentinel]
+        start = time.monotonic()
+        gone.join(0.05)
+        assert time.monotonic() - start < T
+        assert "stopped" in repr(gone)
+        gone.kill()                 # nothing to signal: no error
+        gone.close()
+
+
+def test_a_worker_object_made_after_its_worker_ended(cpool_Pool):
+    # The collector is held in a callback, so the pool has not read that the
+    # worker was killed and still lists it.  Its pid may already be another
+    # process's: the object takes the exit code the fork server recorded
+    # before it reaped the worker, keeps no pidfd, and signals nothing.
+    p = cpool_Pool(1)
+    try:
+        p.apply(abs, (1,))
+        (pid,) = p._core.pids()
+        entered, release = threading.Event(), threading.Event()
+        r = p.apply_async(abs, (1,), callback=lambda _: (entered.set(), release.wait(T)))
+        assert entered.wait(T)
+        os.kill(pid, signal.SIGKILL)
+        _until(lambda: p._core.exit_code(0, pid) is not None)
+        (w,) = p._pool
+        assert w.pid == pid and w._pidfd == -1
+        assert w.exitcode == -signal.SIGKILL and not w.is_alive()
+        assert multiprocessing.connection.wait([w.sentinel], 0) == [w.sentinel]
+        w.kill()
+        w.join()
+        release.set()
+        assert r.get(T) == 1
+        assert p.apply(abs, (-3,)) == 3        # replaced
+        assert [x.pid for x in p._pool] != [pid]
+    finally:
+        release.set()
+        p.terminate()
+        p.join()
+
+
+def test_threads_reading_the_pool_list_at_once_get_the_same_objects(cpool_Pool, monkeypatch):
+    from cpool.pool import WorkerProcess
+    made = []
+    init = WorkerProcess.__init__
+
+    def slow_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self.pid)
+        time.sleep(0.02)            # the other reader runs meanwhile
+
+    monkeypatch.setattr(WorkerProcess, "__init__", slow_init)
+    with cpool_Pool(1) as p:
+        _until(lambda: len(p._core.pids()) == 1)
+        got = [None, None]
+
+        def read(i):
+            got[i] = p._pool
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(T)
+        assert len(made) == 2 and made[0] == made[1]    # both made one...
+        assert len(got[0]) == 1 and got[0][0] is got[1][0] is p._pool[0]  # ...one kept
+        (w,) = got[0]
+        w.kill()
+        w.join(T)
+        assert w.exitcode == -signal.SIGKILL
+
+
+def test_worker_objects_in_a_forked_child(cpool_Pool):
+    # As multiprocessing's Process objects: only the process that made the
+    # pool joins its workers or asks whether they live.
+    with cpool_Pool(1) as p:
+        (w,) = p._pool
+        r, wfd = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                msgs = []
+                for call in (w.join, w.is_alive):
+                    try:
+                        call()
+                    except AssertionError as e:
+                        msgs.append(str(e))
+                msgs.append(str(len(p._pool)))
+                os.write(wfd, "|".join(msgs).encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(child, 0)
+        assert said == "can only join a child process|can only test a child process|0"
+        assert w.is_alive()
+
+
+def test_the_pool_list_after_terminate_from_another_thread(cpool_Pool):
+    # Objects read while terminate() runs learn how their workers ended.
+    for _ in range(5):
+        p = cpool_Pool(2)
+        procs = p._pool
+        stop = threading.Event()
+        seen = []
+
+        def reader():
+            while not stop.is_set():
+                seen.extend(p._pool)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        p.terminate()
+        stop.set()
+        t.join(T)
+        p.join()
+        for w in procs + seen:
+            w.join(T)
+            assert w.exitcode is not None and not w.is_alive()
 
 
 # ------------------------------------------------------------- concurrency

@@ -12,6 +12,7 @@ import gc
 import os
 import sys
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -256,6 +257,11 @@ def _cycle(Pool, how):
         procs = p._pool
         procs[0].kill()
         procs[0].join(T)
+        # (Once the pool has read it: a task sent to a worker that dies
+        # starting up would be failed for it.)
+        deadline = time.monotonic() + T
+        while procs[0].pid in p._core.pids() and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert p.apply(helpers.square, (3,)) == 9
         p.terminate()
         p.join()
