@@ -39,6 +39,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <sys/prctl.h>
@@ -156,6 +157,7 @@ static child_t children[MAX_CHILDREN];
 static int n_children;
 static int n_spawned;      /* workers this zygote forked (their numbers) */
 static cp_shm *zshm;       /* the pool's slots (their ctl's zygote line) */
+static int zsfd = -1;      /* the zygote's SIGCHLD signalfd */
 
 /* In a worker: its number among its zygote's forks, from 1. */
 int
@@ -219,14 +221,25 @@ kill_all_and_exit(int sock)
     /* A worker that is leaving on its own (the idle ones terminate() lets
      * go) is a few instructions from its exit: let it get there, within
      * LEAVE_GRACE_MS, so that its exit code is its own, not the kill's. */
-    for (int waited = 0; waited < LEAVE_GRACE_MS * 10; waited++) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t until_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 +
+                       LEAVE_GRACE_MS;
+    for (;;) {
         int any = 0;
         for (int i = 0; i < n_children && !any; i++)
             any = leaving(i);
-        if (!any)
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t left = until_ms - ((int64_t)now.tv_sec * 1000 +
+                                   now.tv_nsec / 1000000);
+        if (!any || left <= 0 || zsfd < 0)
             break;
-        struct timespec ts = {0, 100 * 1000};
-        nanosleep(&ts, NULL);
+        /* Woken by its SIGCHLD. */
+        struct pollfd p = {.fd = zsfd, .events = POLLIN};
+        poll(&p, 1, (int)left);
+        struct signalfd_siginfo si;
+        while (read(zsfd, &si, sizeof si) > 0)
+            ;
     }
     for (int i = 0; i < n_children; i++)
         kill(children[i].pid, SIGKILL);
@@ -274,6 +287,7 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
             _exit(70);
         close(sock);
         close(sfd);
+        zsfd = -1;
         /* Ctrl-C stays the parent's business, but through a handler that
          * does nothing rather than the zygote's SIG_IGN: exec() resets a
          * handled signal to its default and keeps an ignored one ignored,
@@ -332,6 +346,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
         _exit(71);
+    zsfd = sfd;
     /* The first workers, at once: the parent does not ask for them. */
     for (int i = 0; i < nfirst; i++)
         spawn(sock, &oldmask, sfd, fn, arg, i);
