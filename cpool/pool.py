@@ -675,27 +675,27 @@ class WorkerProcess:
     with SIGKILL), read from the pool's shared memory: neither depends on
     the pool's threads."""
 
-    __slots__ = ("pid", "_name", "_exitcode", "_pidfd", "_closer", "_core",
-                 "_slot", "_parent_pid", "__weakref__")
+    __slots__ = ("pid", "_name", "_number", "_exitcode", "_pidfd", "_closer",
+                 "_core", "_slot", "_parent_pid", "__weakref__")
     daemon = True
 
     def __init__(self, pid, number, slot, core):
         self.pid = pid
         self._name = "ForkPoolWorker-%d" % number
+        self._number = number
         self._exitcode = None
         self._core = weakref.ref(core)
         self._slot = slot
         self._parent_pid = os.getpid()
         try:
             fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            fd = -1                     # gone already
         except AttributeError:
             fd = None                   # no pidfds: the record only
         except OSError as e:
-            if e.errno != errno.ENOSYS:
-                raise
-            fd = None
+            if e.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL):
+                fd = -1                 # gone (its pid may be a thread's now)
+            else:
+                fd = None               # no pidfd to be had (EMFILE, EPERM...)
         self._closer = None
         self._set_fd(fd)
         # The fork server records a worker's end before it reaps it, and so
@@ -719,7 +719,7 @@ class WorkerProcess:
         if self._exitcode is None:
             core = self._core()
             if core is not None:
-                self._exitcode = core.exit_code(self._slot, self.pid)
+                self._exitcode = core.exit_code(self._slot, self._number)
         return self._exitcode
 
     def _ended(self, timeout=0.0):

@@ -1201,7 +1201,8 @@ procs_killed(Core *c)
         if (s->proc == NULL)
             continue;
         uint64_t rec = cp_load_acquire(&s->ctl->exited);
-        int code = CP_CTL_PID(rec) == s->proc_pid ? CP_CTL_LOW(rec) : -SIGKILL;
+        int code = CP_CTL_HIGH(rec) == s->proc_number ? CP_CTL_LOW(rec)
+                                                       : -SIGKILL;
         Py_XDECREF(proc_ended(s, s->proc_pid, code));
     }
 }
@@ -2274,7 +2275,7 @@ listed_pid(cp_slot *s, int *number)
         return 0;
     uint64_t w = cp_load_acquire(&s->ctl->spawned);
     *number = CP_CTL_LOW(w);
-    return CP_CTL_PID(w);
+    return (pid_t)CP_CTL_HIGH(w);
 }
 
 static PyObject *
@@ -2293,7 +2294,7 @@ Core_workers(Core *c, PyObject *make)
             continue;
         }
         PyObject *p;
-        if (s->proc != NULL && s->proc_pid == pid) {
+        if (s->proc != NULL && s->proc_pid == pid && s->proc_number == number) {
             p = Py_NewRef(s->proc);
         } else {
             p = PyObject_CallFunction(make, "iii", (int)pid, number, i);
@@ -2305,15 +2306,17 @@ Core_workers(Core *c, PyObject *make)
              * may have seen the worker go (it is not listed then, as if
              * asked a moment later), or another reader made its object. */
             int again = 0;
-            if (c->state >= CORE_TERMINATED || listed_pid(s, &again) != pid) {
+            if (c->state >= CORE_TERMINATED || listed_pid(s, &again) != pid ||
+                again != number) {
                 Py_DECREF(p);
                 continue;
             }
-            if (s->proc != NULL && s->proc_pid == pid) {
+            if (s->proc != NULL && s->proc_pid == pid && s->proc_number == number) {
                 Py_SETREF(p, Py_NewRef(s->proc));
             } else {
                 Py_XSETREF(s->proc, Py_NewRef(p));
                 s->proc_pid = pid;
+                s->proc_number = number;
             }
         }
         if (PyList_Append(l, p) < 0)
@@ -2339,17 +2342,17 @@ zygote_gone(Core *c)
 }
 
 PyDoc_STRVAR(Core_exit_code_doc,
-"exit_code(slot, pid) -> int or None\n--\n\n"
-"How slot's worker pid ended, from the zygote's record (written before it\n"
-"reaps the worker, so that None also says the pid is not free for reuse),\n"
-"or None if it has not ended.  With the zygote gone, a worker it did not\n"
-"record was killed with it (-SIGKILL).");
+"exit_code(slot, number) -> int or None\n--\n\n"
+"How slot's worker number `number` ended, from the zygote's record (written\n"
+"before it reaps the worker, so that None also says the worker's pid is\n"
+"not free for reuse), or None if it has not ended.  With the zygote gone,\n"
+"a worker it did not record was killed with it (-SIGKILL).");
 
 static PyObject *
 Core_exit_code(Core *c, PyObject *args)
 {
-    int slot, pid;
-    if (!PyArg_ParseTuple(args, "ii:exit_code", &slot, &pid))
+    int slot, number;
+    if (!PyArg_ParseTuple(args, "ii:exit_code", &slot, &number))
         return NULL;
     if (slot < 0 || slot >= c->nslots || c->slots == NULL) {
         PyErr_Format(PyExc_ValueError, "no slot %d", slot);
@@ -2357,14 +2360,14 @@ Core_exit_code(Core *c, PyObject *args)
     }
     cp_ctl *ctl = c->slots[slot].ctl;
     uint64_t rec = cp_load_acquire(&ctl->exited);
-    if (CP_CTL_PID(rec) == (pid_t)pid)
+    if (CP_CTL_HIGH(rec) == number)
         return PyLong_FromLong(CP_CTL_LOW(rec));
     /* (A forked child has none of the pool's fds to ask with.) */
     if (c->owner == cp_self_pid() && zygote_gone(c)) {
         /* It may have written the record just before it went. */
         rec = cp_load_acquire(&ctl->exited);
-        return PyLong_FromLong(CP_CTL_PID(rec) == (pid_t)pid ?
-                               CP_CTL_LOW(rec) : -SIGKILL);
+        return PyLong_FromLong(CP_CTL_HIGH(rec) == number ? CP_CTL_LOW(rec)
+                                                          : -SIGKILL);
     }
     Py_RETURN_NONE;
 }

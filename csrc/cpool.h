@@ -160,17 +160,18 @@ typedef struct cp_ctl {
     /* The zygote's line (Pool._pool reads it, not the collector):
      * spawned: pid << 32 | number of the slot's newest worker, written when
      *   it is forked (0 from the slot's reset until then);
-     * exited: pid << 32 | (uint32_t)exit code (-signal if killed) of the
+     * exited: number << 32 | (uint32_t)exit code (-signal if killed) of the
      *   slot's last worker that ended, written BEFORE the zygote reaps it,
-     *   so that while it does not name a pid, that pid is not free for
-     *   reuse; kept across resets. */
+     *   so that while it does not name worker k, k's pid is not free for
+     *   reuse; kept across resets.  (Numbers, not pids: a later worker of
+     *   the slot may get the same pid, never the same number.) */
     _Alignas(CP_CACHELINE) uint64_t spawned;
     uint64_t exited;
     _Alignas(CP_CACHELINE) uint8_t pad[CP_CACHELINE];
 } cp_ctl;
 
-#define CP_CTL_WORD(pid, low) (((uint64_t)(uint32_t)(pid) << 32) | (uint32_t)(low))
-#define CP_CTL_PID(word) ((pid_t)((word) >> 32))
+#define CP_CTL_WORD(high, low) (((uint64_t)(uint32_t)(high) << 32) | (uint32_t)(low))
+#define CP_CTL_HIGH(word) ((int32_t)(uint32_t)((word) >> 32))
 #define CP_CTL_LOW(word) ((int32_t)(uint32_t)(word))
 
 /* CP_W_LEFT: the worker is through with Python (its output flushed, its
@@ -355,6 +356,7 @@ typedef struct cp_slot {
      * worker's exit code when the zygote reports it; proc_pid is its pid. */
     PyObject *proc;
     pid_t proc_pid;
+    int proc_number;
 } cp_slot;
 
 /* A synchronous call's mailbox, on its caller's stack while it waits. */

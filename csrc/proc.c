@@ -148,6 +148,7 @@ cp_proc_recv(int sock, cp_zmsg *m)
 typedef struct {
     pid_t pid;
     int slot;
+    int number;
 } child_t;
 
 #define MAX_CHILDREN 4096
@@ -158,6 +159,7 @@ static int n_children;
 static int n_spawned;      /* workers this zygote forked (their numbers) */
 static cp_shm *zshm;       /* the pool's slots (their ctl's zygote line) */
 static int zsfd = -1;      /* the zygote's SIGCHLD signalfd */
+static struct sigaction parent_chld;   /* the parent's SIGCHLD, for workers */
 
 /* In a worker: its number among its zygote's forks, from 1. */
 int
@@ -188,7 +190,7 @@ collect(int i, int flags, cp_zmsg *m)
         return 0;
     int code = si.si_code == CLD_EXITED ? si.si_status : -si.si_status;
     cp_store_release(&cp_shm_ctl(zshm, children[i].slot)->exited,
-                     CP_CTL_WORD(pid, code));
+                     CP_CTL_WORD(children[i].number, code));
     int st = 0;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
         ;
@@ -295,6 +297,7 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
         struct sigaction sa = {.sa_handler = ignore_signal, .sa_flags = SA_RESTART};
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGCHLD, &parent_chld, NULL);
         sigprocmask(SIG_SETMASK, oldmask, NULL);
         PyOS_AfterFork_Child();
         fn(arg, slot);   /* never returns */
@@ -307,6 +310,7 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
     } else {
         children[n_children].pid = pid;
         children[n_children].slot = slot;
+        children[n_children].number = n_spawned;
         n_children++;
         cp_store_release(&cp_shm_ctl(zshm, slot)->spawned,
                          CP_CTL_WORD(pid, n_spawned));
@@ -340,6 +344,13 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
 
     /* Ctrl-C is the parent's business: a pool's processes never see it. */
     signal(SIGINT, SIG_IGN);
+    /* The zygote reaps its workers itself: with the parent's SIGCHLD set to
+     * SIG_IGN (or SA_NOCLDWAIT), a common way to avoid zombies, the kernel
+     * would reap them and their ends would go unseen.  The workers get the
+     * parent's setting back. */
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGCHLD, &dfl, &parent_chld);
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
     sigprocmask(SIG_BLOCK, &mask, &oldmask);

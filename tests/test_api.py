@@ -968,7 +968,7 @@ def test_a_worker_object_keeps_its_deadlines(cpool_Pool):
         if child == 0:
             os._exit(0)
         os.waitpid(child, 0)
-        gone = WorkerProcess(child, 1, 0, p._core)
+        gone = WorkerProcess(child, 99, 0, p._core)
         assert not gone.is_alive() and gone.exitcode is None
         assert multiprocessing.connection.wait([gone.sentinel], 0) == [gone.sentinel]
         start = time.monotonic()
@@ -992,7 +992,7 @@ def test_a_worker_object_made_after_its_worker_ended(cpool_Pool):
         r = p.apply_async(abs, (1,), callback=lambda _: (entered.set(), release.wait(T)))
         assert entered.wait(T)
         os.kill(pid, signal.SIGKILL)
-        _until(lambda: p._core.exit_code(0, pid) is not None)
+        _until(lambda: not os.path.exists("/proc/%d" % pid))    # reaped
         (w,) = p._pool
         assert w.pid == pid and w._pidfd == -1
         assert w.exitcode == -signal.SIGKILL and not w.is_alive()

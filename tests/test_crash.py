@@ -597,6 +597,31 @@ def _buffered_env():
     return env
 
 
+def test_a_parent_that_ignores_sigchld():
+    # SIGCHLD set to SIG_IGN (a common way to avoid zombies) makes the kernel
+    # reap a process's children itself: the fork server, which inherits it,
+    # must still see its workers end.  The workers get the setting back.
+    code = """
+        import os, signal
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        from cpool import Pool
+        import helpers
+        p = Pool(2, maxtasksperchild=2)
+        assert p.map(helpers.square, range(20), chunksize=1) == [i * i for i in range(20)]
+        w = p._pool[0]
+        w.kill()
+        w.join(30)
+        assert w.exitcode == -signal.SIGKILL, w.exitcode
+        assert p.map(helpers.square, range(8), chunksize=1) == [i * i for i in range(8)]
+        assert p.apply(signal.getsignal, (signal.SIGCHLD,)) == signal.SIG_IGN
+        p.close()
+        p.join()
+        print("ok")
+    """
+    out = _run(code)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+
 @pytest.mark.parametrize("how", ["with", "terminate", "exit"])
 def test_idle_workers_leave_normally_when_the_pool_is_terminated(how, tmp_path):
     # A worker that runs no task when the pool is terminated (a with block
