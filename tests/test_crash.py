@@ -606,7 +606,11 @@ def test_a_parent_that_ignores_sigchld():
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         from cpool import Pool
         import helpers
-        p = Pool(2, maxtasksperchild=2)
+        p = Pool(2, maxtasksperchild=2)     # workers that leave, replaced
+        assert p.map(helpers.square, range(20), chunksize=1) == [i * i for i in range(20)]
+        p.close()
+        p.join()
+        p = Pool(2)
         assert p.map(helpers.square, range(20), chunksize=1) == [i * i for i in range(20)]
         w = p._pool[0]
         w.kill()
