@@ -676,10 +676,10 @@ class WorkerProcess:
     the pool's threads."""
 
     __slots__ = ("pid", "_name", "_number", "_exitcode", "_pidfd", "_closer",
-                 "_core", "_slot", "_parent_pid", "__weakref__")
+                 "_core", "_slot", "_parent_pid", "_doomed", "__weakref__")
     daemon = True
 
-    def __init__(self, pid, number, slot, core):
+    def __init__(self, pid, number, slot, core, pidfd=True):
         self.pid = pid
         self._name = "ForkPoolWorker-%d" % number
         self._number = number
@@ -687,8 +687,11 @@ class WorkerProcess:
         self._core = weakref.ref(core)
         self._slot = slot
         self._parent_pid = os.getpid()
+        # Made once the pool is terminated (pidfd=False): no pidfd and no
+        # signals, the worker has ended and its record tells how.
+        self._doomed = not pidfd
         try:
-            fd = os.pidfd_open(pid)
+            fd = os.pidfd_open(pid) if pidfd else None
         except AttributeError:
             fd = None                   # no pidfds: the record only
         except OSError as e:
@@ -761,10 +764,10 @@ class WorkerProcess:
     def sentinel(self):
         """A file descriptor that is readable once the worker has ended (its
         pidfd)."""
-        if self._pidfd is None:
-            raise ValueError("no sentinel for worker %d: this system has no "
-                             "pidfd_open()" % self.pid)
-        if self._pidfd < 0:
+        if self._pidfd is None and not self._ended():
+            raise ValueError("no sentinel for worker %d: no pidfd could be "
+                             "opened for it" % self.pid)
+        if self._pidfd is None or self._pidfd < 0:
             # Gone before it was asked about: a pipe at end of file is as
             # readable as the pidfd of an ended process.
             r, w = os.pipe()
@@ -773,7 +776,7 @@ class WorkerProcess:
         return self._pidfd
 
     def _signal(self, sig):
-        if self._ended():
+        if self._ended() or self._doomed:
             return
         try:
             if self._pidfd is not None:
@@ -790,6 +793,10 @@ class WorkerProcess:
 
     def kill(self):
         self._signal(signal.SIGKILL)
+
+    def _let_go(self):
+        if self._code() is not None and self._pidfd is not None:
+            self._set_fd(-1)
 
     def close(self):
         """Let go of its pidfd, as multiprocessing's Process.close(); the
@@ -889,6 +896,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._idle_feeders = []  # feeder threads waiting for their next call
         self._feed_threads = []  # every feeder thread started (join() joins them)
         self._feed_lock = threading.Lock()
+        self._kept_workers = []  # _pool once closed or terminated
         if processes is None:
             try:
                 processes = len(os.sched_getaffinity(0))
@@ -931,20 +939,35 @@ class Pool(_core.PoolBase, _mp.Pool):
 
     @property
     def _pool(self, _make=WorkerProcess):
-        """The live workers, as multiprocessing's list of its workers'
-        processes (WorkerProcess objects).  A worker is listed once the
-        fork server has forked it: a worker just asked for, within
-        milliseconds."""
+        """The workers, as multiprocessing's list of its workers' processes
+        (WorkerProcess objects).  While the pool runs, the live ones: a
+        worker is listed once the fork server has forked it (a worker just
+        asked for, within milliseconds).  Once the pool is closed or
+        terminated, also those it had then, ended or not."""
         core = getattr(self, "_core", None)     # None: __init__ failed
         if core is None:
             return []
-        make = functools.partial(_make, core=core)
+        # (Terminated: the workers have ended, no pidfds are needed.)
+        make = functools.partial(_make, core=core,
+                                 pidfd=self._state != TERMINATE)
         deadline = time.monotonic() + 1.0
         while True:
             procs, unknown = core.workers(make)
             if not unknown or self._state != RUN or time.monotonic() > deadline:
-                return procs
+                break
             time.sleep(0.0002)
+        if self._state == RUN:
+            return procs
+        return self._keep(procs)
+
+    def _keep(self, procs):
+        # Closed or terminated, the list is multiprocessing's: the workers
+        # the pool had then, ended or not, and any started since.
+        kept = self._kept_workers
+        for w in procs:
+            if not any(w._number == k._number for k in kept):
+                kept.append(w)
+        return list(kept)
 
     # Globals bound as defaults: __del__ may run during interpreter shutdown.
     def __del__(self, _warn=warnings.warn, RUN=RUN):
@@ -1263,6 +1286,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             return
         if self._state == RUN:
             self._state = CLOSE
+            self._pool          # noqa: B018 (kept: see _keep())
             self._dismiss_idle_feeders()
             with self._feed_lock:
                 feeding = list(self._feeders.values())
@@ -1277,6 +1301,11 @@ class Pool(_core.PoolBase, _mp.Pool):
         self._state = TERMINATE
         if os.getpid() != self._owner:
             return          # a forked child's copy (see close())
+        core = getattr(self, "_core", None)
+        if core is not None:
+            # The workers' objects made so far are kept (see _keep()); the
+            # others are made when the list is read.
+            self._keep(core.workers(None)[0])
         self._dismiss_idle_feeders()
         self._finalize_now(quiet=False)
         with self._feed_lock:
@@ -1311,3 +1340,6 @@ class Pool(_core.PoolBase, _mp.Pool):
         if _core.SANITIZED:
             me = threading.current_thread()
             _wait_os_exit([t for t in [self._collector] + feeders if t is not me])
+        # The workers' objects kept in the list hold no pidfds once ended.
+        for w in self._kept_workers:
+            w._let_go()

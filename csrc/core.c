@@ -1180,6 +1180,8 @@ proc_ended(cp_slot *s, pid_t pid, int code)
     return proc;
 }
 
+static pid_t listed_pid(cp_slot *s, int *number);
+
 static int
 wait_status_code(int status)
 {
@@ -2221,6 +2223,13 @@ Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (c->state == CORE_TERMINATED || c->state == CORE_DONE) {
         Py_RETURN_NONE;
     }
+    /* Which workers Pool._pool lists from now on (their objects are made
+     * when it is read, and told their ends by the records). */
+    for (int i = 0; i < c->nslots; i++) {
+        cp_slot *s = &c->slots[i];
+        s->final_number = 0;
+        s->final_pid = listed_pid(s, &s->final_number);
+    }
     c->quiet = quiet;
     c->state = CORE_TERMINATED;
     /* The collector fails what is unfinished and exits while we wait for the
@@ -2254,10 +2263,11 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(Core_workers_doc,
 "workers(make) -> (list, unknown)\n--\n\n"
 "Pool._pool: an object per live worker, the same one for as long as that\n"
-"worker lives, made by make(pid, number, slot) the first time; it is given\n"
-"_exitcode when the collector reads the worker's end (exit_code() tells it\n"
-"before that).  unknown counts the workers asked for that the zygote has\n"
-"not forked yet.  Empty once the pool is terminated, and in a forked child.");
+"worker lives, made by make(pid, number, slot) the first time (make None:\n"
+"only those made already); it is given _exitcode when the collector reads\n"
+"the worker's end (exit_code() tells it before that).  unknown counts the\n"
+"workers asked for that the zygote has not forked yet.  Once the pool is\n"
+"terminated: the workers it had then.  Empty in a forked child.");
 
 /* The pid of slot s's worker as far as Pool._pool is concerned (the zygote
  * writes it when it forks, before the collector reads it), and its number;
@@ -2283,20 +2293,29 @@ Core_workers(Core *c, PyObject *make)
 {
     PyObject *l = PyList_New(0);
     int unknown = 0;
-    if (c->owner != cp_self_pid() || c->state >= CORE_TERMINATED)
+    if (c->owner != cp_self_pid())
         goto done;
     for (int i = 0; l != NULL && i < c->nslots; i++) {
         cp_slot *s = &c->slots[i];
         int number = 0;
-        pid_t pid = listed_pid(s, &number);
-        if (pid <= 0) {
-            unknown += s->live && s->pid_wait && !s->death_pending;
-            continue;
+        pid_t pid;
+        if (c->state >= CORE_TERMINATED) {
+            pid = s->final_pid;     /* ended: their records tell how */
+            number = s->final_number;
+        } else {
+            pid = listed_pid(s, &number);
+            if (pid <= 0)
+                unknown += s->live && s->pid_wait && !s->death_pending;
         }
+        if (pid <= 0)
+            continue;
         PyObject *p;
         if (s->proc != NULL && s->proc_pid == pid && s->proc_number == number) {
             p = Py_NewRef(s->proc);
+        } else if (make == Py_None) {
+            continue;
         } else {
+            int ended = c->state >= CORE_TERMINATED;
             p = PyObject_CallFunction(make, "iii", (int)pid, number, i);
             if (p == NULL) {
                 Py_CLEAR(l);
@@ -2304,10 +2323,12 @@ Core_workers(Core *c, PyObject *make)
             }
             /* make() ran Python, and so maybe other threads: the collector
              * may have seen the worker go (it is not listed then, as if
-             * asked a moment later), or another reader made its object. */
+             * asked a moment later), or another reader made its object.
+             * (Once terminated, no more deaths are read: the slot keeps the
+             * object, for the same one at each reading.) */
             int again = 0;
-            if (c->state >= CORE_TERMINATED || listed_pid(s, &again) != pid ||
-                again != number) {
+            if (!ended && (c->state >= CORE_TERMINATED ||
+                           listed_pid(s, &again) != pid || again != number)) {
                 Py_DECREF(p);
                 continue;
             }

@@ -357,6 +357,9 @@ typedef struct cp_slot {
     PyObject *proc;
     pid_t proc_pid;
     int proc_number;
+    /* Its worker when the pool was terminated (0: none), for Pool._pool. */
+    pid_t final_pid;
+    int final_number;
 } cp_slot;
 
 /* A synchronous call's mailbox, on its caller's stack while it waits. */

@@ -905,6 +905,54 @@ def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
         p.join()
 
 
+@pytest.mark.parametrize("how", ["close", "terminate"])
+def test_the_pool_list_after_the_pool_ends(Pool, how):
+    # Once the pool has ended, the list still holds its workers, ended.
+    p = Pool(2)
+    try:
+        assert p.map(helpers.square, range(8)) == [i * i for i in range(8)]
+        getattr(p, how)()
+        p.join()
+        procs = p._pool
+        assert len(procs) == 2 and len({w.pid for w in procs}) == 2
+        assert not any(w.is_alive() for w in procs)
+        codes = [w.exitcode for w in procs]
+        if how == "close":
+            assert codes == [0, 0]
+        else:       # multiprocessing's: SIGTERM, or left if it was idle
+            assert all(c in (0, -signal.SIGTERM) for c in codes), codes
+        assert [w.pid for w in p._pool] == [w.pid for w in procs]
+    finally:
+        p.terminate()
+        p.join()
+
+
+def test_the_pool_list_read_only_after_terminate(cpool_Pool):
+    # Objects made after the workers ended (their pids may be others' by
+    # then) hold no pidfd and signal nothing; their records say how they
+    # ended, and their sentinels are readable.  Objects made before are
+    # the ones listed after.
+    for read_before in (False, True):
+        p = cpool_Pool(2)
+        try:
+            assert p.map(helpers.square, range(8)) == [i * i for i in range(8)]
+            before = p._pool if read_before else []
+            p.terminate()
+            p.join()
+            procs = p._pool
+            assert len(procs) == 2 and [w.exitcode for w in procs] == [0, 0]
+            assert all(a is b for a, b in zip(before, procs))
+            for w in procs:
+                assert w._doomed != read_before and not w.is_alive()
+                assert multiprocessing.connection.wait([w.sentinel], 0) == [w.sentinel]
+                w.kill()
+                w.join()
+            assert all(a is b for a, b in zip(p._pool, procs))
+        finally:
+            p.terminate()
+            p.join()
+
+
 def test_the_pool_list_read_from_a_callback(cpool_Pool):
     # cpool only (multiprocessing's threads race a join, as above).  A
     # callback runs on the thread that reads the workers' exits: what it
