@@ -953,7 +953,8 @@ class Pool(_core.PoolBase, _mp.Pool):
         deadline = time.monotonic() + 1.0
         while True:
             procs, unknown = core.workers(make)
-            if not unknown or self._state != RUN or time.monotonic() > deadline:
+            if (not unknown or self._state == TERMINATE
+                    or time.monotonic() > deadline):
                 break
             time.sleep(0.0002)
         if self._state == RUN:

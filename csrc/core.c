@@ -2229,6 +2229,9 @@ Core_terminate(Core *c, PyObject *const *args, Py_ssize_t nargs)
         cp_slot *s = &c->slots[i];
         s->final_number = 0;
         s->final_pid = listed_pid(s, &s->final_number);
+        /* A worker asked for and not forked yet: if the zygote forks it
+         * before it sees the KILL, its `spawned` word tells (see below). */
+        s->final_wait = s->final_pid <= 0 && s->live && s->pid_wait;
     }
     c->quiet = quiet;
     c->state = CORE_TERMINATED;
@@ -2302,6 +2305,11 @@ Core_workers(Core *c, PyObject *make)
         if (c->state >= CORE_TERMINATED) {
             pid = s->final_pid;     /* ended: their records tell how */
             number = s->final_number;
+            if (pid <= 0 && s->final_wait) {
+                uint64_t w = cp_load_acquire(&s->ctl->spawned);
+                number = CP_CTL_LOW(w);
+                pid = (pid_t)CP_CTL_HIGH(w);
+            }
         } else {
             pid = listed_pid(s, &number);
             if (pid <= 0)

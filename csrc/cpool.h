@@ -360,6 +360,7 @@ typedef struct cp_slot {
     /* Its worker when the pool was terminated (0: none), for Pool._pool. */
     pid_t final_pid;
     int final_number;
+    int final_wait;        /* or its spawn was asked for, not answered */
 } cp_slot;
 
 /* A synchronous call's mailbox, on its caller's stack while it waits. */
