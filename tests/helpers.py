@@ -515,3 +515,16 @@ def pipe_handshake(w, r):
     os.write(w, b"x")
     os.read(r, 1)
     return 1
+
+
+def meet(path, n=2):
+    """Wait (up to 60 s) until n tasks run at once, each in its own worker:
+    map(functools.partial(meet, path), range(n), chunksize=1) returns once
+    n workers have started.  path: an empty directory."""
+    open(os.path.join(path, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(path)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("only %d of %d workers met" % (len(os.listdir(path)), n))
+        time.sleep(0.001)
+    return os.getpid()

@@ -880,7 +880,7 @@ def test_a_worker_killed_through_the_pool_list_is_replaced(cpool_Pool):
 
 
 @pytest.mark.parametrize("how", ["maxtasksperchild", "close", "terminate"])
-def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
+def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how, tmp_path):
     # cpool only: multiprocessing's own threads reap its workers, and a
     # join() or exitcode from another thread races with them (the loser's
     # waitpid() fails, and its Process keeps exitcode None).
@@ -890,6 +890,9 @@ def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
         procs = p._pool
         assert len(procs) == n
         assert p.map(helpers.square, range(4), chunksize=1) == [0, 1, 4, 9]
+        if how == "terminate":      # both started (one starting is killed)
+            assert len(set(p.map(functools.partial(helpers.meet, str(tmp_path)),
+                                 range(2), chunksize=1))) == 2
         if how == "close":
             p.close()
         elif how == "terminate":
@@ -898,7 +901,8 @@ def test_the_pool_list_tells_how_workers_ended(cpool_Pool, how):
             w.join(T)
             assert not w.is_alive()
         # Idle when the pool is terminated, they leave as after close()
-        # (see test_crash's test_idle_workers_leave_normally...).
+        # (see test_crash's test_idle_workers_leave_normally...); one still
+        # starting would be killed.
         assert [w.exitcode for w in procs] == [0] * n
     finally:
         p.terminate()
@@ -919,23 +923,27 @@ def test_the_pool_list_after_the_pool_ends(Pool, how):
         codes = [w.exitcode for w in procs]
         if how == "close":
             assert codes == [0, 0]
-        else:       # multiprocessing's: SIGTERM, or left if it was idle
-            assert all(c in (0, -signal.SIGTERM) for c in codes), codes
+        else:       # SIGTERM (multiprocessing), or SIGKILL (cpool, for a
+            # worker still starting: an idle one leaves, see below)
+            assert all(c in (0, -signal.SIGTERM, -signal.SIGKILL) for c in codes), codes
         assert [w.pid for w in p._pool] == [w.pid for w in procs]
     finally:
         p.terminate()
         p.join()
 
 
-def test_the_pool_list_read_only_after_terminate(cpool_Pool):
+def test_the_pool_list_read_only_after_terminate(cpool_Pool, tmp_path):
     # Objects made after the workers ended (their pids may be others' by
     # then) hold no pidfd and signal nothing; their records say how they
     # ended, and their sentinels are readable.  Objects made before are
     # the ones listed after.
     for read_before in (False, True):
         p = cpool_Pool(2)
+        meet = functools.partial(helpers.meet, str(tmp_path / str(read_before)))
+        os.mkdir(meet.args[0])
         try:
-            assert p.map(helpers.square, range(8)) == [i * i for i in range(8)]
+            # Both started, and idle at terminate(): they leave (exit code 0).
+            assert len(set(p.map(meet, range(2), chunksize=1))) == 2
             before = p._pool if read_before else []
             p.terminate()
             p.join()
