@@ -517,7 +517,7 @@ def pipe_handshake(w, r):
     return 1
 
 
-def meet(path, n=2):
+def meet(path, _item=None, n=2):
     """Wait (up to 60 s) until n tasks run at once, each in its own worker:
     map(functools.partial(meet, path), range(n), chunksize=1) returns once
     n workers have started.  path: an empty directory."""
