@@ -747,18 +747,15 @@ class WorkerProcess:
     def join(self, timeout=None):
         assert self._parent_pid == os.getpid(), 'can only join a child process'
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._pidfd is None:                 # no pidfds: poll the record
-            while self._code() is None and (
-                    deadline is None or time.monotonic() < deadline):
-                time.sleep(0.005)
+        if self._pidfd is not None and not self._ended(timeout):
             return
-        if not self._ended(timeout):
-            return
-        # Ended: the fork server records its exit code as it reaps it, at
-        # once (it runs no Python, and waits for nothing else).
+        # Ended (with a pidfd), the fork server records its exit code as it
+        # reaps it, at once: it runs no Python, and waits for nothing else.
+        # Without one, the record is all there is to wait for.
+        pause = 0.005 if self._pidfd is None else 0.0002
         while self._code() is None and (
                 deadline is None or time.monotonic() < deadline):
-            time.sleep(0.0002)
+            time.sleep(pause)
 
     @property
     def sentinel(self):

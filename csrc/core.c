@@ -2272,6 +2272,16 @@ PyDoc_STRVAR(Core_workers_doc,
 "workers asked for that the zygote has not forked yet.  Once the pool is\n"
 "terminated: the workers it had then.  Empty in a forked child.");
 
+/* The pid and number of the worker the zygote last forked for slot s (0 if
+ * none since the slot's reset). */
+static pid_t
+spawned_pid(cp_slot *s, int *number)
+{
+    uint64_t w = cp_load_acquire(&s->ctl->spawned);
+    *number = CP_CTL_LOW(w);
+    return (pid_t)CP_CTL_HIGH(w);
+}
+
 /* The pid of slot s's worker as far as Pool._pool is concerned (the zygote
  * writes it when it forks, before the collector reads it), and its number;
  * 0 if none or its death is known. */
@@ -2284,11 +2294,7 @@ listed_pid(cp_slot *s, int *number)
         *number = s->number;
         return s->pid;
     }
-    if (!s->pid_wait)
-        return 0;
-    uint64_t w = cp_load_acquire(&s->ctl->spawned);
-    *number = CP_CTL_LOW(w);
-    return (pid_t)CP_CTL_HIGH(w);
+    return s->pid_wait ? spawned_pid(s, number) : 0;
 }
 
 static PyObject *
@@ -2305,11 +2311,8 @@ Core_workers(Core *c, PyObject *make)
         if (c->state >= CORE_TERMINATED) {
             pid = s->final_pid;     /* ended: their records tell how */
             number = s->final_number;
-            if (pid <= 0 && s->final_wait) {
-                uint64_t w = cp_load_acquire(&s->ctl->spawned);
-                number = CP_CTL_LOW(w);
-                pid = (pid_t)CP_CTL_HIGH(w);
-            }
+            if (pid <= 0 && s->final_wait)
+                pid = spawned_pid(s, &number);
         } else {
             pid = listed_pid(s, &number);
             if (pid <= 0)
