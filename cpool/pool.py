@@ -671,8 +671,8 @@ class WorkerProcess:
     multiprocessing.active_children()).  A pidfd tells whether it runs and
     carries its signals (so that they cannot reach another process that
     reuses the pid); its exit code is the one the fork server records when
-    it reaps it (-signal if killed, as multiprocessing's: terminate() kills
-    with SIGKILL), read from the pool's shared memory: neither depends on
+    it reaps it (-signal if killed, as multiprocessing's: terminate() sends
+    SIGTERM), read from the pool's shared memory: neither depends on
     the pool's threads."""
 
     __slots__ = ("pid", "_name", "_number", "_exitcode", "_pidfd", "_closer",

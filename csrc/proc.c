@@ -25,10 +25,10 @@
  *
  * Lifetimes:
  *   - the zygote watches its socket to the parent: EOF means the parent is
- *     gone (however it died), and the zygote SIGKILLs every worker and exits.
- *     A socket is used rather than PR_SET_PDEATHSIG because the death signal
- *     follows the parent *thread* that forked, and a Pool may be built in a
- *     short-lived thread;
+ *     gone (however it died), and the zygote ends every worker and exits
+ *     (kill_all_and_exit).  A socket is used rather than PR_SET_PDEATHSIG
+ *     because the death signal follows the parent *thread* that forked, and
+ *     a Pool may be built in a short-lived thread;
  *   - workers set PR_SET_PDEATHSIG(SIGKILL) (their parent, the zygote, has a
  *     single thread), then check getppid() to close the race with its death.
  */
@@ -153,6 +153,7 @@ typedef struct {
 
 #define MAX_CHILDREN 4096
 #define LEAVE_GRACE_MS 100
+#define TERM_GRACE_MS 100
 
 static child_t children[MAX_CHILDREN];
 static int n_children;
@@ -200,49 +201,70 @@ collect(int i, int flags, cp_zmsg *m)
     return 1;
 }
 
-/* Kill every worker, record how each ended (those that had left on their
- * own too: the idle workers terminate() lets go), and exit.  The reports go
- * to the parent while its socket takes them without blocking (sock < 0:
- * none); the records in the slots are what counts. */
-/* Is child i through with everything but its _exit() (CP_W_LEFT), and
- * not gone yet? */
+/* Is child i still there (not exited)? */
 static int
-leaving(int i)
+running(int i)
 {
-    if (cp_load_acquire(&cp_shm_ctl(zshm, children[i].slot)->state) != CP_W_LEFT)
-        return 0;
     siginfo_t si;
     memset(&si, 0, sizeof si);
     return waitid(P_PID, (id_t)children[i].pid, &si,
                   WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == 0;
 }
 
-static void
-kill_all_and_exit(int sock)
+/* Is child i through with everything but its _exit() (CP_W_LEFT), and
+ * not gone yet? */
+static int
+leaving(int i)
 {
-    /* A worker that is leaving on its own (the idle ones terminate() lets
-     * go) is a few instructions from its exit: let it get there, within
-     * LEAVE_GRACE_MS, so that its exit code is its own, not the kill's. */
+    return cp_load_acquire(&cp_shm_ctl(zshm, children[i].slot)->state) == CP_W_LEFT &&
+           running(i);
+}
+
+/* Wait, woken by SIGCHLD, until no child is still `busy(i)`, for at most
+ * ms milliseconds. */
+static void
+wait_while(int (*busy)(int), int ms)
+{
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    int64_t until_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 +
-                       LEAVE_GRACE_MS;
+    int64_t until_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 + ms;
     for (;;) {
         int any = 0;
         for (int i = 0; i < n_children && !any; i++)
-            any = leaving(i);
+            any = busy(i);
         clock_gettime(CLOCK_MONOTONIC, &now);
         int64_t left = until_ms - ((int64_t)now.tv_sec * 1000 +
                                    now.tv_nsec / 1000000);
         if (!any || left <= 0 || zsfd < 0)
-            break;
-        /* Woken by its SIGCHLD. */
+            return;
         struct pollfd p = {.fd = zsfd, .events = POLLIN};
         poll(&p, 1, (int)left);
         struct signalfd_siginfo si;
         while (read(zsfd, &si, sizeof si) > 0)
             ;
     }
+}
+
+/*
+ * End every worker, record how each ended (those that had left on their
+ * own too: the idle workers terminate() lets go), and exit.
+ *
+ * A worker that is leaving on its own is a few instructions from its exit:
+ * it gets there, within LEAVE_GRACE_MS, so that its exit code is its own.
+ * The others get SIGTERM, as multiprocessing's terminate() sends, and
+ * SIGKILL if they are still there TERM_GRACE_MS later (a task's handler
+ * that ignores SIGTERM must not hang the pool).
+ *
+ * The reports go to the parent while its socket takes them without
+ * blocking (sock < 0: none); the records in the slots are what counts.
+ */
+static void
+kill_all_and_exit(int sock)
+{
+    wait_while(leaving, LEAVE_GRACE_MS);
+    for (int i = 0; i < n_children; i++)
+        kill(children[i].pid, SIGTERM);
+    wait_while(running, TERM_GRACE_MS);
     for (int i = 0; i < n_children; i++)
         kill(children[i].pid, SIGKILL);
     while (n_children > 0) {

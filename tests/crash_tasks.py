@@ -108,6 +108,16 @@ def c_sleep(seconds):
     time.sleep(seconds)
 
 
+def ignore_sigterm_then_wait(started_path, seconds):
+    # A task that shrugs off SIGTERM: multiprocessing's terminate() would
+    # wait for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(started_path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(started_path + ".tmp", started_path)
+    time.sleep(seconds)
+
+
 def big_result_then_die(n):
     # Start writing a result far larger than a ring and get killed midway.
     t = threading.Timer(0.005, os.kill, (os.getpid(), signal.SIGKILL))

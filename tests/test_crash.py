@@ -1,5 +1,6 @@
 """Never hang, never lose a task: worker deaths, failures at every step of a
 task's trip, parent death, Ctrl-C, terminate, lazy imap (cpool only)."""
+import functools
 import gc
 import itertools
 import os
@@ -208,6 +209,39 @@ def test_terminate_is_prompt_with_stuck_workers_and_many_pending():
     for r in stuck + pending[-3:]:
         with pytest.raises(PoolTerminatedError):
             r.get(timeout=1)
+
+
+def test_terminate_kills_a_worker_that_ignores_sigterm(tmp_path):
+    # terminate() sends SIGTERM, as multiprocessing's does, then SIGKILL to a
+    # worker still there a moment later; the idle worker leaves with 0.
+    p = Pool(2)
+    try:
+        met = tmp_path / "met"
+        met.mkdir()
+        # both workers up and through a task, so the idle one is ready
+        assert len(set(p.map(functools.partial(helpers.meet, str(met)), range(2),
+                             chunksize=1))) == 2
+        started = str(tmp_path / "started")
+        r = p.apply_async(T.ignore_sigterm_then_wait, (started, 60))
+        helpers.wait_for_path(started, 30)
+        with open(started) as f:
+            stubborn = int(f.read())
+        procs = list(p._pool)
+        assert len(procs) == 2
+        assert stubborn in [w.pid for w in procs]
+        t0 = time.monotonic()
+        p.terminate()
+        p.join()
+        took = time.monotonic() - t0
+    finally:
+        p.terminate()
+        p.join()
+    assert took < 1.0, took
+    codes = {w.pid: w.exitcode for w in procs}
+    assert codes.pop(stubborn) == -signal.SIGKILL
+    assert list(codes.values()) == [0]
+    with pytest.raises(PoolTerminatedError):
+        r.get(timeout=1)
 
 
 def test_death_mid_write_does_not_disturb_other_workers(pool):
