@@ -188,6 +188,12 @@ def write_markdown(path, header, rows, pool_names, skipped, repeat):
         "fresh Python process per repetition (numpy imported, one untimed run first), "
         "since what other pools' libraries leave in the benchmark process slows every "
         "pool's fork.",
+        "- The other large-payload rows use a new pool per repetition in the benchmark "
+        "process, which has had pools before: cpool's new pool takes over the warm "
+        "shared memory of its last pool there (at most 256 MiB, `CPOOL_ARENA_CARRY`). "
+        "The \"first pool of a process\" rows are measured in a fresh process per "
+        "repetition whose untimed first run is a few tiny `apply()` calls, so their "
+        "transfer is the process's first and every page it touches is new.",
         "- Each repetition starts from a collected heap (`gc.collect()`), and a "
         "workload's inputs are dropped before the next workload; collection stays on.",
         "- The map and starmap rows use each pool's default chunk size: cpool cuts 16 "

@@ -138,13 +138,9 @@ cp_arena_ref(cp_arena *a)
     a->refs++;
 }
 
-/* Drop a reference; the last one unmaps.  (Callers hold the GIL, or are the
- * only thread.) */
-void
-cp_arena_unref(cp_arena *a)
+static void
+destroy(cp_arena *a)
 {
-    if (a == NULL || --a->refs > 0)
-        return;
     if (a->base != NULL)
         munmap(a->base, a->size);
     if (a->fd >= 0)
@@ -152,6 +148,138 @@ cp_arena_unref(cp_arena *a)
     free(a->part_slot);
     free(a->part_live);
     free(a);
+}
+
+/*
+ * Carrying over.  A pool made per batch (`with Pool() as p:` in a loop)
+ * would copy its first large argument into fresh shared pages, at several
+ * times the cost of a copy into warm ones.  So when a pool is gone, with
+ * every process of it reaped, its arena keeps up to CP_ARENA_CARRY bytes
+ * (CPOOL_ARENA_CARRY) of its populated pages, and once the last array of it
+ * the user held is gone too, it waits here for the process's next pool of
+ * the same size, which adopts it.  Only in the process that made it: a
+ * forked child forgets it (the pages are the parent's).
+ */
+static cp_arena *parked;
+static int park_atfork;
+
+/* A parked arena's pages are nobody's but this process's: give them back
+ * (a forked child's mapping would keep the memfd's pages otherwise). */
+static void
+empty_and_destroy(cp_arena *a)
+{
+    madvise(a->base, a->size, MADV_REMOVE);
+    destroy(a);
+}
+
+static void
+forget_parked(void)
+{
+    parked = NULL;
+}
+
+/* What is populated of partition p, or may be: up to its break or its
+ * warm mark, within what is ever kept.  (The header is the owner's, maybe
+ * a dead worker's; it only bounds what is kept.) */
+static uint64_t
+part_extent(cp_arena *a, int p)
+{
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    uint64_t e = cp_load_relaxed(&h->brk), w = cp_load_relaxed(&h->warm);
+    if (w > e)
+        e = w;
+    if (e > CP_ARENA_KEEP)
+        e = CP_ARENA_KEEP;
+    if (e > a->part_size)
+        e = a->part_size;
+    return round_up(e, PAGE);
+}
+
+/* Empty partition p beyond what the carry-over budget still allows. */
+static void
+trim_part(cp_arena *a, int p)
+{
+    uint64_t keep = part_extent(a, p);
+    if (keep > a->carry_left)
+        keep = a->carry_left & ~(uint64_t)(PAGE - 1);
+    a->carry_left -= keep;
+    if (keep < a->part_size)
+        madvise(part_base(a, p) + keep, a->part_size - keep, MADV_REMOVE);
+    if (p == 0) {
+        uint64_t w = cp_load_relaxed(&((cp_part_hdr *)part_base(a, 0))->warm);
+        a->args_warm = w < keep ? w & ~(uint64_t)(PAGE - 1) : keep;
+    }
+}
+
+static uint64_t
+carry_budget(void)
+{
+    const char *env = getenv("CPOOL_ARENA_CARRY");
+    return env != NULL ? strtoull(env, NULL, 10) : CP_ARENA_CARRY;
+}
+
+/* Drop a reference; the last one unmaps, or parks a closed arena that
+ * kept pages for the next pool (the one parked before is emptied). */
+void
+cp_arena_unref(cp_arena *a)
+{
+    if (a == NULL || --a->refs > 0)
+        return;
+    if (a->closed && a->pid == getpid() && a->carry_left < a->carry) {
+        cp_arena_drop_parked();
+        if (!park_atfork)
+            park_atfork = pthread_atfork(NULL, NULL, forget_parked) == 0;
+        if (park_atfork) {
+            parked = a;
+            return;
+        }
+        empty_and_destroy(a);
+        return;
+    }
+    destroy(a);
+}
+
+/* Parent, making a pool: the arena parked by the last one, if it has this
+ * geometry (refs 1, partition 0's warm mark to be set by its format), else
+ * NULL (and one parked of another size is emptied and dropped). */
+cp_arena *
+cp_arena_adopt(int nparts, uint64_t part_size)
+{
+    cp_arena *a = parked;
+    if (a == NULL)
+        return NULL;
+    parked = NULL;
+    if (a->pid != getpid())
+        return NULL;            /* the parent's (a fork without the hooks) */
+    if (a->nparts != nparts || a->part_size != part_size) {
+        empty_and_destroy(a);
+        return NULL;
+    }
+    a->refs = 1;
+    a->closed = 0;
+    a->carry = a->carry_left = 0;
+    for (int p = 0; p < nparts; p++) {
+        a->part_slot[p] = CP_PART_FREE;
+        a->part_live[p] = 0;
+    }
+    return a;
+}
+
+/* Empty and drop the parked arena, if any. */
+void
+cp_arena_drop_parked(void)
+{
+    cp_arena *a = parked;
+    parked = NULL;
+    if (a != NULL && a->pid == getpid())
+        empty_and_destroy(a);
+}
+
+/* The bytes the parked arena keeps populated (0: none is parked). */
+uint64_t
+cp_arena_carried(void)
+{
+    return parked != NULL ? parked->carry - parked->carry_left : 0;
 }
 
 /* Make partition p empty, with allocations below `limit` bytes.  Only while
@@ -164,7 +292,12 @@ cp_arena_format(cp_arena *a, int p, uint64_t limit)
     h->id = (uint32_t)p;
     h->brk = PART_HDR;
     h->limit = limit < a->part_size ? limit : a->part_size;
-    cp_store_relaxed(&h->warm, (uint64_t)PART_HDR);
+    /* Partition 0 of an arena carried over is still mapped in the parent,
+     * its owner, as far as it was kept. */
+    uint64_t warm = p == 0 && a->args_warm > PART_HDR ? a->args_warm : PART_HDR;
+    cp_store_relaxed(&h->warm, warm);
+    if (p == 0)
+        a->args_warm = 0;
 }
 
 static cp_blk *
@@ -381,25 +514,33 @@ void
 cp_arena_unlive(cp_arena *a, int p)
 {
     if (--a->part_live[p] == 0 && a->part_slot[p] == CP_PART_RETIRED) {
-        madvise(part_base(a, p), a->part_size, MADV_REMOVE);
+        if (a->closed)
+            trim_part(a, p);
+        else
+            madvise(part_base(a, p), a->part_size, MADV_REMOVE);
         a->part_slot[p] = CP_PART_FREE;
     }
 }
 
-/* Parent: the pool is gone.  Every partition is retired: those without
- * arrays the user still holds are emptied now, the others when their last
- * array goes (cp_arena_unlive); the mapping lasts as long as a reference. */
+/* Parent: the pool is gone; `clean`: with every process of it reaped (none
+ * can write to the arena any more).  Every partition is retired: those
+ * without arrays the user still holds are emptied now, the others when
+ * their last array goes (cp_arena_unlive), but for what a clean arena keeps
+ * to carry over (see above); the mapping lasts as long as a reference. */
 void
-cp_arena_close(cp_arena *a)
+cp_arena_close(cp_arena *a, int clean)
 {
-    if (a->pid == getpid())
+    if (a->pid == getpid()) {
+        a->closed = 1;
+        a->carry = a->carry_left = clean ? carry_budget() : 0;
         for (int p = 0; p < a->nparts; p++) {
             a->part_slot[p] = CP_PART_RETIRED;
             if (a->part_live[p] == 0) {
-                madvise(part_base(a, p), a->part_size, MADV_REMOVE);
+                trim_part(a, p);
                 a->part_slot[p] = CP_PART_FREE;
             }
         }
+    }
     cp_arena_unref(a);
 }
 

@@ -1328,6 +1328,7 @@ reap_zygote(Core *c, int timeout_ms)
 {
     if (c->zpid <= 0)
         return;
+    int st = -1;
     Py_BEGIN_ALLOW_THREADS
     if (c->zpidfd >= 0) {
         struct pollfd p = {.fd = c->zpidfd, .events = POLLIN};
@@ -1342,9 +1343,12 @@ reap_zygote(Core *c, int timeout_ms)
     }
     pid_t z = c->zpid;
     c->zpid = 0;     /* before the wait: it is ours to reap, once */
-    while (waitpid(z, NULL, 0) < 0 && errno == EINTR)
+    while (waitpid(z, &st, 0) < 0 && errno == EINTR)
         ;
     Py_END_ALLOW_THREADS
+    /* The zygote exits 0 only once it has reaped every worker: then no
+     * process of the pool is left to write to its shared memory. */
+    c->all_reaped = st == 0;
 }
 
 static void
@@ -2495,7 +2499,8 @@ arena_setup(Core *c)
     while (part > (UINT64_C(64) << 20) &&
            part * (uint64_t)nparts > (UINT64_C(512) << 30))
         part >>= 1;
-    if (cp_arena_create(&c->arena, nparts, part) < 0) {
+    c->arena = cp_arena_adopt(nparts, part);
+    if (c->arena == NULL && cp_arena_create(&c->arena, nparts, part) < 0) {
         c->arena = NULL;
         return;
     }
@@ -2689,7 +2694,7 @@ Core_dealloc(Core *c)
     c->slots = NULL;
     cp_shm_destroy(&c->shm);
     if (c->arena != NULL) {
-        cp_arena_close(c->arena);
+        cp_arena_close(c->arena, c->owner == getpid() && c->all_reaped);
         c->arena = NULL;
     }
     Core_clear(c);

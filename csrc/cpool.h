@@ -234,7 +234,15 @@ typedef struct cp_arena {
     pid_t pid;           /* the parent, which created it */
     int32_t *part_slot;  /* parent only: what each partition is for */
     uint64_t *part_live; /* parent only: blocks it wraps, per partition */
+    int closed;          /* its pool is gone (cp_arena_close) */
+    uint64_t carry;      /* closed: populated bytes it may keep for the next */
+    uint64_t carry_left; /* pool (0 if it keeps none), and what is left */
+    uint64_t args_warm;  /* carried over: partition 0's warm mark */
 } cp_arena;
+
+/* The last pool's arena is carried over to the next pool of the process
+ * with this much of its pages kept populated, at most (CPOOL_ARENA_CARRY). */
+#define CP_ARENA_CARRY (UINT64_C(256) << 20)
 
 int cp_arena_create(cp_arena **out, int nparts, uint64_t part_size);
 void cp_arena_ref(cp_arena *a);
@@ -250,7 +258,10 @@ void cp_arena_drop(cp_blk *b, int unclaimed);
 void cp_arena_forget_holder(cp_arena *a, int p, pid_t pid);
 int cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit);
 void cp_arena_unlive(cp_arena *a, int p);
-void cp_arena_close(cp_arena *a);
+void cp_arena_close(cp_arena *a, int clean);
+cp_arena *cp_arena_adopt(int nparts, uint64_t part_size);
+uint64_t cp_arena_carried(void);
+void cp_arena_drop_parked(void);
 void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm,
                     uint64_t *busy, uint64_t *nbusy);
 void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);
@@ -390,6 +401,7 @@ typedef struct Core {
     uint64_t zcheck_ns;    /* when the collector last read the zygote */
     int zpidfd;
     pid_t zpid;
+    int all_reaped;        /* the zygote exited 0: every worker was reaped */
     int state;             /* CORE_* */
     int quiet;             /* terminated at interpreter exit: unfinished
                               results fail without waking their waiters or

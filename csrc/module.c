@@ -507,7 +507,26 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+static PyObject *
+arena_carried(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(arg))
+{
+    return PyLong_FromUnsignedLongLong(cp_arena_carried());
+}
+
+static PyObject *
+drop_carried_arena(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(arg))
+{
+    cp_arena_drop_parked();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"drop_carried_arena", drop_carried_arena, METH_NOARGS,
+     "drop_carried_arena(): give back the pages the last pool's arena keeps for\n"
+     "the next pool (see arena_carried)."},
+    {"arena_carried", arena_carried, METH_NOARGS,
+     "arena_carried() -> the bytes of shared memory the last pool's arena keeps\n"
+     "populated for the next pool of this process (0: none)."},
     {"encode_plain", (PyCFunction)(void (*)(void))cp_codec_encode_plain_py, METH_FASTCALL,
      "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
      "(or its encoding exceeds max_bytes)."},

@@ -96,6 +96,17 @@ def pool():
     p.join()
 
 
+@pytest.fixture
+def fresh_pool():
+    """A pool with an arena of its own (not one carried over)."""
+    from cpool import Pool
+    nothing_carried()
+    p = Pool(2)
+    yield p
+    p.terminate()
+    p.join()
+
+
 def arena_mapped():
     with open("/proc/self/maps") as f:
         return "cpool-arena" in f.read()
@@ -183,9 +194,10 @@ def test_blocks_are_reused(pool):
     wait_for(lambda: args_busy(pool) == (0, 0))
 
 
-def test_results_outlive_the_pool():
+def test_results_outlive_the_pool(monkeypatch):
     from cpool import Pool
-    gc.collect()
+    monkeypatch.setenv("CPOOL_ARENA_CARRY", "0")     # nothing carried over
+    nothing_carried()
     assert not arena_mapped()
     with Pool(2) as p:
         outs = [p.apply(make, (N8, float(k))) for k in range(3)]
@@ -406,10 +418,11 @@ def pattern(nbytes, seed):
     return rng.integers(0, 256, nbytes, dtype=np.uint8)
 
 
-def test_fresh_and_warm_pages_are_filled_exactly(pool):
+def test_fresh_and_warm_pages_are_filled_exactly(fresh_pool):
     # Blocks landing on fresh pages (prepared, then copied: by two threads
     # past 16 MiB, split at a page boundary inside odd lengths), on pages a
     # block used before, and across the edge between the two.
+    pool = fresh_pool
     first = pattern(20 * MiB + 123, 1)
     assert warm_mark(pool) <= 4096                 # nothing populated yet
     assert pool.apply(digest, (first,)) == digest(first)
@@ -437,3 +450,183 @@ def test_results_fill_the_workers_partitions_exactly(pool):
         assert (out == make_pattern(n, seed)).all()
     used = [warm for use, _, _, _, _, warm in info(pool) if isinstance(use, int)]
     assert max(used) >= 2 * MiB * 8     # a result partition's pages, recorded
+
+
+# ------------------------------------------------------------ carrying over
+
+def carried():
+    from cpool import _core
+    return _core.arena_carried()
+
+
+def arena_files():
+    """{inode: bytes allocated} of the arena memory files this process holds."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+            if target.startswith("/memfd:cpool-arena"):
+                st = os.fstat(int(fd))
+                out[st.st_ino] = st.st_blocks * 512
+        except OSError:             # the listing's own fd, gone meanwhile
+            continue
+    return out
+
+
+def nothing_carried():
+    """Let go of the pools gone (whose arenas may be parked), then of the
+    arena parked."""
+    from cpool import _core
+    gc.collect()
+    _core.drop_carried_arena()
+
+
+def ended(pool):
+    pool.terminate()
+    pool.join()
+    gc.collect()
+
+
+def test_the_next_pool_adopts_the_last_pools_warm_arena():
+    from cpool import Pool
+    nothing_carried()
+    before = set(arena_files())
+    a = pattern(24 * MiB + 5, 7)
+    p = Pool(2)
+    assert p.apply(digest, (a,)) == digest(a)
+    out = p.apply(make_pattern, (2 * MiB, 3))
+    (ino,) = set(arena_files()) - before
+    del p
+    gc.collect()            # (the pool was not ended: that is done here)
+    # A result array still holds the old arena: nothing is parked yet.
+    assert carried() == 0
+    assert (out == make_pattern(2 * MiB, 3)).all()
+    del out
+    gc.collect()
+    kept = carried()
+    assert 24 * MiB <= kept <= 24 * MiB + 16 * MiB + 3 * 4096 + (1 << 16)
+    assert 24 * MiB <= arena_files()[ino] <= kept + 3 * 4096
+    q = Pool(2)
+    try:
+        assert carried() == 0                       # taken
+        assert ino in arena_files() and set(arena_files()) - before == {ino}
+        assert warm_mark(q) >= 24 * MiB             # still mapped here
+        # Over the old contents and past them, arguments and results alike.
+        b = pattern(30 * MiB + 3, 8)
+        assert q.apply(digest, (b,)) == digest(b)
+        c = q.apply(make_pattern, (3 * MiB + 1, 9))
+        assert (c == make_pattern(3 * MiB + 1, 9)).all()
+        del c
+    finally:
+        ended(q)
+    del q
+    gc.collect()
+    assert carried() >= 30 * MiB
+
+
+def test_carried_memory_is_bounded(monkeypatch):
+    from cpool import Pool
+    nothing_carried()
+    before = set(arena_files())
+    monkeypatch.setenv("CPOOL_ARENA_CARRY", str(8 * MiB))
+    p = Pool(2)
+    a = pattern(24 * MiB, 1)
+    assert p.apply(digest, (a,)) == digest(a)
+    assert len(p.apply(make_pattern, (2 * MiB, 3))) == 2 * MiB
+    (ino,) = set(arena_files()) - before
+    ended(p)
+    del p
+    gc.collect()
+    assert 0 < carried() <= 8 * MiB
+    assert arena_files()[ino] <= 8 * MiB
+    # Nothing at all: the arena goes with the pool.
+    monkeypatch.setenv("CPOOL_ARENA_CARRY", "0")
+    q = Pool(2)
+    assert q.apply(digest, (a,)) == digest(a)
+    ended(q)
+    del q
+    gc.collect()
+    assert carried() == 0
+    assert set(arena_files()) == before
+
+
+def test_a_pool_of_another_size_gives_the_carried_arena_back():
+    from cpool import Pool
+    nothing_carried()
+    before = set(arena_files())
+    p = Pool(2)
+    a = pattern(4 * MiB, 1)
+    assert p.apply(digest, (a,)) == digest(a)
+    ended(p)
+    del p
+    gc.collect()
+    assert carried() >= 4 * MiB
+    q = Pool(3)
+    try:
+        assert carried() == 0
+        assert len(set(arena_files()) - before) == 1    # its own, new one
+        assert q.apply(digest, (a,)) == digest(a)
+    finally:
+        ended(q)
+
+
+def carried_in_a_child(path):
+    """In a forked child: what is carried, then a pool of its own."""
+    from cpool import Pool
+    got = [carried()]
+    with Pool(2) as p:
+        a = pattern(4 * MiB, 5)
+        got.append(p.apply(digest, (a,)) == digest(a))
+    p.join()
+    with open(path, "w") as f:
+        f.write(repr(got))
+
+
+def test_a_forked_child_leaves_the_parents_carried_arena_alone(tmp_path):
+    from cpool import Pool
+    nothing_carried()
+    p = Pool(2)
+    a = pattern(12 * MiB, 2)
+    assert p.apply(digest, (a,)) == digest(a)
+    before = set(arena_files())
+    ended(p)
+    del p
+    gc.collect()
+    kept = carried()
+    (ino,) = set(arena_files()) & before
+    held = arena_files()[ino]
+    assert kept >= 12 * MiB and held >= 12 * MiB
+    pid = os.fork()
+    if pid == 0:                                # pragma: no cover (child)
+        code = 1
+        try:
+            carried_in_a_child(str(tmp_path / "child"))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child").read_text() == "[0, True]"
+    assert carried() == kept and arena_files()[ino] == held
+    q = Pool(2)
+    try:
+        assert carried() == 0 and ino in arena_files()
+        assert q.apply(digest, (a,)) == digest(a)
+    finally:
+        ended(q)
+
+
+def test_a_pool_not_all_reaped_carries_nothing():
+    # Its fork server killed, its workers die by their death signal,
+    # unreaped by it: the arena is not kept for another pool.
+    import signal
+    from cpool import Pool
+    nothing_carried()
+    p = Pool(2)
+    a = pattern(4 * MiB, 3)
+    assert p.apply(digest, (a,)) == digest(a)
+    os.kill(p._core.zygote_pid, signal.SIGKILL)
+    ended(p)
+    del p
+    gc.collect()
+    assert carried() == 0
