@@ -620,4 +620,4 @@ def measure(workload, backend, size, fresh=True):
             seconds, out = workload.run(backend, size)
         finally:
             backend.stop()
-    return seconds * workload.scale, workload.check(out, size)
+    return seconds * workload.scale, bool(workload.check(out, size))
