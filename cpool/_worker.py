@@ -50,11 +50,14 @@ def prepare():
 def become_worker(number, parent_pid, _modules=sys.modules):
     """Start-up of a worker, as multiprocessing's fork children start (its
     BaseProcess._bootstrap): multiprocessing sees this process as a pool
-    worker ("ForkPoolWorker-<n>", a daemon, whose parent_process() is the
-    pool's process), stdin is /dev/null, the parent's multiprocessing
-    finalizers are dropped, and the after-fork hooks registered with
-    multiprocessing.util.register_after_fork run (a multiprocessing.Queue
-    inherited from the parent resets its feeder thread state there).
+    worker ("ForkPoolWorker-<n>", n drawn from the parent's count of the
+    processes it made, as multiprocessing's are; "ForkPoolWorker-<m>:<n>" in
+    a pool made by a process whose identity is m; a daemon, whose
+    parent_process() is the pool's process), stdin is /dev/null, the
+    parent's multiprocessing finalizers are dropped, and the after-fork
+    hooks registered with multiprocessing.util.register_after_fork run (a
+    multiprocessing.Queue inherited from the parent resets its feeder thread
+    state there).
 
     Every worker runs this before its first task, so it is kept cheap: the
     modules come from sys.modules (this module and they are imported before
@@ -73,7 +76,7 @@ def become_worker(number, parent_pid, _modules=sys.modules):
     me._target = None
     me._args = ()
     me._kwargs = {}
-    me._name = "ForkPoolWorker-%d" % number
+    me._name = "ForkPoolWorker-" + ":".join(map(str, me._identity))
     process._process_counter = itertools.count(1)
     process._children = set()
     # stdin: multiprocessing closes sys.stdin and opens /dev/null in its

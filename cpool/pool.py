@@ -679,9 +679,11 @@ class WorkerProcess:
                  "_core", "_slot", "_parent_pid", "_doomed", "__weakref__")
     daemon = True
 
-    def __init__(self, pid, number, slot, core, pidfd=True):
+    def __init__(self, pid, number, slot, ident, core, pidfd=True):
         self.pid = pid
-        self._name = "ForkPoolWorker-%d" % number
+        # As the worker calls itself (see _worker.become_worker).
+        identity = multiprocessing.current_process()._identity + (ident or number,)
+        self._name = "ForkPoolWorker-" + ":".join(map(str, identity))
         self._number = number
         self._exitcode = None
         self._core = weakref.ref(core)

@@ -503,11 +503,44 @@ ring_check_ms(void)
     return ms > 0 ? (int)ms : RING_CHECK_MS;
 }
 
+/*
+ * The identity of slot i's next worker, as multiprocessing numbers the
+ * processes it makes: the next value of this process's counter of child
+ * processes (multiprocessing.process._process_counter), drawn by the
+ * parent, which made the worker as far as that counter is concerned.  The
+ * worker becomes "ForkPoolWorker-<n>" (with the identity of its parent's
+ * process before it in a nested pool); 0 if there is no counter (the
+ * worker then goes by its number among the zygote's forks).
+ */
+static void
+slot_ident(Core *c, int i)
+{
+    cp_slot *s = &c->slots[i];
+    long n = 0;
+    PyObject *t, *v0, *tb;
+    PyErr_Fetch(&t, &v0, &tb);      /* (none is expected; kept if any) */
+    PyObject *mod = PyImport_ImportModule("multiprocessing.process");
+    PyObject *counter = mod ? PyObject_GetAttrString(mod, "_process_counter") : NULL;
+    PyObject *v = counter && PyIter_Check(counter) ? PyIter_Next(counter) : NULL;
+    if (v != NULL)
+        n = PyLong_AsLong(v);
+    if (n <= 0 || n > UINT32_MAX)
+        n = 0;
+    PyErr_Clear();
+    PyErr_Restore(t, v0, tb);
+    Py_XDECREF(v);
+    Py_XDECREF(counter);
+    Py_XDECREF(mod);
+    s->ident = (uint32_t)n;
+    s->ctl->ident = s->ident;
+}
+
 static int
 slot_spawn(Core *c, int i)
 {
     cp_zmsg m = {.type = CP_Z_SPAWN, .slot = i};
     slot_reset(c, i);
+    slot_ident(c, i);
     int rc = cp_proc_send(c->zsock, &m);
     if (rc < 0)
         return rc;
@@ -2270,7 +2303,7 @@ Core_pids(Core *c, PyObject *Py_UNUSED(ignored))
 PyDoc_STRVAR(Core_workers_doc,
 "workers(make) -> (list, unknown)\n--\n\n"
 "Pool._pool: an object per live worker, the same one for as long as that\n"
-"worker lives, made by make(pid, number, slot) the first time (make None:\n"
+"worker lives, made by make(pid, number, slot, ident) the first time (make None:\n"
 "only those made already); it is given _exitcode when the collector reads\n"
 "the worker's end (exit_code() tells it before that).  unknown counts the\n"
 "workers asked for that the zygote has not forked yet.  Once the pool is\n"
@@ -2331,7 +2364,7 @@ Core_workers(Core *c, PyObject *make)
             continue;
         } else {
             int ended = c->state >= CORE_TERMINATED;
-            p = PyObject_CallFunction(make, "iii", (int)pid, number, i);
+            p = PyObject_CallFunction(make, "iiiI", (int)pid, number, i, s->ident);
             if (p == NULL) {
                 Py_CLEAR(l);
                 break;
@@ -2574,6 +2607,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
         c->slots[i].ctl = cp_shm_ctl(&c->shm, i);
         c->slots[i].part = -1;
         slot_reset(c, i);
+        slot_ident(c, i);
     }
     c->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int sv[2];

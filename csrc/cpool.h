@@ -156,6 +156,7 @@ typedef struct cp_ctl {
     uint32_t pid;
     uint32_t state;                            /* CP_W_* */
     int32_t arena_part;                        /* its result partition, or -1 */
+    uint32_t ident;                            /* its process identity (below) */
     uint64_t results;                          /* results it has published */
     /* The zygote's line (Pool._pool reads it, not the collector):
      * spawned: pid << 32 | number of the slot's newest worker, written when
@@ -363,6 +364,7 @@ typedef struct cp_slot {
      * task and reads its result ring itself; the collector keeps off it. */
     int owner;
     int number;            /* its worker's number among the zygote's forks */
+    uint32_t ident;        /* its worker's identity: ForkPoolWorker-<ident> */
     /* Pool._pool's object for its worker (made on first asking), told the
      * worker's exit code when the zygote reports it; proc_pid is its pid. */
     PyObject *proc;

@@ -481,7 +481,9 @@ cp_worker_main(void *arg, int slot)
     cp_store_relaxed(&w.ctl->pid, (uint32_t)getpid());
     cp_store_release(&w.ctl->state, CP_W_STARTING);
 
-    call_worker_hook("become_worker", "ii", cp_proc_worker_number(), (int)c->owner);
+    uint32_t ident = cp_load_relaxed(&w.ctl->ident);
+    call_worker_hook("become_worker", "ii",
+                     ident ? (int)ident : cp_proc_worker_number(), (int)c->owner);
     run_initializer(&w);
     cp_store_release(&w.ctl->state, CP_W_READY);
 

@@ -10,6 +10,7 @@ a "long enough" time.  Every gated task has a fallback deadline
 (GATE_TIMEOUT) so a broken implementation fails a test instead of hanging
 the run.
 """
+import functools
 import os
 import sys
 import threading
@@ -356,6 +357,24 @@ def nested_cpool_map(n):
     import cpool
     with cpool.Pool(2) as p:
         return p.map(square, range(n)), os.getpid()
+
+
+def nested_names(path):
+    """In a worker: this worker's name, and those of a pool's workers made
+    here, as they call themselves and as the pool lists them."""
+    import cpool
+    import multiprocessing
+    with cpool.Pool(2) as p:
+        inner = p.map(functools.partial(met_name, path), range(2), chunksize=1)
+        listed = [w.name for w in p._pool]
+    return multiprocessing.current_process().name, sorted(inner), sorted(listed)
+
+
+def met_name(path, _item=None):
+    """meet(path), then the name of the worker it ran in."""
+    import multiprocessing
+    meet(path)
+    return multiprocessing.current_process().name
 
 
 # ------------------------------------------------------- parent-side helpers

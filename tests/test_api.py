@@ -1029,7 +1029,7 @@ def test_a_worker_object_keeps_its_deadlines(cpool_Pool):
         if child == 0:
             os._exit(0)
         os.waitpid(child, 0)
-        gone = WorkerProcess(child, 99, 0, p._core)
+        gone = WorkerProcess(child, 99, 0, 0, p._core)
         assert not gone.is_alive() and gone.exitcode is None
         assert multiprocessing.connection.wait([gone.sentinel], 0) == [gone.sentinel]
         start = time.monotonic()
@@ -1425,6 +1425,14 @@ def test_nested_pool_inside_worker(cpool_Pool):
         assert pid != os.getpid()
         outs = p.map(helpers.nested_cpool_map, [5, 6], chunksize=1)
         assert [o for o, _ in outs] == [[i * i for i in range(5)], [i * i for i in range(6)]]
+
+
+def test_a_nested_pools_workers_are_named_as_multiprocessing_would(cpool_Pool, tmp_path):
+    # Below worker "ForkPoolWorker-m", its own count from 1: "ForkPoolWorker-m:k".
+    with cpool_Pool(1) as p:
+        outer, inner, listed = p.apply(helpers.nested_names, (str(tmp_path),))
+    m = outer.rsplit("-", 1)[1]
+    assert inner == listed == ["ForkPoolWorker-%s:1" % m, "ForkPoolWorker-%s:2" % m]
 
 
 # ------------------------------------------------------------ callables
@@ -1986,7 +1994,36 @@ def test_a_task_that_cannot_be_sent_fails_with_its_error_even_if_terminated_at_o
 def test_a_fork_context_makes_a_cpool_pool(cpool_Pool):
     with cpool_Pool(1, context=multiprocessing.get_context("fork")) as p:
         assert type(p) is cpool_Pool
-        assert p.apply(helpers.whoami)[0] == "ForkPoolWorker-1"
+        assert p.apply(helpers.whoami)[0] == p._pool[0].name
+        assert p._pool[0].name.startswith("ForkPoolWorker-")
+
+
+def _next_process_number():
+    # The number multiprocessing gives the next process this one makes
+    # (reading it uses it up, as making a process would).
+    return next(multiprocessing.process._process_counter) + 1
+
+
+def test_workers_are_numbered_as_multiprocessing_numbers_processes(Pool, tmp_path):
+    # One count per process, across pools and replacement workers:
+    # ForkPoolWorker-<n> is the n-th process it made, as it calls itself and
+    # as the pool lists it.
+    n = _next_process_number()
+    p = Pool(2)
+    try:
+        met = tmp_path / "met"
+        met.mkdir()
+        names = p.map(functools.partial(helpers.met_name, str(met)), range(2), chunksize=1)
+        assert sorted(names) == ["ForkPoolWorker-%d" % n, "ForkPoolWorker-%d" % (n + 1)]
+        assert sorted(w.name for w in p._pool) == sorted(names)
+    finally:
+        p.terminate()
+        p.join()
+    n = _next_process_number()
+    with Pool(1, maxtasksperchild=1) as p:     # a new worker for each task
+        names = p.map(helpers.whoami, range(3), chunksize=1)
+        assert [name for name, *_ in names] == ["ForkPoolWorker-%d" % k
+                                                for k in range(n, n + 3)]
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
