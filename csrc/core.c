@@ -509,8 +509,13 @@ ring_check_ms(void)
  * processes (multiprocessing.process._process_counter), drawn by the
  * parent, which made the worker as far as that counter is concerned.  The
  * worker becomes "ForkPoolWorker-<n>" (with the identity of its parent's
- * process before it in a nested pool); 0 if there is no counter (the
+ * process before it in a nested pool); 0 if there is no such counter (the
  * worker then goes by its number among the zygote's forks).
+ *
+ * No Python code may run here: slot_spawn() calls this between the slot's
+ * reset and marking it live, and another thread that got the GIL meanwhile
+ * would spawn a second worker for the slot.  So no import (an import hook
+ * could run), a dict lookup, and only itertools.count's own C iterator.
  */
 static void
 slot_ident(Core *c, int i)
@@ -519,17 +524,19 @@ slot_ident(Core *c, int i)
     long n = 0;
     PyObject *t, *v0, *tb;
     PyErr_Fetch(&t, &v0, &tb);      /* (none is expected; kept if any) */
-    PyObject *mod = PyImport_ImportModule("multiprocessing.process");
-    PyObject *counter = mod ? PyObject_GetAttrString(mod, "_process_counter") : NULL;
-    PyObject *v = counter && PyIter_Check(counter) ? PyIter_Next(counter) : NULL;
-    if (v != NULL)
-        n = PyLong_AsLong(v);
+    PyObject *mod = PyImport_GetModule(c->str_mp_process);
+    PyObject *counter = mod && PyModule_Check(mod)
+        ? PyDict_GetItemWithError(PyModule_GetDict(mod), c->str_counter) : NULL;
+    if (counter != NULL && strcmp(Py_TYPE(counter)->tp_name, "itertools.count") == 0) {
+        PyObject *v = Py_TYPE(counter)->tp_iternext(counter);
+        if (v != NULL && PyLong_CheckExact(v))
+            n = PyLong_AsLong(v);
+        Py_XDECREF(v);
+    }
     if (n <= 0 || n > UINT32_MAX)
         n = 0;
     PyErr_Clear();
     PyErr_Restore(t, v0, tb);
-    Py_XDECREF(v);
-    Py_XDECREF(counter);
     Py_XDECREF(mod);
     s->ident = (uint32_t)n;
     s->ctl->ident = s->ident;
@@ -2586,8 +2593,11 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->fids = PyDict_New();
     c->fbytes = PyDict_New();
     c->late = PyList_New(0);
+    c->str_mp_process = PyUnicode_InternFromString("multiprocessing.process");
+    c->str_counter = PyUnicode_InternFromString("_process_counter");
     c->slots = PyMem_Calloc((size_t)n, sizeof(cp_slot));
-    if (c->fids == NULL || c->fbytes == NULL || c->late == NULL || c->slots == NULL) {
+    if (c->fids == NULL || c->fbytes == NULL || c->late == NULL || c->slots == NULL ||
+        c->str_mp_process == NULL || c->str_counter == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -2692,6 +2702,8 @@ Core_clear(Core *c)
     Py_CLEAR(c->batch_yes);
     Py_CLEAR(c->batch_no);
     Py_CLEAR(c->late);
+    Py_CLEAR(c->str_mp_process);
+    Py_CLEAR(c->str_counter);
     /* Not the procs: they hold nothing (__slots__ without a pool), and
      * dealloc tells them their workers were killed. */
     return 0;

@@ -421,6 +421,8 @@ typedef struct Core {
     uint64_t next_seq;
     cp_fifo pending;       /* tasks not yet given to a worker */
     PyObject *fids;        /* dict: callable -> fid (cacheable callables) */
+    PyObject *str_mp_process;  /* "multiprocessing.process" (slot_ident) */
+    PyObject *str_counter;     /* "_process_counter" */
     PyObject *fbytes;      /* dict: fid -> pickled callable */
     uint32_t next_fid;
     PyObject *initializer;

@@ -1427,6 +1427,39 @@ def test_nested_pool_inside_worker(cpool_Pool):
         assert [o for o, _ in outs] == [[i * i for i in range(5)], [i * i for i in range(6)]]
 
 
+def test_replacement_workers_with_an_import_hook_and_threads_submitting(cpool_Pool,
+                                                                      monkeypatch):
+    # Asking for a replacement worker runs no Python code: an import hook
+    # that lets other threads run (here by sleeping) must not let one of
+    # them ask for a second worker for the same slot meanwhile.
+    import builtins
+    real_import = builtins.__import__
+
+    def slow_import(name, *args, **kwargs):
+        if name.startswith("multiprocessing"):
+            time.sleep(0.005)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", slow_import)
+    with cpool_Pool(1, maxtasksperchild=1) as p:
+        got = [None, None]
+
+        def submit(k):
+            # Each submission pumps while the last worker is being replaced.
+            rs = []
+            for i in range(40):
+                rs.append(p.apply_async(helpers.square, (k * 100 + i,)))
+                time.sleep(0.002)
+            got[k] = [r.get(T) for r in rs]
+
+        threads = [threading.Thread(target=submit, args=(k,)) for k in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(3 * T)
+        assert got == [[(k * 100 + i) ** 2 for i in range(40)] for k in range(2)]
+
+
 def test_a_nested_pools_workers_are_named_as_multiprocessing_would(cpool_Pool, tmp_path):
     # Below worker "ForkPoolWorker-m", its own count from 1: "ForkPoolWorker-m:k".
     with cpool_Pool(1) as p:
