@@ -158,7 +158,7 @@ destroy(cp_arena *a)
  * (CPOOL_ARENA_CARRY) of its populated pages, and once the last array of it
  * the user held is gone too, it waits here for the process's next pool of
  * the same size, which adopts it.  Only in the process that made it: a
- * forked child forgets it (the pages are the parent's).
+ * forked child lets go of it (the pages are the parent's).
  */
 static cp_arena *parked;
 static int park_atfork;
@@ -172,9 +172,14 @@ empty_and_destroy(cp_arena *a)
     destroy(a);
 }
 
+/* In a forked child: the parked arena is the parent's.  Its mapping and fd
+ * go (the child would otherwise keep the parent's pages alive for as long
+ * as it lives), its pages stay. */
 static void
 forget_parked(void)
 {
+    if (parked != NULL)
+        destroy(parked);
     parked = NULL;
 }
 
@@ -214,8 +219,14 @@ trim_part(cp_arena *a, int p)
 static uint64_t
 carry_budget(void)
 {
+    /* Bytes, in decimal digits; anything else is ignored. */
     const char *env = getenv("CPOOL_ARENA_CARRY");
-    return env != NULL ? strtoull(env, NULL, 10) : CP_ARENA_CARRY;
+    if (env == NULL || *env < '0' || *env > '9')
+        return CP_ARENA_CARRY;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(env, &end, 10);
+    return errno == 0 && *end == '\0' ? (uint64_t)v : CP_ARENA_CARRY;
 }
 
 /* Drop a reference; the last one unmaps, or parks a closed arena that

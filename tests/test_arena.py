@@ -570,10 +570,16 @@ def test_a_pool_of_another_size_gives_the_carried_arena_back():
         ended(q)
 
 
-def carried_in_a_child(path):
-    """In a forked child: what is carried, then a pool of its own."""
+def mapped_inodes():
+    with open("/proc/self/maps") as f:
+        return {int(line.split()[4]) for line in f if "cpool-arena" in line}
+
+
+def carried_in_a_child(path, parents):
+    """In a forked child: what is carried, whether it holds the parent's
+    parked arena (an fd or a mapping), then a pool of its own."""
     from cpool import Pool
-    got = [carried()]
+    got = [carried(), parents in arena_files() or parents in mapped_inodes()]
     with Pool(2) as p:
         a = pattern(4 * MiB, 5)
         got.append(p.apply(digest, (a,)) == digest(a))
@@ -600,13 +606,15 @@ def test_a_forked_child_leaves_the_parents_carried_arena_alone(tmp_path):
     if pid == 0:                                # pragma: no cover (child)
         code = 1
         try:
-            carried_in_a_child(str(tmp_path / "child"))
+            carried_in_a_child(str(tmp_path / "child"), ino)
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert (tmp_path / "child").read_text() == "[0, True]"
+    # It had nothing carried, and let go of the parent's (else it would keep
+    # those pages for as long as it lives).
+    assert (tmp_path / "child").read_text() == "[0, False, True]"
     assert carried() == kept and arena_files()[ino] == held
     q = Pool(2)
     try:
