@@ -3,6 +3,7 @@ paths (never on the hot path).  Imported by the parent, before any fork."""
 import atexit
 import itertools
 import os
+import signal
 import sys
 import multiprocessing.context          # noqa: F401 (become_worker)
 import multiprocessing.process          # noqa: F401
@@ -54,10 +55,10 @@ def become_worker(number, parent_pid, _modules=sys.modules):
     processes it made, as multiprocessing's are; "ForkPoolWorker-<m>:<n>" in
     a pool made by a process whose identity is m; a daemon, whose
     parent_process() is the pool's process), stdin is /dev/null, the
-    parent's multiprocessing finalizers are dropped, and the after-fork
-    hooks registered with multiprocessing.util.register_after_fork run (a
-    multiprocessing.Queue inherited from the parent resets its feeder thread
-    state there).
+    parent's multiprocessing finalizers and signal wake-up fd are dropped,
+    and the after-fork hooks registered with
+    multiprocessing.util.register_after_fork run (a multiprocessing.Queue
+    inherited from the parent resets its feeder thread state there).
 
     Every worker runs this before its first task, so it is kept cheap: the
     modules come from sys.modules (this module and they are imported before
@@ -97,6 +98,13 @@ def become_worker(number, parent_pid, _modules=sys.modules):
         process._parent_process = process._ParentProcess(parent._name, parent_pid,
                                                          sentinel)
     util._finalizer_registry.clear()
+    # The parent's signal wake-up fd (an event loop's self-pipe, as asyncio
+    # sets) is not the worker's: a signal the worker gets (terminate()'s
+    # SIGTERM) would otherwise wake the parent's loop as if it had got it.
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
     util._run_after_forkers()
 
 

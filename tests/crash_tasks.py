@@ -108,6 +108,12 @@ def c_sleep(seconds):
     time.sleep(seconds)
 
 
+def started_then_sleep(started_dir, seconds):
+    # Say so (a file named after this worker's pid), then sleep in C.
+    open(os.path.join(started_dir, str(os.getpid())), "w").close()
+    time.sleep(seconds)
+
+
 def ignore_sigterm_then_wait(started_path, seconds):
     # A task that shrugs off SIGTERM: multiprocessing's terminate() would
     # wait for it forever.

@@ -244,6 +244,44 @@ def test_terminate_kills_a_worker_that_ignores_sigterm(tmp_path):
         r.get(timeout=1)
 
 
+def test_terminate_does_not_wake_the_parents_event_loop(tmp_path):
+    # A parent with a Python SIGTERM handler and a signal wake-up fd (what
+    # asyncio's add_signal_handler sets up): the workers inherit the
+    # handler, as multiprocessing's do, but not the wake-up fd, so the
+    # SIGTERM terminate() sends them does not look like the parent's own.
+    # (They shrug it off through the handler and are killed.)
+    code = f"""
+        import os, signal, socket, time
+        from cpool import Pool
+        import crash_tasks as T
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        signal.set_wakeup_fd(w.fileno())
+        got = []
+        signal.signal(signal.SIGTERM, lambda *a: got.append(os.getpid()))
+        p = Pool(2)
+        rs = [p.apply_async(T.started_then_sleep, ({str(tmp_path)!r}, 30))
+              for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while len(os.listdir({str(tmp_path)!r})) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        procs = p._pool
+        p.terminate()
+        p.join()
+        time.sleep(0.05)
+        try:
+            data = r.recv(100)
+        except BlockingIOError:
+            data = b""
+        print(repr(data), got, sorted(w.exitcode for w in procs))
+    """
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["b''", "[]", "[-9,", "-9]"], out.stdout
+
+
 def test_death_mid_write_does_not_disturb_other_workers(pool):
     others = pool.imap(T.square, range(3000))
     lost = pool.apply_async(T.big_result_then_die, (400 << 20,))
