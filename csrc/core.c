@@ -1362,7 +1362,11 @@ kill_zygote(Core *c)
 }
 
 /* Wait up to timeout_ms for the zygote to exit; SIGKILL it after that.
- * Releases the GIL while waiting. */
+ * Releases the GIL while waiting.  Meanwhile its reports are read and
+ * dropped (its records in the slots tell the same, see procs_killed()):
+ * with hundreds of workers, a zygote whose reports filled the socket would
+ * otherwise wait to send them instead of reading the KILL, and be killed
+ * itself a second later, its workers' ends unrecorded. */
 static void
 reap_zygote(Core *c, int timeout_ms)
 {
@@ -1371,13 +1375,32 @@ reap_zygote(Core *c, int timeout_ms)
     int st = -1;
     Py_BEGIN_ALLOW_THREADS
     if (c->zpidfd >= 0) {
-        struct pollfd p = {.fd = c->zpidfd, .events = POLLIN};
-        int rc;
-        do {
-            rc = poll(&p, 1, timeout_ms);
-        } while (rc < 0 && errno == EINTR);
-        if (rc == 0)
-            kill_zygote(c);
+        struct pollfd p[2] = {{.fd = c->zpidfd, .events = POLLIN},
+                              {.fd = c->zsock, .events = POLLIN}};
+        int nfds = c->zsock >= 0 ? 2 : 1;
+        uint64_t end = cp_now_ns() + (uint64_t)timeout_ms * 1000000;
+        for (;;) {
+            uint64_t now = cp_now_ns();
+            if (now >= end) {
+                kill_zygote(c);
+                break;
+            }
+            int rc = poll(p, (nfds_t)nfds, (int)((end - now + 999999) / 1000000));
+            if (rc < 0 && errno != EINTR) {
+                kill_zygote(c);
+                break;
+            }
+            if (rc > 0 && p[0].revents)
+                break;                  /* it has exited */
+            if (rc > 0 && nfds == 2 && p[1].revents) {
+                cp_zmsg m;
+                ssize_t k;
+                while ((k = recv(c->zsock, &m, sizeof m, MSG_DONTWAIT)) > 0)
+                    ;
+                if (k == 0 || (p[1].revents & (POLLHUP | POLLERR)))
+                    nfds = 1;           /* it closed its end */
+            }
+        }
     } else {
         kill_zygote(c);
     }

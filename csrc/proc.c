@@ -380,14 +380,14 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
     if (sfd < 0)
         _exit(71);
     zsfd = sfd;
-    /* The first workers, at once: the parent does not ask for them. */
-    for (int i = 0; i < nfirst; i++)
-        spawn(sock, &oldmask, sfd, fn, arg, i);
-
+    /* The first workers come at once, unasked, but one at a time between
+     * looks at the socket: a KILL sent meanwhile (a pool terminated as soon
+     * as it is made) does not wait for hundreds of forks. */
+    int first = 0;
     for (;;) {
         struct pollfd fds[2] = {{.fd = sock, .events = POLLIN},
                                 {.fd = sfd, .events = POLLIN}};
-        if (poll(fds, 2, -1) < 0) {
+        if (poll(fds, 2, first < nfirst ? 0 : -1) < 0) {
             if (errno == EINTR)
                 continue;
             kill_all_and_exit(sock);
@@ -408,6 +408,8 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
                 reap(sock, sfd);
                 kill_all_and_exit(sock);
             }
+        } else if (first < nfirst) {
+            spawn(sock, &oldmask, sfd, fn, arg, first++);
         }
     }
 }

@@ -244,6 +244,70 @@ def test_terminate_kills_a_worker_that_ignores_sigterm(tmp_path):
         r.get(timeout=1)
 
 
+def test_terminate_right_after_start_with_hundreds_of_workers():
+    # More workers than the fork server's reports fit in its socket (~280):
+    # the terminating parent reads them meanwhile, and the fork server
+    # looks for the kill between its first forks, so it acts on it and
+    # records the end of every worker it made.  (It used to finish its
+    # forks, then wait on the full socket until the parent killed it a
+    # second later, its workers' ends unrecorded: -SIGKILL for all.)  The
+    # list holds the workers it made; the others were never forked.
+    p = Pool(320)
+    p.terminate()
+    p.join()
+    codes = [w.exitcode for w in p._pool]
+    assert 0 < len(codes) <= 320
+    assert set(codes) <= {0, -signal.SIGTERM}, sorted(set(codes))
+
+
+def test_terminate_while_the_fork_servers_reports_fill_its_socket():
+    # 390 workers die while a callback holds the collector: the fork
+    # server's reports of their ends fill its socket (~280) and it waits to
+    # send the rest.  terminate() reads them meanwhile, so the fork server
+    # gets to the kill and records every end.  (It used to be killed a
+    # second later, with the ends it had not reported unrecorded: the
+    # workers left alive were given -SIGKILL.)
+    code = """
+        import os, signal, threading, time
+        from cpool import Pool
+        import crash_tasks as T
+        n = 400
+        p = Pool(n)
+        deadline = time.monotonic() + 60
+        while len(p._core.pids()) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        procs = p._pool
+        release, held = threading.Event(), threading.Event()
+        def hold(_):
+            held.set()
+            release.wait(60)
+        p.apply_async(T.square, (1,), callback=hold)
+        assert held.wait(60)
+        victims, rest = procs[:n - 10], procs[n - 10:]
+        for w in victims:
+            os.kill(w.pid, signal.SIGKILL)
+        def recorded():
+            return sum(p._core.exit_code(w._slot, w._number) is not None
+                       for w in victims)
+        while recorded() < 270:     # its socket is full by then
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stopper = threading.Thread(target=p.terminate)
+        stopper.start()
+        stopper.join(60)
+        release.set()
+        p.join()
+        print(sorted(set(w.exitcode for w in victims)),
+              sorted(set(w.exitcode for w in rest)))
+    """
+    out = _run(code, timeout=120)
+    assert out.returncode == 0, out.stderr
+    victims, rest = out.stdout.split("] [")
+    assert victims == "[-9"
+    assert set(rest.strip(" ]\n").split(", ")) <= {"0", "-15"}, out.stdout
+
+
 def test_terminate_does_not_wake_the_parents_event_loop(tmp_path):
     # A parent with a Python SIGTERM handler and a signal wake-up fd (what
     # asyncio's add_signal_handler sets up): the workers inherit the
