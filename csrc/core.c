@@ -515,7 +515,8 @@ ring_check_ms(void)
  * No Python code may run here: slot_spawn() calls this between the slot's
  * reset and marking it live, and another thread that got the GIL meanwhile
  * would spawn a second worker for the slot.  So no import (an import hook
- * could run), a dict lookup, and only itertools.count's own C iterator.
+ * could run, and PyImport_GetModule() looks at the module's __spec__):
+ * dict lookups, and only an itertools.count's own C iterator.
  */
 static void
 slot_ident(Core *c, int i)
@@ -524,10 +525,12 @@ slot_ident(Core *c, int i)
     long n = 0;
     PyObject *t, *v0, *tb;
     PyErr_Fetch(&t, &v0, &tb);      /* (none is expected; kept if any) */
-    PyObject *mod = PyImport_GetModule(c->str_mp_process);
-    PyObject *counter = mod && PyModule_Check(mod)
+    PyObject *modules = PyImport_GetModuleDict();
+    PyObject *mod = modules && PyDict_CheckExact(modules)
+        ? PyDict_GetItemWithError(modules, c->str_mp_process) : NULL;
+    PyObject *counter = mod && PyModule_CheckExact(mod)
         ? PyDict_GetItemWithError(PyModule_GetDict(mod), c->str_counter) : NULL;
-    if (counter != NULL && strcmp(Py_TYPE(counter)->tp_name, "itertools.count") == 0) {
+    if (counter != NULL && Py_IS_TYPE(counter, (PyTypeObject *)c->count_type)) {
         PyObject *v = Py_TYPE(counter)->tp_iternext(counter);
         if (v != NULL && PyLong_CheckExact(v))
             n = PyLong_AsLong(v);
@@ -537,7 +540,6 @@ slot_ident(Core *c, int i)
         n = 0;
     PyErr_Clear();
     PyErr_Restore(t, v0, tb);
-    Py_XDECREF(mod);
     s->ident = (uint32_t)n;
     s->ctl->ident = s->ident;
 }
@@ -1349,16 +1351,16 @@ any_in_flight(Core *c)
     return 0;
 }
 
-/* SIGKILL the zygote, through its pidfd when there is one (a pid could have
- * been reaped and reused meanwhile; a pidfd cannot). */
+/* SIGKILL zygote z, through its pidfd when there is one (a pid could have
+ * been reaped and reused meanwhile; a pidfd cannot, and if it says the
+ * zygote is gone, it is). */
 static void
-kill_zygote(Core *c)
+kill_zygote(Core *c, pid_t z)
 {
-    if (c->zpidfd >= 0 && syscall(SYS_pidfd_send_signal, c->zpidfd, SIGKILL,
-                                  NULL, 0) == 0)
-        return;
-    if (c->zpid > 0)
-        kill(c->zpid, SIGKILL);
+    if (c->zpidfd >= 0)
+        syscall(SYS_pidfd_send_signal, c->zpidfd, SIGKILL, NULL, 0);
+    else if (z > 0)
+        kill(z, SIGKILL);
 }
 
 /* Wait up to timeout_ms for the zygote to exit; SIGKILL it after that.
@@ -1366,28 +1368,48 @@ kill_zygote(Core *c)
  * dropped (its records in the slots tell the same, see procs_killed()):
  * with hundreds of workers, a zygote whose reports filled the socket would
  * otherwise wait to send them instead of reading the KILL, and be killed
- * itself a second later, its workers' ends unrecorded. */
+ * itself a second later, its workers' ends unrecorded.
+ *
+ * One thread reaps it (the collector after close(), say, while another
+ * thread calls terminate()); another that gets here meanwhile only waits
+ * for it to have exited (its records are final then). */
 static void
 reap_zygote(Core *c, int timeout_ms)
 {
-    if (c->zpid <= 0)
+    pid_t z = c->zpid;
+    if (z <= 0)
         return;
+    uint64_t end = cp_now_ns() + (uint64_t)timeout_ms * 1000000;
+    if (c->zreaping) {
+        Py_BEGIN_ALLOW_THREADS
+        for (uint64_t now; cp_load_acquire(&c->zreaping) && (now = cp_now_ns()) < end;) {
+            if (c->zpidfd >= 0) {
+                struct pollfd p = {.fd = c->zpidfd, .events = POLLIN};
+                if (poll(&p, 1, (int)((end - now + 999999) / 1000000)) > 0)
+                    break;
+            } else {
+                usleep(1000);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        return;
+    }
+    c->zreaping = 1;
     int st = -1;
     Py_BEGIN_ALLOW_THREADS
     if (c->zpidfd >= 0) {
         struct pollfd p[2] = {{.fd = c->zpidfd, .events = POLLIN},
                               {.fd = c->zsock, .events = POLLIN}};
         int nfds = c->zsock >= 0 ? 2 : 1;
-        uint64_t end = cp_now_ns() + (uint64_t)timeout_ms * 1000000;
         for (;;) {
             uint64_t now = cp_now_ns();
             if (now >= end) {
-                kill_zygote(c);
+                kill_zygote(c, z);
                 break;
             }
             int rc = poll(p, (nfds_t)nfds, (int)((end - now + 999999) / 1000000));
             if (rc < 0 && errno != EINTR) {
-                kill_zygote(c);
+                kill_zygote(c, z);
                 break;
             }
             if (rc > 0 && p[0].revents)
@@ -1402,16 +1424,16 @@ reap_zygote(Core *c, int timeout_ms)
             }
         }
     } else {
-        kill_zygote(c);
+        kill_zygote(c, z);
     }
-    pid_t z = c->zpid;
-    c->zpid = 0;     /* before the wait: it is ours to reap, once */
     while (waitpid(z, &st, 0) < 0 && errno == EINTR)
         ;
     Py_END_ALLOW_THREADS
+    c->zpid = 0;
     /* The zygote exits 0 only once it has reaped every worker: then no
      * process of the pool is left to write to its shared memory. */
     c->all_reaped = st == 0;
+    cp_store_release(&c->zreaping, 0);
 }
 
 static void
@@ -1441,9 +1463,9 @@ kill_everything(Core *c)
     if (c->zpid > 0 && c->zsock >= 0) {
         cp_zmsg m = {.type = CP_Z_KILL};
         if (cp_proc_send(c->zsock, &m) < 0)
-            kill_zygote(c);
+            kill_zygote(c, c->zpid);
     } else if (c->zpid > 0) {
-        kill_zygote(c);
+        kill_zygote(c, c->zpid);
     }
     reap_zygote(c, 1000);
 }
@@ -1551,7 +1573,8 @@ shutdown_step(Core *c)
         cp_zmsg m = {.type = CP_Z_QUIT};
         cp_proc_send(c->zsock, &m);
         reap_zygote(c, 1000);
-        c->state = CORE_DONE;
+        if (c->state == CORE_STOPPING)     /* (not if terminated meanwhile) */
+            c->state = CORE_DONE;
         return 1;
     }
     return 0;
@@ -1689,7 +1712,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
         if (timeout_ms == 0) {
             /* No worker can start: nothing can run.  (Its workers die with
              * the zygote: PR_SET_PDEATHSIG is set before they hang.) */
-            kill_zygote(c);
+            kill_zygote(c, c->zpid);
             c->state = CORE_BROKEN;
             continue;
         }
@@ -2618,9 +2641,13 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->late = PyList_New(0);
     c->str_mp_process = PyUnicode_InternFromString("multiprocessing.process");
     c->str_counter = PyUnicode_InternFromString("_process_counter");
+    PyObject *itertools = PyImport_ImportModule("itertools");
+    c->count_type = itertools ? PyObject_GetAttrString(itertools, "count") : NULL;
+    Py_XDECREF(itertools);
     c->slots = PyMem_Calloc((size_t)n, sizeof(cp_slot));
     if (c->fids == NULL || c->fbytes == NULL || c->late == NULL || c->slots == NULL ||
-        c->str_mp_process == NULL || c->str_counter == NULL) {
+        c->str_mp_process == NULL || c->str_counter == NULL || c->count_type == NULL ||
+        !PyType_Check(c->count_type)) {
         PyErr_NoMemory();
         return -1;
     }
@@ -2727,6 +2754,7 @@ Core_clear(Core *c)
     Py_CLEAR(c->late);
     Py_CLEAR(c->str_mp_process);
     Py_CLEAR(c->str_counter);
+    Py_CLEAR(c->count_type);
     /* Not the procs: they hold nothing (__slots__ without a pool), and
      * dealloc tells them their workers were killed. */
     return 0;

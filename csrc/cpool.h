@@ -404,6 +404,7 @@ typedef struct Core {
     int zpidfd;
     pid_t zpid;
     int all_reaped;        /* the zygote exited 0: every worker was reaped */
+    uint32_t zreaping;     /* a thread is reaping the zygote (reap_zygote) */
     int state;             /* CORE_* */
     int quiet;             /* terminated at interpreter exit: unfinished
                               results fail without waking their waiters or
@@ -423,6 +424,7 @@ typedef struct Core {
     PyObject *fids;        /* dict: callable -> fid (cacheable callables) */
     PyObject *str_mp_process;  /* "multiprocessing.process" (slot_ident) */
     PyObject *str_counter;     /* "_process_counter" */
+    PyObject *count_type;      /* itertools.count */
     PyObject *fbytes;      /* dict: fid -> pickled callable */
     uint32_t next_fid;
     PyObject *initializer;

@@ -308,6 +308,33 @@ def test_terminate_while_the_fork_servers_reports_fill_its_socket():
     assert set(rest.strip(" ]\n").split(", ")) <= {"0", "-15"}, out.stdout
 
 
+def test_terminate_while_the_collector_reaps_after_close():
+    # After close(), once the workers are gone, the collector reaps the
+    # fork server; a terminate() from another thread meanwhile waits for
+    # that, and reaps nothing itself.  (It used to wait for the fork server
+    # too, and the second of the two to wake called waitpid(0), which waited
+    # for any child of the process and took its exit status.)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for _ in range(10):
+            p = Pool(1)
+            assert p.apply(T.square, (3,)) == 9
+            p.close()
+            deadline = time.monotonic() + 10
+            while p._core.pids():
+                assert time.monotonic() < deadline
+                time.sleep(0)
+            stopper = threading.Thread(target=p.terminate)
+            stopper.start()
+            stopper.join(10)
+            assert not stopper.is_alive()       # it did not wait for `other`
+            p.join()
+            assert other.poll() is None         # nor reap it
+    finally:
+        other.kill()
+    assert other.wait() == -signal.SIGKILL
+
+
 def test_terminate_does_not_wake_the_parents_event_loop(tmp_path):
     # A parent with a Python SIGTERM handler and a signal wake-up fd (what
     # asyncio's add_signal_handler sets up): the workers inherit the
