@@ -216,17 +216,26 @@ trim_part(cp_arena *a, int p)
     }
 }
 
+static uint64_t carry_default = CP_ARENA_CARRY;
+
+/* The budget when CPOOL_ARENA_CARRY does not say (a worker sets 0). */
+void
+cp_arena_carry_default(uint64_t bytes)
+{
+    carry_default = bytes;
+}
+
 static uint64_t
 carry_budget(void)
 {
     /* Bytes, in decimal digits; anything else is ignored. */
     const char *env = getenv("CPOOL_ARENA_CARRY");
     if (env == NULL || *env < '0' || *env > '9')
-        return CP_ARENA_CARRY;
+        return carry_default;
     char *end;
     errno = 0;
     unsigned long long v = strtoull(env, &end, 10);
-    return errno == 0 && *end == '\0' ? (uint64_t)v : CP_ARENA_CARRY;
+    return errno == 0 && *end == '\0' ? (uint64_t)v : carry_default;
 }
 
 /* Drop a reference; the last one unmaps, or parks a closed arena that

@@ -263,6 +263,7 @@ void cp_arena_close(cp_arena *a, int clean);
 cp_arena *cp_arena_adopt(int nparts, uint64_t part_size);
 uint64_t cp_arena_carried(void);
 void cp_arena_drop_parked(void);
+void cp_arena_carry_default(uint64_t bytes);
 void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm,
                     uint64_t *busy, uint64_t *nbusy);
 void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);

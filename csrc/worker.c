@@ -462,6 +462,9 @@ cp_worker_main(void *arg, int slot)
         _exit(76);
     w.ctl = my_ctl = cp_shm_ctl(&c->shm, slot);
     w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
+    /* Pools made in tasks carry nothing over unless asked to: every worker
+     * of a pool would keep its own. */
+    cp_arena_carry_default(0);
     w.spin_ns = c->spin_ns;
     /* The worker wakes the parent through the eventfd, never a futex: the
      * parent's collector sleeps in poll() on it. */

@@ -638,3 +638,29 @@ def test_a_pool_not_all_reaped_carries_nothing():
     del p
     gc.collect()
     assert carried() == 0
+
+
+def nested_pool_carried(_=None):
+    """In a worker: what a pool made here leaves carried over once gone."""
+    from cpool import Pool
+    p = Pool(2)
+    a = np.arange(MiB, dtype=np.float64)
+    assert p.apply(total, (a,)) == float(a.sum())
+    ended(p)
+    del p
+    gc.collect()
+    return carried()
+
+
+@pytest.mark.parametrize("env", [None, str(64 * MiB)])
+def test_a_pool_made_in_a_worker_carries_over_only_if_asked(monkeypatch, env):
+    # Every worker of a pool would keep its own otherwise.
+    from cpool import Pool
+    if env is not None:
+        monkeypatch.setenv("CPOOL_ARENA_CARRY", env)
+    with Pool(1) as p:
+        got = p.apply(nested_pool_carried)
+    if env is None:
+        assert got == 0
+    else:
+        assert 8 * MiB <= got <= 64 * MiB
