@@ -1046,10 +1046,13 @@ def test_a_worker_object_made_after_its_worker_ended(cpool_Pool):
     # process's: the object takes the exit code the fork server recorded
     # before it reaped the worker, keeps no pidfd, and signals nothing.
     p = cpool_Pool(1)
+    entered, release = threading.Event(), threading.Event()
     try:
         p.apply(abs, (1,))
+        # (The task can run before the collector reads the fork server's
+        # report of the worker's pid.)
+        _until(lambda: len(p._core.pids()) == 1)
         (pid,) = p._core.pids()
-        entered, release = threading.Event(), threading.Event()
         r = p.apply_async(abs, (1,), callback=lambda _: (entered.set(), release.wait(T)))
         assert entered.wait(T)
         os.kill(pid, signal.SIGKILL)

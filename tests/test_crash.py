@@ -834,6 +834,8 @@ def test_terminate_waits_only_briefly_for_an_idle_worker_that_cannot_leave():
         import crash_tasks as T
         p = Pool(1)
         assert p.apply(T.start_endless_thread, (1,)) == 1
+        while not p._core.pids():   # (the pool may read its pid after the task)
+            time.sleep(0.001)
         pid = p._core.pids()[0]
         t0 = time.monotonic()
         p.terminate()
