@@ -48,6 +48,11 @@ def prepare():
             atexit.register(_devnull.close)
 
 
+def worker_name(identity):
+    """A pool worker's name, as multiprocessing gives it from its identity."""
+    return "ForkPoolWorker-" + ":".join(map(str, identity))
+
+
 def become_worker(number, parent_pid, _modules=sys.modules):
     """Start-up of a worker, as multiprocessing's fork children start (its
     BaseProcess._bootstrap): multiprocessing sees this process as a pool
@@ -77,7 +82,7 @@ def become_worker(number, parent_pid, _modules=sys.modules):
     me._target = None
     me._args = ()
     me._kwargs = {}
-    me._name = "ForkPoolWorker-" + ":".join(map(str, me._identity))
+    me._name = worker_name(me._identity)
     process._process_counter = itertools.count(1)
     process._children = set()
     # stdin: multiprocessing closes sys.stdin and opens /dev/null in its

@@ -682,8 +682,8 @@ class WorkerProcess:
     def __init__(self, pid, number, slot, ident, core, pidfd=True):
         self.pid = pid
         # As the worker calls itself (see _worker.become_worker).
-        identity = multiprocessing.current_process()._identity + (ident or number,)
-        self._name = "ForkPoolWorker-" + ":".join(map(str, identity))
+        self._name = _worker.worker_name(
+            multiprocessing.current_process()._identity + (ident or number,))
         self._number = number
         self._exitcode = None
         self._core = weakref.ref(core)
