@@ -251,8 +251,15 @@ def test_terminate_right_after_start_with_hundreds_of_workers():
     # records the end of every worker it made.  (It used to finish its
     # forks, then wait on the full socket until the parent killed it a
     # second later, its workers' ends unrecorded: -SIGKILL for all.)  The
-    # list holds the workers it made; the others were never forked.
+    # list holds the workers it made; the others were never forked.  The
+    # kill is sent once the first one is there (sent at once, it can come
+    # before any fork, and the list is empty).
     p = Pool(320)
+    z = p._core.zygote_pid
+    deadline = time.monotonic() + 30
+    while not open("/proc/%d/task/%d/children" % (z, z)).read().split():
+        assert time.monotonic() < deadline
+        time.sleep(0.0005)
     p.terminate()
     p.join()
     codes = [w.exitcode for w in p._pool]
