@@ -159,7 +159,8 @@ static child_t children[MAX_CHILDREN];
 static int n_children;
 static int n_spawned;      /* workers this zygote forked (their numbers) */
 static cp_shm *zshm;       /* the pool's slots (their ctl's zygote line) */
-static int zsfd = -1;      /* the zygote's SIGCHLD signalfd */
+static int zsfd = -1;      /* the zygote's signalfd (SIGCHLD, forwarded) */
+static pid_t zparent;      /* the pool's process, the zygote's parent */
 static struct sigaction parent_chld;   /* the parent's SIGCHLD, for workers */
 
 /* In a worker: its number among its zygote's forks, from 1. */
@@ -220,6 +221,86 @@ leaving(int i)
            running(i);
 }
 
+/*
+ * Signals a task may send to os.getppid(), which is the zygote: with
+ * multiprocessing it is the pool's process, so the zygote passes on those a
+ * worker sends (kill(), sigqueue()) to its parent.  Blocked and read from
+ * the signalfd, with the sender's pid.  Faults, job control, SIGPIPE and
+ * the resource-limit signals are the zygote's own business and are left
+ * alone, as are glibc's internal real-time signals (below SIGRTMIN).
+ */
+static const int fwd_signals[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2,
+                                  SIGALRM, SIGTERM, SIGWINCH, SIGVTALRM,
+                                  SIGPROF, SIGIO, SIGPWR};
+
+static void
+fwd_sigset(sigset_t *set)
+{
+    for (size_t i = 0; i < sizeof fwd_signals / sizeof fwd_signals[0]; i++)
+        sigaddset(set, fwd_signals[i]);
+    for (int sig = SIGRTMIN; sig <= SIGRTMAX; sig++)
+        sigaddset(set, sig);
+}
+
+static int
+is_child(pid_t pid)
+{
+    for (int i = 0; i < n_children; i++)
+        if (children[i].pid == pid)
+            return 1;
+    return 0;
+}
+
+/*
+ * A signal other than SIGCHLD has been read from the signalfd.  From a
+ * worker (still unreaped: reap() reads the signals before it collects),
+ * it goes to the parent, while the parent is still there (a dead parent's
+ * pid could name another process once it is reaped; getppid() changes as
+ * soon as it dies).  From anyone else (a Ctrl-C, a killpg(), a kill
+ * aimed at the zygote) it does what the zygote's inherited disposition
+ * says, except that a handler is not run (the handler is the parent's
+ * Python one, and the zygote runs no Python): ignored, or, at the default,
+ * the default action (SIGINT is ignored: see zygote_main).
+ */
+static void
+on_signal(const struct signalfd_siginfo *si)
+{
+    int sig = (int)si->ssi_signo;
+    int sent = si->ssi_code == SI_USER || si->ssi_code == SI_QUEUE ||
+               si->ssi_code == SI_TKILL;
+    if (sent && is_child((pid_t)si->ssi_pid)) {
+        if (getppid() == zparent) {
+            if (si->ssi_code == SI_QUEUE) {
+                union sigval v = {.sival_ptr = (void *)(uintptr_t)si->ssi_ptr};
+                sigqueue(zparent, sig, v);
+            } else {
+                kill(zparent, sig);
+            }
+        }
+        return;
+    }
+    struct sigaction cur;
+    if (sigaction(sig, NULL, &cur) < 0 || cur.sa_handler != SIG_DFL)
+        return;
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    raise(sig);                     /* pending while blocked */
+    sigprocmask(SIG_UNBLOCK, &one, NULL);
+}
+
+/* Read every signal waiting on the signalfd; SIGCHLD needs no more than
+ * the look at the children that follows. */
+static void
+drain_signals(void)
+{
+    struct signalfd_siginfo si;
+    while (zsfd >= 0 && read(zsfd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo != SIGCHLD)
+            on_signal(&si);
+    }
+}
+
 /* Wait, woken by SIGCHLD, until no child is still `busy(i)`, for at most
  * ms milliseconds. */
 static void
@@ -239,9 +320,7 @@ wait_while(int (*busy)(int), int ms)
             return;
         struct pollfd p = {.fd = zsfd, .events = POLLIN};
         poll(&p, 1, (int)left);
-        struct signalfd_siginfo si;
-        while (read(zsfd, &si, sizeof si) > 0)
-            ;
+        drain_signals();
     }
 }
 
@@ -345,11 +424,9 @@ spawn(int sock, const sigset_t *oldmask, int sfd, cp_worker_fn fn, void *arg,
 }
 
 static void
-reap(int sock, int sfd)
+reap(int sock)
 {
-    struct signalfd_siginfo si;
-    while (read(sfd, &si, sizeof si) > 0)
-        ;
+    drain_signals();
     /* Downwards: collect() moves the last entry into the one it drops. */
     for (int i = n_children - 1; i >= 0; i--) {
         cp_zmsg m;
@@ -364,7 +441,8 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
 {
     sigset_t mask, oldmask;
 
-    /* Ctrl-C is the parent's business: a pool's processes never see it. */
+    /* Ctrl-C is the parent's business: a pool's processes never see it
+     * (a SIGINT a worker sends goes to the parent: on_signal). */
     signal(SIGINT, SIG_IGN);
     /* The zygote reaps its workers itself: with the parent's SIGCHLD set to
      * SIG_IGN (or SA_NOCLDWAIT), a common way to avoid zombies, the kernel
@@ -375,6 +453,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
     sigaction(SIGCHLD, &dfl, &parent_chld);
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
+    fwd_sigset(&mask);
     sigprocmask(SIG_BLOCK, &mask, &oldmask);
     int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
@@ -393,7 +472,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
             kill_all_and_exit(sock);
         }
         if (fds[1].revents)
-            reap(sock, sfd);
+            reap(sock);
         if (fds[0].revents) {
             cp_zmsg m;
             int rc = cp_proc_recv(sock, &m);
@@ -405,7 +484,7 @@ zygote_main(int sock, cp_worker_fn fn, void *arg, int nfirst)
                 /* CP_Z_KILL, CP_Z_QUIT.  Those that left on their own (the
                  * idle workers terminate() lets go) are reported as usual
                  * first: Pool._pool tells their exit codes. */
-                reap(sock, sfd);
+                reap(sock);
                 kill_all_and_exit(sock);
             }
         } else if (first < nfirst) {
@@ -424,11 +503,13 @@ int
 cp_proc_zygote_start(int sock_child, int sock_parent, cp_worker_fn fn,
                      void *arg, cp_shm *shm, int nfirst, pid_t *zpid)
 {
+    pid_t parent = getpid();
     PyOS_BeforeFork();
     pid_t pid = fork();
     if (pid == 0) {
         /* No PyOS_AfterFork_Child(): the zygote runs no Python (see top). */
         close(sock_parent);
+        zparent = parent;
         /* The table may hold another zygote's children if this process is
          * itself a worker (a pool made inside a task): start empty. */
         n_children = 0;

@@ -547,3 +547,12 @@ def meet(path, _item=None, n=2):
             raise TimeoutError("only %d of %d workers met" % (len(os.listdir(path)), n))
         time.sleep(0.001)
     return os.getpid()
+
+
+def signal_parent(sig, then_exit=False):
+    """Send sig to os.getppid(), as a task tells the program that started
+    it; with then_exit, the worker ends right after."""
+    os.kill(os.getppid(), sig)
+    if then_exit:
+        os._exit(0)
+    return os.getpid()

@@ -15,6 +15,7 @@ import operator
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1951,6 +1952,89 @@ def test_programs_a_task_runs_get_ctrl_c(Pool):
     # with the default disposition: Ctrl-C stops it.
     with Pool(1) as p:
         assert p.apply(helpers.child_gets_ctrl_c) == "True"
+
+
+def _wait_for(pred, timeout=T):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("installed", ["before", "after"])
+def test_a_signal_a_task_sends_its_parent_reaches_the_pools_process(Pool, sig, installed):
+    # os.getppid() in a task: with multiprocessing, the pool's process.  A
+    # program's handler runs, whether it was installed before the pool (the
+    # workers have it too) or after, and the pool goes on.
+    got = []
+    old = signal.getsignal(sig)
+    try:
+        if installed == "before":
+            signal.signal(sig, lambda s, f: got.append(s))
+        with Pool(1) as p:
+            if installed == "after":
+                signal.signal(sig, lambda s, f: got.append(s))
+            p.apply(helpers.square, (1,))
+            p.apply(helpers.signal_parent, (sig,))
+            _wait_for(lambda: got)
+            assert got == [sig]
+            assert p.apply(helpers.square, (3,)) == 9
+    finally:
+        signal.signal(sig, old)
+
+
+def test_a_signal_from_a_worker_that_exits_at_once_still_reaches_the_parent(cpool_Pool):
+    # The fork server reads the signal before it reaps the sender.
+    got = []
+    old = signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))
+    try:
+        with cpool_Pool(1) as p:
+            with pytest.raises(multiprocessing.ProcessError):
+                p.apply(helpers.signal_parent, (signal.SIGUSR2, True))
+            _wait_for(lambda: got)
+            assert got == [signal.SIGUSR2]
+            assert p.apply(helpers.square, (3,)) == 9
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
+def _pending(pid, sig):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(("SigPnd:", "ShdPnd:")) and \
+                    int(line.split()[1], 16) >> (sig - 1) & 1:
+                return True
+    return False
+
+
+def test_a_signal_sent_to_the_fork_server_by_others_is_not_passed_on(cpool_Pool):
+    # Only what its workers send goes to the parent.  And the parent's
+    # Python handler, which the fork server inherited, is not run there: it
+    # would write to the parent's wake-up fd (asyncio's self-pipe), as if
+    # the parent had got the signal.
+    got = []
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    old_fd = signal.set_wakeup_fd(w.fileno())
+    try:
+        with cpool_Pool(1) as p:
+            assert p.apply(helpers.square, (2,)) == 4
+            z = p._core.zygote_pid
+            os.kill(z, signal.SIGUSR1)
+            _wait_for(lambda: not _pending(z, signal.SIGUSR1))
+            time.sleep(0.05)
+            assert p.apply(helpers.square, (3,)) == 9
+            assert got == []
+            with pytest.raises(BlockingIOError):
+                r.recv(16)
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, old)
+        r.close()
+        w.close()
 
 
 @pytest.mark.parametrize("initargs", [None, 5, ()])
