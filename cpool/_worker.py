@@ -48,12 +48,14 @@ def prepare():
             atexit.register(_devnull.close)
 
 
-def worker_name(identity):
-    """A pool worker's name, as multiprocessing gives it from its identity."""
-    return "ForkPoolWorker-" + ":".join(map(str, identity))
+def worker_name(identity, cls_name="ForkProcess"):
+    """A pool worker's name, as multiprocessing gives it from its identity
+    and its process class's name ("ForkProcess" gives "ForkPoolWorker")."""
+    return cls_name.replace("Process", "PoolWorker") + "-" + \
+        ":".join(map(str, identity))
 
 
-def become_worker(number, parent_pid, _modules=sys.modules):
+def become_worker(number, parent_pid, process=None, _modules=sys.modules):
     """Start-up of a worker, as multiprocessing's fork children start (its
     BaseProcess._bootstrap): multiprocessing sees this process as a pool
     worker ("ForkPoolWorker-<n>", n drawn from the parent's count of the
@@ -68,13 +70,23 @@ def become_worker(number, parent_pid, _modules=sys.modules):
     Every worker runs this before its first task, so it is kept cheap: the
     modules come from sys.modules (this module and they are imported before
     the fork), and the process object is filled in directly rather than
-    through BaseProcess.__init__, which this process is not starting."""
+    through BaseProcess.__init__, which this process is not starting.
+
+    process: None for a daemonic ForkProcess, or (class, daemon) when the
+    pool's Process is not the stock one (see pool._worker_process): the
+    class, and the daemon flag of its config (None: not set)."""
+    if process is None:
+        cls, daemon = _modules["multiprocessing.context"].ForkProcess, True
+    else:
+        cls, daemon = process
     process = _modules["multiprocessing.process"]
     util = _modules["multiprocessing.util"]
     parent = process._current_process
-    me = object.__new__(_modules["multiprocessing.context"].ForkProcess)
+    me = object.__new__(cls)
     me._identity = parent._identity + (number,)
-    me._config = dict(parent._config, daemon=True)
+    me._config = dict(parent._config, daemon=daemon)
+    if daemon is None:
+        del me._config["daemon"]
     me._parent_pid = parent_pid
     me._parent_name = parent._name
     me._popen = None
@@ -82,7 +94,7 @@ def become_worker(number, parent_pid, _modules=sys.modules):
     me._target = None
     me._args = ()
     me._kwargs = {}
-    me._name = worker_name(me._identity)
+    me._name = worker_name(me._identity, cls.__name__)
     process._process_counter = itertools.count(1)
     process._children = set()
     # stdin: multiprocessing closes sys.stdin and opens /dev/null in its

@@ -679,11 +679,13 @@ class WorkerProcess:
                  "_core", "_slot", "_parent_pid", "_doomed", "__weakref__")
     daemon = True
 
-    def __init__(self, pid, number, slot, ident, core, pidfd=True):
+    def __init__(self, pid, number, slot, ident, core, pidfd=True,
+                 cls_name="ForkProcess"):
         self.pid = pid
         # As the worker calls itself (see _worker.become_worker).
         self._name = _worker.worker_name(
-            multiprocessing.current_process()._identity + (ident or number,))
+            multiprocessing.current_process()._identity + (ident or number,),
+            cls_name)
         self._number = number
         self._exitcode = None
         self._core = weakref.ref(core)
@@ -862,6 +864,40 @@ def _start_method(context):
     return context.get_start_method()
 
 
+_STOCK_PROCESS = _mp.Pool.Process
+_STOCK_PROCESS_CLASSES = (multiprocessing.context.Process,
+                          multiprocessing.context.ForkProcess)
+
+
+def _worker_process(pool, context):
+    """What the workers' multiprocessing process objects are made from.
+
+    multiprocessing's Pool makes each with Pool.Process(ctx, ...) (a
+    staticmethod a subclass may replace; ctx.Process by default) and sets
+    its daemon flag.  None for the stock classes: a daemonic ForkProcess.
+    For another class (the "non-daemonic pool" recipe: a context whose
+    Process ignores daemon = True, so that tasks may start processes), its
+    class and the daemon flag its config ends up with, from one object made
+    as multiprocessing makes them and never started (so not counted: the
+    process counter is set aside meanwhile)."""
+    make = type(pool).Process
+    ctx = context if context is not None else multiprocessing.get_context()
+    if make is _STOCK_PROCESS and \
+            getattr(ctx, "Process", None) in _STOCK_PROCESS_CLASSES:
+        return None
+    process = multiprocessing.process
+    counter = process._process_counter
+    process._process_counter = itertools.count(1)
+    try:
+        w = make(ctx, target=None)
+        w.daemon = True
+    finally:
+        process._process_counter = counter
+    if not isinstance(w, process.BaseProcess):
+        return None
+    return (type(w), w._config.get("daemon"))
+
+
 class Pool(_core.PoolBase, _mp.Pool):
     """A drop-in replacement for multiprocessing.Pool.
 
@@ -920,9 +956,13 @@ class Pool(_core.PoolBase, _mp.Pool):
         # initargs only matter with an initializer (multiprocessing takes
         # initargs=None without one).
         initargs = tuple(initargs) if initializer is not None else ()
+        process = _worker_process(self, context)
+        self._worker_class_name = (process[0] if process else
+                                   multiprocessing.context.ForkProcess).__name__
         self._core = _core.Core(processes, initializer, initargs,
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
-                                _make_error, _default_spin_ns(processes))
+                                _make_error, _default_spin_ns(processes),
+                                process)
         self._collector = threading.Thread(target=self._core.collect,
                                            name="cpool-collector", daemon=True)
         self._collector.start()
@@ -948,6 +988,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             return []
         # (Terminated: the workers have ended, no pidfds are needed.)
         make = functools.partial(_make, core=core,
+                                 cls_name=self._worker_class_name,
                                  pidfd=self._state != TERMINATE)
         deadline = time.monotonic() + 1.0
         while True:

@@ -2597,25 +2597,28 @@ arena_setup(Core *c)
 }
 
 /* Core(processes, initializer, initargs, maxtasks, ring_bytes, cache,
- *      make_error, spin_ns) */
+ *      make_error, spin_ns, process=None); process: what the workers'
+ *      multiprocessing process objects are made from (see
+ *      _worker.become_worker) */
 static int
 Core_init(Core *c, PyObject *args, PyObject *kwds)
 {
     int n;
-    PyObject *init, *initargs, *cache, *make_error;
+    PyObject *init, *initargs, *cache, *make_error, *process = Py_None;
     long maxtasks, spin_ns;
     unsigned long long ring_bytes;
     static char *kwlist[] = {"processes", "initializer", "initargs", "maxtasks",
-                             "ring_bytes", "cache", "make_error", "spin_ns", NULL};
+                             "ring_bytes", "cache", "make_error", "spin_ns",
+                             "process", NULL};
 
     if (c->shm.base != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Core already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO!lKO!Ol", kwlist, &n, &init,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO!lKO!Ol|O", kwlist, &n, &init,
                                      &PyTuple_Type, &initargs, &maxtasks,
                                      &ring_bytes, &PyDict_Type, &cache,
-                                     &make_error, &spin_ns))
+                                     &make_error, &spin_ns, &process))
         return -1;
     if (n < 1 || n > 4096) {
         PyErr_SetString(PyExc_ValueError, "processes must be between 1 and 4096");
@@ -2634,6 +2637,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     c->spin_ns = spin_ns;
     c->initializer = Py_NewRef(init);
     c->initargs = Py_NewRef(initargs);
+    c->process = Py_NewRef(process);
     c->cache = Py_NewRef(cache);
     c->make_error = Py_NewRef(make_error);
     c->fids = PyDict_New();
@@ -2718,6 +2722,7 @@ Core_traverse(Core *c, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(c));
     Py_VISIT(c->initializer);
     Py_VISIT(c->initargs);
+    Py_VISIT(c->process);
     Py_VISIT(c->cache);
     Py_VISIT(c->make_error);
     Py_VISIT(c->fids);
@@ -2744,6 +2749,7 @@ Core_clear(Core *c)
 {
     Py_CLEAR(c->initializer);
     Py_CLEAR(c->initargs);
+    Py_CLEAR(c->process);
     Py_CLEAR(c->cache);
     Py_CLEAR(c->make_error);
     Py_CLEAR(c->fids);

@@ -430,6 +430,7 @@ typedef struct Core {
     uint32_t next_fid;
     PyObject *initializer;
     PyObject *initargs;
+    PyObject *process;     /* for become_worker: None, or (class, daemon) */
     long maxtasks;         /* 0 = unlimited */
     long spin_ns;
     int ring_check_ms;     /* the collector's longest sleep (RING_CHECK_MS) */

@@ -70,13 +70,14 @@ worker_exit(int code)
     _exit(code);
 }
 
-/* Call cpool._worker.<name>(args...); an error there is reported, not
- * fatal (the worker can run tasks without it). */
+/* Call cpool._worker.<name>(a, b, o), or with no arguments if fmt is NULL;
+ * an error there is reported, not fatal (the worker can run tasks without
+ * it). */
 static void
-call_worker_hook(const char *name, const char *fmt, int a, int b)
+call_worker_hook(const char *name, const char *fmt, int a, int b, PyObject *o)
 {
     PyObject *mod = PyImport_ImportModule("cpool._worker");
-    PyObject *r = mod ? (fmt ? PyObject_CallMethod(mod, name, fmt, a, b)
+    PyObject *r = mod ? (fmt ? PyObject_CallMethod(mod, name, fmt, a, b, o)
                              : PyObject_CallMethod(mod, name, NULL))
                       : NULL;
     if (r == NULL)
@@ -89,7 +90,7 @@ call_worker_hook(const char *name, const char *fmt, int a, int b)
 static void __attribute__((noreturn))
 worker_leave(void)
 {
-    call_worker_hook("exiting", NULL, 0, 0);
+    call_worker_hook("exiting", NULL, 0, 0, NULL);
     worker_exit(0);
 }
 
@@ -485,8 +486,9 @@ cp_worker_main(void *arg, int slot)
     cp_store_release(&w.ctl->state, CP_W_STARTING);
 
     uint32_t ident = cp_load_relaxed(&w.ctl->ident);
-    call_worker_hook("become_worker", "ii",
-                     ident ? (int)ident : cp_proc_worker_number(), (int)c->owner);
+    call_worker_hook("become_worker", "iiO",
+                     ident ? (int)ident : cp_proc_worker_number(), (int)c->owner,
+                     c->process);
     run_initializer(&w);
     cp_store_release(&w.ctl->state, CP_W_READY);
 

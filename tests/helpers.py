@@ -11,6 +11,7 @@ a "long enough" time.  Every gated task has a fallback deadline
 the run.
 """
 import functools
+import multiprocessing
 import os
 import sys
 import threading
@@ -556,3 +557,31 @@ def signal_parent(sig, then_exit=False):
     if then_exit:
         os._exit(0)
     return os.getpid()
+
+
+class NoDaemonProcess(multiprocessing.Process):
+    """The "non-daemonic pool" recipe: a Process whose daemon flag stays
+    False, so that pool workers may start processes of their own."""
+
+    @property
+    def daemon(self):
+        return False
+
+    @daemon.setter
+    def daemon(self, value):
+        pass
+
+
+class NoDaemonContext(type(multiprocessing.get_context("fork"))):
+    Process = NoDaemonProcess
+
+
+def start_a_process(_=None):
+    """Start and join a multiprocessing.Process from a worker: what a
+    daemonic worker may not do.  Returns what the worker is, and the
+    child's exit code."""
+    me = multiprocessing.current_process()
+    child = multiprocessing.Process(target=square, args=(2,))
+    child.start()
+    child.join(60)
+    return type(me).__name__, me.daemon, me.name.rsplit("-", 1)[0], child.exitcode

@@ -1972,7 +1972,8 @@ def test_a_signal_a_task_sends_its_parent_reaches_the_pools_process(Pool, sig, i
     try:
         if installed == "before":
             signal.signal(sig, lambda s, f: got.append(s))
-        with Pool(1) as p:
+        p = Pool(1)
+        try:
             if installed == "after":
                 signal.signal(sig, lambda s, f: got.append(s))
             p.apply(helpers.square, (1,))
@@ -1980,6 +1981,12 @@ def test_a_signal_a_task_sends_its_parent_reaches_the_pools_process(Pool, sig, i
             _wait_for(lambda: got)
             assert got == [sig]
             assert p.apply(helpers.square, (3,)) == 9
+        finally:
+            # Not terminate(): multiprocessing's workers would get its
+            # SIGTERM, run the handler they inherited (which does not
+            # exit), and multiprocessing would wait for them forever.
+            p.close()
+            p.join()
     finally:
         signal.signal(sig, old)
 
@@ -2035,6 +2042,49 @@ def test_a_signal_sent_to_the_fork_server_by_others_is_not_passed_on(cpool_Pool)
         signal.signal(signal.SIGUSR1, old)
         r.close()
         w.close()
+
+
+def _pool_class(impl):
+    if impl == "mp":
+        return multiprocessing.pool.Pool
+    import cpool
+    return cpool.Pool
+
+
+@pytest.mark.parametrize("how", ["context", "Process"])
+def test_the_non_daemonic_pool_recipe(impl, how):
+    # A context whose Process ignores daemon = True (or a Pool subclass
+    # whose Process makes such processes): its workers may start processes,
+    # and are named after the class, as multiprocessing names them.
+    base = _pool_class(impl)
+    if how == "context":
+        class NestablePool(base):
+            def __init__(self, *args, **kwargs):
+                kwargs["context"] = helpers.NoDaemonContext()
+                super().__init__(*args, **kwargs)
+    else:
+        class NestablePool(base):
+            @staticmethod
+            def Process(ctx, *args, **kwds):
+                return helpers.NoDaemonProcess(*args, **kwds)
+    counter = multiprocessing.process._process_counter
+    first = next(counter)
+    with NestablePool(2) as p:
+        # Its workers took two numbers, no more (the class was tried out
+        # on an object that was not counted).
+        assert next(counter) == first + 3
+        assert p.map(helpers.start_a_process, range(2), chunksize=1) == \
+            [("NoDaemonProcess", False, "NoDaemonPoolWorker", 0)] * 2
+        assert sorted(w.name for w in p._pool) == \
+            ["NoDaemonPoolWorker-%d" % (first + 1), "NoDaemonPoolWorker-%d" % (first + 2)]
+
+
+def test_a_stock_pool_worker_is_a_daemon_that_cannot_start_processes(impl):
+    with _pool_class(impl)(1) as p:
+        me = p.apply(helpers.name_and_pid)
+        with pytest.raises(AssertionError, match="daemonic processes"):
+            p.apply(helpers.start_a_process)
+    assert me[0].startswith("ForkPoolWorker-")
 
 
 @pytest.mark.parametrize("initargs", [None, 5, ()])
