@@ -534,6 +534,34 @@ def test_terminate_kills_busy_workers(Pool, impl, gate):
         p.apply(helpers.square, (1,))
 
 
+def test_terminate_runs_the_error_callbacks_of_the_results_it_fails(cpool_Pool, gate):
+    # Each unfinished result fails with PoolTerminatedError, and its
+    # error_callback runs with that error (once), as for any failed
+    # result, on the collector thread: by the time join() returns; no
+    # callback runs.  (multiprocessing runs neither: its results stay
+    # pending forever.)
+    import cpool
+    got = []
+    p = cpool_Pool(1)
+    try:
+        sp = gate.started_path()
+        rs = [p.apply_async(helpers.gated, (0, gate.path, sp),
+                            callback=got.append, error_callback=got.append)]
+        gate.wait_started(sp)
+        rs += [p.apply_async(helpers.square, (i,), callback=got.append,
+                             error_callback=got.append) for i in range(3)]
+        rs.append(p.map_async(helpers.square, range(5), callback=got.append,
+                              error_callback=got.append))
+    finally:
+        p.terminate()
+        p.join()
+    assert len(got) == len(rs) == 5
+    assert all(isinstance(e, cpool.PoolTerminatedError) for e in got), got
+    for r in rs:
+        with pytest.raises(cpool.PoolTerminatedError):
+            r.get(timeout=0)
+
+
 def test_terminate_idle_and_twice(Pool):
     p = Pool(2)
     assert p.apply(helpers.square, (3,)) == 9
