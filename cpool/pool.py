@@ -869,7 +869,7 @@ _STOCK_PROCESS_CLASSES = (multiprocessing.context.Process,
                           multiprocessing.context.ForkProcess)
 
 
-def _worker_process(pool, context):
+def _worker_process(pool):
     """What the workers' multiprocessing process objects are made from.
 
     multiprocessing's Pool makes each with Pool.Process(ctx, ...) (a
@@ -881,7 +881,7 @@ def _worker_process(pool, context):
     as multiprocessing makes them and never started (so not counted: the
     process counter is set aside meanwhile)."""
     make = type(pool).Process
-    ctx = context if context is not None else multiprocessing.get_context()
+    ctx = pool._ctx
     if make is _STOCK_PROCESS and \
             getattr(ctx, "Process", None) in _STOCK_PROCESS_CLASSES:
         return None
@@ -926,7 +926,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         if method != "fork":
             raise ValueError("%s forks its workers: start method %r is not "
                              "supported" % (type(self).__name__, method))
-        self._ctx = context
+        self._ctx = context or multiprocessing.get_context()
         self._feeders = {}      # feeder thread -> its imap result
         self._idle_feeders = []  # feeder threads waiting for their next call
         self._feed_threads = []  # every feeder thread started (join() joins them)
@@ -956,7 +956,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         # initargs only matter with an initializer (multiprocessing takes
         # initargs=None without one).
         initargs = tuple(initargs) if initializer is not None else ()
-        process = _worker_process(self, context)
+        process = _worker_process(self)
         self._worker_class_name = (process[0] if process else
                                    multiprocessing.context.ForkProcess).__name__
         self._core = _core.Core(processes, initializer, initargs,
@@ -1384,3 +1384,8 @@ class Pool(_core.PoolBase, _mp.Pool):
         # The workers' objects kept in the list hold no pidfds once ended.
         for w in self._kept_workers:
             w._let_go()
+
+
+# What inspect.signature(Pool) tells (help(), IDEs): __init__'s parameters,
+# not __new__'s (*args, **kwargs).  A subclass's own __init__ still wins.
+Pool.__new__.__wrapped__ = Pool.__init__

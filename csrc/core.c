@@ -1264,8 +1264,10 @@ zygote_events(Core *c)
         if (rc <= 0) {
             /* The zygote is gone: no more workers can be made.  Its workers
              * die with it (PR_SET_PDEATHSIG). */
-            if (c->state < CORE_DONE)
+            if (c->state < CORE_DONE) {
                 c->state = CORE_BROKEN;
+                c->broken = 1;
+            }
             return 1;
         }
         progress = 1;
@@ -1714,6 +1716,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
              * the zygote: PR_SET_PDEATHSIG is set before they hang.) */
             kill_zygote(c, c->zpid);
             c->state = CORE_BROKEN;
+            c->broken = 1;
             continue;
         }
         if (timeout_ms < 0 || timeout_ms > c->ring_check_ms)
@@ -1739,6 +1742,20 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
 }
 
 /* ---------------------------------------------------------- Python API */
+
+/* The error for work given to a pool that no longer takes it: multiprocessing's
+ * ValueError, which says why when the pool broke (its state is still RUN
+ * for the Python layer: only close() or terminate() change that). */
+static void
+not_running(Core *c)
+{
+    if (c->broken)
+        PyErr_SetString(PyExc_ValueError, "Pool not running: it is broken "
+                        "(its fork server is gone, or its workers could not "
+                        "start); terminate() it and make another");
+    else
+        PyErr_SetString(PyExc_ValueError, "Pool not running");
+}
 
 static int
 check_owner(Core *c)
@@ -1872,7 +1889,7 @@ submit_args(Core *c, PyObject *const *args, unsigned long long *job,
     if (check_owner(c) < 0)
         return -1;
     if (c->state > CORE_CLOSING) {
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        not_running(c);
         return -1;
     }
     return 0;
@@ -1887,7 +1904,7 @@ queue_made_task(Core *c, cp_task *tp)
     if (c->state > CORE_CLOSING) {
         /* Terminated or shut down while pickling (which runs Python). */
         task_clear(&t);
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        not_running(c);
         return -1;
     }
     if (fifo_push_back(&c->pending, &t) < 0) {
@@ -2047,7 +2064,7 @@ cp_core_apply_async(PyObject *core, PyObject *const *args, uint64_t flags)
             cp_result_forget(r);
             Py_DECREF(r);
             PyErr_Clear();
-            PyErr_SetString(PyExc_ValueError, "Pool not running");
+            not_running(c);
             return NULL;
         }
         fail_unsent(c, job, 0, cp_err_take(),
@@ -2120,7 +2137,7 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (check_owner(c) < 0)
         return NULL;
     if (c->state != CORE_RUN) {
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        not_running(c);
         return NULL;
     }
     if (c->pending.len || !c->collecting || c->ncalls >= CP_MAX_CALLS)
@@ -2152,7 +2169,7 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (c->state != CORE_RUN) {
         task_clear(&t);
         call_unregister(c, &call);
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        not_running(c);
         return NULL;
     }
     /* The slot may have been taken while we pickled. */
@@ -2248,7 +2265,7 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
             break;
     }
     if (k == n && c->state > CORE_CLOSING) {
-        PyErr_SetString(PyExc_ValueError, "Pool not running");
+        not_running(c);
     }
     if (k < n || PyErr_Occurred()) {
         while (k-- > 0)

@@ -407,6 +407,7 @@ typedef struct Core {
     int all_reaped;        /* the zygote exited 0: every worker was reaped */
     uint32_t zreaping;     /* a thread is reaping the zygote (reap_zygote) */
     int state;             /* CORE_* */
+    int broken;            /* it went through CORE_BROKEN */
     int quiet;             /* terminated at interpreter exit: unfinished
                               results fail without waking their waiters or
                               running callbacks (deliver_quietly) */

@@ -335,9 +335,10 @@ def test_imap_bad_chunksize(Pool, method, chunksize):
 @pytest.mark.parametrize("method", ["map", "map_async", "starmap", "starmap_async"])
 @pytest.mark.parametrize("chunksize", [0, -1])
 def test_map_bad_chunksize(cpool_Pool, method, chunksize):
-    # multiprocessing waits forever here; cpool raises imap's ValueError
-    # (it used to return a list of None).  An empty input still gives [], as
-    # with multiprocessing.
+    # multiprocessing returns a list of None here, without running the
+    # function (3.10 to 3.13); cpool raises imap's ValueError rather than
+    # lose the work silently.  An empty input still gives [], as with
+    # multiprocessing.
     star = method.startswith("star")
     items = [(i, 2) for i in range(5)] if star else range(5)
     func = helpers.mul if star else helpers.square
@@ -2070,6 +2071,21 @@ def test_a_signal_sent_to_the_fork_server_by_others_is_not_passed_on(cpool_Pool)
         signal.signal(signal.SIGUSR1, old)
         r.close()
         w.close()
+
+
+def test_the_pool_has_multiprocessings_signature_and_context(impl):
+    import inspect
+    base = _pool_class(impl)
+    assert inspect.signature(base) == inspect.signature(multiprocessing.pool.Pool)
+    fork = multiprocessing.get_context("fork")
+    for context, expected in [(None, multiprocessing.get_context()), (fork, fork)]:
+        with base(1, context=context) as p:
+            assert p._ctx is expected
+
+    class Sub(base):
+        def __init__(self, n, extra=None):
+            super().__init__(n)
+    assert str(inspect.signature(Sub)) == "(n, extra=None)"
 
 
 def _pool_class(impl):

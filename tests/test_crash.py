@@ -18,7 +18,7 @@ import crash_tasks as T
 import helpers
 
 pytestmark = pytest.mark.cpool_only
-from cpool import Pool, PoolTerminatedError, WorkerLostError
+from cpool import Pool, PoolBrokenError, PoolTerminatedError, WorkerLostError
 from multiprocessing import ProcessError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 
@@ -1321,3 +1321,29 @@ def test_worker_lost_in_apply_names_the_call_when_no_worker_is_idle(pool, gate):
     assert "crash_tasks.kill_self" in message
     assert [r.get(timeout=10) for r in held] == [0, 1]
     assert pool.apply(T.square, (3,)) == 9
+
+
+def test_a_pool_whose_fork_server_died_says_so():
+    # Its workers die with it (their parent-death signal); what they ran
+    # fails with PoolBrokenError (or WorkerLostError, if the worker's end
+    # is seen first), and later work is refused with multiprocessing's
+    # ValueError, which says why.
+    p = Pool(1)
+    try:
+        assert p.apply(T.square, (3,)) == 9
+        os.kill(p._core.zygote_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                p.apply(T.square, (2,))
+            except ValueError as e:
+                assert "broken" in str(e) and "fork server" in str(e), e
+                assert str(e).startswith("Pool not running")
+                break
+            except (PoolBrokenError, WorkerLostError):
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        p.terminate()
+        p.join()
