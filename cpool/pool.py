@@ -580,6 +580,24 @@ def _raising(exc):
     yield   # noqa: unreachable (makes this a generator)
 
 
+# Inputs whose iterators cannot block or run code of the caller's: imap may
+# read several of their items before it sends them.  Any other input (a
+# generator, a file, a queue's iterator) has each item sent before the next
+# is read, as multiprocessing's task thread does: its next item may wait for
+# the results of those before it (a feedback loop), or for input that comes
+# over time.
+_PLAIN_INPUTS = (list, tuple, range, str, bytes, bytearray, dict, set,
+                 frozenset, collections.deque, type({}.keys()),
+                 type({}.values()), type({}.items()))
+
+
+def _plain_input(iterable):
+    if type(iterable) in _PLAIN_INPUTS:
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and type(iterable) is np.ndarray
+
+
 def _chunks(iterable, size):
     it = iter(iterable)
     while True:
@@ -1218,10 +1236,11 @@ class Pool(_core.PoolBase, _mp.Pool):
 
     def _feed(self, result, func, iterable, chunksize):
         """Feeder thread of one imap call (multiprocessing's task handler
-        does this for all calls, one after another).  Reads the input in
-        batches that grow while the input is quick to produce (one C call
-        per batch) and shrink when it is slow, so a slow generator's items
-        still go out one by one as they come."""
+        does this for all calls, one after another).  Reads a plain input (a
+        list, a range, an array: see _PLAIN_INPUTS) in batches that grow
+        while it is quick to produce (one C call per batch) and shrink when
+        it is slow; any other input item by item, each sent before the next
+        is read, since reading it may wait for those results."""
         i = 0
         try:
             try:
@@ -1243,6 +1262,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         """_feed()'s loop; returns the number of results the call has."""
         result._n_read = i = 0      # items read so far (for _feed's errors)
         batch = 1
+        most = 256 if _plain_input(iterable) else 1   # see _PLAIN_INPUTS
         ended = False               # the input ran out, or raised
         try:
             if chunksize == 1:
@@ -1269,7 +1289,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                 failed = e
             if bodies:
                 slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
-                batch = max(1, batch // 2) if slow else min(batch * 2, 256)
+                batch = max(1, batch // 2) if slow else min(batch * 2, most)
                 self._submit_batch(result, i, mode, func, bodies)
                 result._n_read = i = i + len(bodies)
             if failed is not None:

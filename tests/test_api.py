@@ -2080,6 +2080,33 @@ def test_a_signal_sent_to_the_fork_server_by_others_is_not_passed_on(cpool_Pool)
         w.close()
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_sends_each_item_of_a_generator_before_reading_the_next(Pool, method):
+    # A feedback loop: each input is made from the result before it.  Items
+    # read but held back for a batch would wait for themselves.
+    import queue
+    results = queue.Queue()
+
+    def feedback():
+        x = 1
+        for _ in range(6):
+            yield x
+            x = results.get(timeout=T)
+            if x is None:
+                return
+
+    with Pool(2) as p:
+        it = getattr(p, method)(helpers.square, feedback())
+        out = []
+        try:
+            for _ in range(6):
+                out.append(it.next(timeout=T))
+                results.put(out[-1] + 1)
+        finally:
+            results.put(None)
+    assert out == [1, 4, 25, 676, 458329, 210066388900]
+
+
 def test_the_pool_has_multiprocessings_signature_and_context(impl):
     import inspect
     base = _pool_class(impl)
