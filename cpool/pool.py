@@ -269,6 +269,8 @@ class IMapIterator(_mp.IMapIterator):
 
     _by_consumer = True
     _quiet_exc = None   # failed by a quiet terminate (_fail_quietly)
+    _in_input = False   # its feeder is reading the input
+    _cut = None         # the item terminate() ended it at (_cut_input)
 
     def _init_bound(self, n):
         # The conditions' lock itself: `with self._lock` is what `with
@@ -302,11 +304,6 @@ class IMapIterator(_mp.IMapIterator):
         if self._room_cond._waiters:
             self._room_cond.notify()
 
-    def _stop_feeding(self):
-        with self._lock:
-            self._stopped = True
-            self._room_cond.notify_all()
-
     def _release_on_completion(self):
         with self._lock:
             self._account_taken()
@@ -327,6 +324,22 @@ class IMapIterator(_mp.IMapIterator):
             self._stopped = True
             self._room_cond.notify_all()     # the feeder, not the consumers
             self._cache.pop(self._job, None)
+
+    def _cut_input(self):
+        """terminate(): the feeder stops.  If it is in the input, which may
+        wait for items that will never come (a generator reading a queue),
+        the call ends there rather than leave its consumer waiting: the
+        item it waits for fails, and the feeder drops whatever it gets
+        (see _feed_items)."""
+        with self._lock:
+            self._stopped = True
+            self._room_cond.notify_all()
+            if not self._in_input or self._cut is not None:
+                return
+            self._cut = n = self._n_read
+        self._set(n, (False, PoolTerminatedError(
+            "the pool was terminated while item %d was being read" % n)))
+        self._set_length(n + 1)
 
     # -- collector side
     def _arrived(self, obj):
@@ -981,9 +994,6 @@ class Pool(_core.PoolBase, _mp.Pool):
                                 maxtasksperchild or 0, RING_BYTES, self._cache,
                                 _make_error, _default_spin_ns(processes),
                                 process)
-        self._collector = threading.Thread(target=self._core.collect,
-                                           name="cpool-collector", daemon=True)
-        self._collector.start()
         self._owner = os.getpid()
         self._terminate = weakref.finalize(self, _finalize, self._core,
                                            self._owner, self._feed_lock,
@@ -991,6 +1001,17 @@ class Pool(_core.PoolBase, _mp.Pool):
         # _exit_pools() terminates it at exit; one made after that (by a
         # later atexit function) is left to weakref's own exit function.
         self._terminate.atexit = _exiting
+        self._collector = threading.Thread(target=self._core.collect,
+                                           name="cpool-collector", daemon=True)
+        try:
+            self._collector.start()
+        except BaseException:
+            # A Ctrl-C while it starts (or no thread to be had): the pool
+            # is not made, and its processes end now.  (The collector, if
+            # it started, keeps the core alive: no garbage collection would
+            # end them.)
+            self._finalize_now(quiet=False)
+            raise
         _live_pools.add(self)
         self._state = RUN
 
@@ -1214,7 +1235,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                 feeder = self._idle_feeders.pop()
                 self._feeders[feeder.thread] = result
                 feeder.job = job
-                feeder.wake.release()
+                go = feeder.wake.release
             else:
                 feeder = _Feeder(job)
                 feeder.thread = threading.Thread(
@@ -1224,7 +1245,11 @@ class Pool(_core.PoolBase, _mp.Pool):
                 self._feed_threads = [t for t in self._feed_threads
                                       if t.is_alive()]
                 self._feed_threads.append(feeder.thread)
-                feeder.thread.start()
+                go = feeder.thread.start
+        # Outside the lock: the feeder runs the input at once, and a fork
+        # there must not copy the lock held (a child that then stops the
+        # feeder's code would wait for it forever).
+        go()
         consumer = (_IMapUnorderedConsumer if cls is IMapUnorderedIterator
                     else _IMapConsumer)(result)
         if chunksize == 1:
@@ -1280,6 +1305,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             t0 = time.perf_counter()
             bodies = []
             failed = None
+            result._in_input = True     # (join() after terminate())
             try:
                 for _ in range(room):
                     bodies.append(next(tasks))
@@ -1287,6 +1313,12 @@ class Pool(_core.PoolBase, _mp.Pool):
                 pass
             except Exception as e:
                 failed = e
+            finally:
+                with result._lock:
+                    result._in_input = False
+                    cut = result._cut
+            if cut is not None:
+                return cut + 1          # terminate() ended the call there
             if bodies:
                 slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
                 batch = max(1, batch // 2) if slow else min(batch * 2, most)
@@ -1372,8 +1404,10 @@ class Pool(_core.PoolBase, _mp.Pool):
         with self._feed_lock:
             waiting = list(self._feeders.values())
         for result in waiting:
-            # Wake a feeder that waits for room; it sees TERMINATE and stops.
-            result._stop_feeding()
+            # Its feeder may wait for room (woken: it sees TERMINATE and
+            # stops) or in the input, for items that may never come: the
+            # consumer is not left waiting for them.
+            result._cut_input()
 
     def _finalize_now(self, quiet):
         # The finalizer, run now if it has not run.  Not by calling it: once
@@ -1393,8 +1427,12 @@ class Pool(_core.PoolBase, _mp.Pool):
             return          # a forked child has no workers to wait for
         with self._feed_lock:
             feeders = list(self._feed_threads)
+            reading = {t for t, r in self._feeders.items() if r._in_input}
         for f in feeders:
-            if f is not threading.current_thread():
+            # Once terminated, not a feeder waiting in its input, which may
+            # never give it back (it stops once it does).
+            if f is not threading.current_thread() and not (
+                    self._state == TERMINATE and f in reading):
                 f.join()
         if self._collector is not threading.current_thread():
             self._collector.join()

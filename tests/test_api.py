@@ -2107,6 +2107,52 @@ def test_imap_sends_each_item_of_a_generator_before_reading_the_next(Pool, metho
     assert out == [1, 4, 25, 676, 458329, 210066388900]
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_terminate_fails_an_imap_whose_input_waits(cpool_Pool, method):
+    # The input waits for items that will not come: terminate() ends the
+    # call there (that item fails) rather than leaving its consumer
+    # waiting, and join() does not
+    # wait for the feeder stuck in the input.  (multiprocessing's
+    # terminate() waits for it forever.)
+    import queue
+    import cpool
+    q = queue.Queue()
+    q.put(1)
+
+    def from_queue():
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            yield item
+
+    p = cpool_Pool(2)
+    try:
+        it = getattr(p, method)(helpers.square, from_queue())
+        assert it.next(timeout=T) == 1
+        got = []
+
+        def wait():
+            try:
+                got.append(it.next(timeout=T))
+            except BaseException as e:
+                got.append(e)
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.05)    # (most likely waiting by then; either way works)
+        p.terminate()
+        waiter.join(T)
+        assert len(got) == 1 and isinstance(got[0], cpool.PoolTerminatedError), got
+        # The call ended with the item its input was reading.
+        with pytest.raises(StopIteration):
+            it.next(timeout=0)
+        helpers.call_within(p.join, T)
+    finally:
+        q.put(None)         # the feeder leaves the input, and stops
+        p.terminate()
+        p.join()
+
+
 def test_the_pool_has_multiprocessings_signature_and_context(impl):
     import inspect
     base = _pool_class(impl)

@@ -1347,3 +1347,62 @@ def test_a_pool_whose_fork_server_died_says_so():
     finally:
         p.terminate()
         p.join()
+
+
+def test_an_interrupted_pool_construction_leaves_no_processes(monkeypatch):
+    # A Ctrl-C while the collector thread starts: Pool() raises it, and the
+    # fork server and its workers end (the started collector would keep
+    # them alive, with nothing left to end them).
+    start = threading.Thread.start
+    made = []
+
+    def interrupted_start(self):
+        if self.name == "cpool-collector":
+            start(self)
+            made.append(self)
+            raise KeyboardInterrupt
+        start(self)
+
+    def children():
+        with open("/proc/%d/task/%d/children" % (os.getpid(), os.getpid())) as f:
+            return set(f.read().split())
+
+    before = children()
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        Pool(2)
+    monkeypatch.undo()
+    assert len(made) == 1
+    made[0].join(10)
+    assert not made[0].is_alive()
+    deadline = time.monotonic() + 10
+    while children() - before:
+        assert time.monotonic() < deadline, children() - before
+        time.sleep(0.01)
+
+
+def test_a_process_forked_by_an_imap_input_can_exit():
+    # The input runs in the feeder thread, which starts right away: a child
+    # forked there, which leaves by raising SystemExit through the feeder's
+    # code, must not find the pool's feeder lock held by the thread that
+    # started the feeder (it would wait for it forever).
+    code = """
+        import os, sys
+        from cpool import Pool
+        import crash_tasks as T
+
+        def gen():
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)
+            _, status = os.waitpid(pid, 0)
+            print("child", os.waitstatus_to_exitcode(status), flush=True)
+            yield 1
+            yield 2
+
+        with Pool(2) as p:
+            print(list(p.imap(T.square, gen())))
+    """
+    out = _run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["child 0", "[1, 4]"], out.stdout
