@@ -103,6 +103,20 @@ def _flush_std_streams():
             pass        # None, or closed
 
 
+def _waits_for_itself(pool, timeout):
+    """A wait with no timeout, for a result of `pool`, in the pool's own
+    collector thread (a callback, or the loader of a result being
+    unpickled, that waits for another result) would never end: that thread
+    is the one that completes results.  It raises instead (multiprocessing
+    hangs there)."""
+    if timeout is None and pool is not None and \
+            pool._collector is threading.current_thread():
+        raise RuntimeError(
+            "a pool's callbacks run on the thread that completes its results: "
+            "one cannot wait there for a result of the same pool (it would "
+            "never come); hand the wait to another thread")
+
+
 def _not_the_owner():
     return RuntimeError(
         "cpool: a pool can only be used by the process that created it")
@@ -161,6 +175,7 @@ class ApplyResult(_core.ResultBase, _mp.ApplyResult):
             done = _done_lock(self)
             if done is None:
                 return          # ready meanwhile
+        _waits_for_itself(pool, timeout)
         if timeout is None:
             got = done.acquire()
         elif not timeout > 0:          # NaN too, as threading's wait
@@ -221,6 +236,7 @@ class MapResult(_mp.MapResult):
             pool = self._pool
             if pool is not None and pool._owner != os.getpid():
                 raise _not_the_owner()
+            _waits_for_itself(pool, timeout)
         self._event.wait(timeout)
 
     def _finish(self, callback):
@@ -444,6 +460,7 @@ class IMapIterator(_mp.IMapIterator):
                 if self._quiet_exc is not None:
                     raise self._quiet_exc
                 if timeout is None:
+                    _waits_for_itself(self._pool, None)
                     self._cond.wait()
                     continue
                 if deadline is None:
@@ -935,6 +952,8 @@ class Pool(_core.PoolBase, _mp.Pool):
     An instance of multiprocessing.pool.Pool, for code that checks what it
     was given; every public method, and the internals that matter, are
     cpool's own (multiprocessing's task and result threads are not used)."""
+
+    _collector = None   # its collector thread (see _waits_for_itself)
 
     def __new__(cls, *args, **kwargs):
         # cpool forks its workers.  Asked for another start method (a

@@ -1658,6 +1658,7 @@ Core_collect(Core *c, PyObject *Py_UNUSED(ignored))
     if (watch == NULL)
         return PyErr_NoMemory();
     c->collecting = 1;
+    c->collector = PyThread_get_thread_ident();
     Py_INCREF(c);
     for (;;) {
         int progress = deliver_late(c);
@@ -2140,7 +2141,10 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
         not_running(c);
         return NULL;
     }
-    if (c->pending.len || !c->collecting || c->ncalls >= CP_MAX_CALLS)
+    /* Not in the collector (a callback calling apply()): its wait would
+     * need the collector; the caller's slow path says so. */
+    if (c->pending.len || !c->collecting || c->ncalls >= CP_MAX_CALLS ||
+        PyThread_get_thread_ident() == c->collector)
         Py_RETURN_NONE;
     cp_slot *s = NULL;
     for (int i = 0; i < c->nslots; i++) {

@@ -412,6 +412,7 @@ typedef struct Core {
                               results fail without waking their waiters or
                               running callbacks (deliver_quietly) */
     int collecting;        /* the collector loop is running */
+    unsigned long collector;   /* its thread's ident, once it ran */
     int collected;         /* ... and has ended: nothing will deliver late */
     PyObject *late;        /* list of (job, index, exc): tasks that could not
                               be sent, whose results the collector fails

@@ -1406,3 +1406,41 @@ def test_a_process_forked_by_an_imap_input_can_exit():
     out = _run(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["child 0", "[1, 4]"], out.stdout
+
+
+@pytest.mark.parametrize("how", ["apply", "get", "map", "imap"])
+def test_a_callback_that_waits_for_the_pool_gets_an_error(pool, how, tmp_path):
+    # Callbacks run on the thread that completes results: a wait there for
+    # another result of the pool would never end (multiprocessing hangs).
+    # It raises; a result that is ready already can still be read there.
+    import helpers
+    gate = helpers.Gate(tmp_path)
+    done_before = pool.apply_async(T.square, (5,))
+    assert done_before.get(timeout=10) == 25
+    pending = pool.apply_async(helpers.gated, (7, gate.path))
+    got = []
+
+    def callback(value):
+        try:
+            got.append(done_before.get())
+            if how == "apply":
+                pool.apply(T.square, (value,))
+            elif how == "get":
+                pending.get()
+            elif how == "map":
+                pool.map(T.square, [value])
+            else:
+                list(pool.imap(T.square, [value]))
+        except RuntimeError as e:
+            got.append(e)
+
+    try:
+        r = pool.apply_async(T.square, (3,), callback=callback)
+        assert r.get(timeout=10) == 9
+        assert got[0] == 25
+        assert len(got) == 2 and isinstance(got[1], RuntimeError), got
+        assert "would never come" in str(got[1])
+    finally:
+        gate.open()
+    assert pending.get(timeout=10) == 7
+    assert pool.apply(T.square, (4,)) == 16
