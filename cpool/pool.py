@@ -83,7 +83,7 @@ def _make_error(kind, pid, status, job, index, func):
     if kind == _core.E_STARTUP:
         how, exitcode, hint = describe_status(status)
         return WorkerLostError(
-            "worker process %d %s while starting up (in the initializer), "
+            "worker process %d %s while starting up (its fork hooks or initializer), "
             "before it could run task %s%s" % (pid, how, task, hint),
             pid=pid, exitcode=exitcode, task=task)
     if kind == _core.E_TERMINATED:
