@@ -55,7 +55,7 @@ def worker_name(identity, cls_name="ForkProcess"):
         ":".join(map(str, identity))
 
 
-def become_worker(number, parent_pid, process=None, _modules=sys.modules):
+def become_worker(number, parent_pid, made_as=None, _modules=sys.modules):
     """Start-up of a worker, as multiprocessing's fork children start (its
     BaseProcess._bootstrap): multiprocessing sees this process as a pool
     worker ("ForkPoolWorker-<n>", n drawn from the parent's count of the
@@ -72,13 +72,13 @@ def become_worker(number, parent_pid, process=None, _modules=sys.modules):
     the fork), and the process object is filled in directly rather than
     through BaseProcess.__init__, which this process is not starting.
 
-    process: None for a daemonic ForkProcess, or (class, daemon) when the
+    made_as: None for a daemonic ForkProcess, or (class, daemon) when the
     pool's Process is not the stock one (see pool._worker_process): the
     class, and the daemon flag of its config (None: not set)."""
-    if process is None:
+    if made_as is None:
         cls, daemon = _modules["multiprocessing.context"].ForkProcess, True
     else:
-        cls, daemon = process
+        cls, daemon = made_as
     process = _modules["multiprocessing.process"]
     util = _modules["multiprocessing.util"]
     parent = process._current_process
