@@ -57,6 +57,9 @@
 #define FILL_CHUNK (UINT64_C(2) << 20)  /* populate, then copy, this much */
 #define FILL_MIN (UINT64_C(1) << 20)    /* fresh pages worth preparing */
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22           /* Linux 5.14 */
+#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23          /* Linux 5.14 */
 #endif
@@ -95,7 +98,8 @@ cp_arena_create(cp_arena **out, int nparts, uint64_t part_size)
     a->fd = -1;
     a->part_slot = calloc((size_t)nparts, sizeof *a->part_slot);
     a->part_live = calloc((size_t)nparts, sizeof *a->part_live);
-    if (a->part_slot == NULL || a->part_live == NULL) {
+    a->part_kept = calloc((size_t)nparts, sizeof *a->part_kept);
+    if (a->part_slot == NULL || a->part_live == NULL || a->part_kept == NULL) {
         cp_arena_unref(a);
         return -ENOMEM;
     }
@@ -147,6 +151,7 @@ destroy(cp_arena *a)
         close(a->fd);
     free(a->part_slot);
     free(a->part_live);
+    free(a->part_kept);
     free(a);
 }
 
@@ -210,6 +215,7 @@ trim_part(cp_arena *a, int p)
     a->carry_left -= keep;
     if (keep < a->part_size)
         madvise(part_base(a, p) + keep, a->part_size - keep, MADV_REMOVE);
+    a->part_kept[p] = keep;
     if (p == 0) {
         uint64_t w = cp_load_relaxed(&((cp_part_hdr *)part_base(a, 0))->warm);
         a->args_warm = w < keep ? w & ~(uint64_t)(PAGE - 1) : keep;
@@ -313,11 +319,21 @@ cp_arena_format(cp_arena *a, int p, uint64_t limit)
     h->brk = PART_HDR;
     h->limit = limit < a->part_size ? limit : a->part_size;
     /* Partition 0 of an arena carried over is still mapped in the parent,
-     * its owner, as far as it was kept. */
-    uint64_t warm = p == 0 && a->args_warm > PART_HDR ? a->args_warm : PART_HDR;
-    cp_store_relaxed(&h->warm, warm);
+     * its owner, as far as it was kept.  A worker's partition may have
+     * pages from its last owner (a worker of this pool or the last one):
+     * they exist, but its new owner has yet to map them. */
+    uint64_t warm = p == 0 ? a->args_warm : a->part_kept[p];
+    cp_store_relaxed(&h->warm, warm > PART_HDR ? warm : PART_HDR);
     if (p == 0)
         a->args_warm = 0;
+}
+
+/* A worker, starting: it has mapped nothing of its partition yet but the
+ * header (a fork does not copy the page tables of shared mappings). */
+void
+cp_arena_worker_start(cp_arena *a)
+{
+    a->mapped = PART_HDR;
 }
 
 static cp_blk *
@@ -519,6 +535,8 @@ cp_arena_assign(cp_arena *a, int slot, int old, uint64_t limit)
         old = -1;
     }
     int p = old;
+    if (p >= 0)
+        a->part_kept[p] = part_extent(a, p);   /* the last worker's pages */
     for (int i = 1; p < 0 && i < a->nparts; i++)
         if (a->part_slot[i] == CP_PART_FREE)
             p = i;
@@ -536,8 +554,10 @@ cp_arena_unlive(cp_arena *a, int p)
     if (--a->part_live[p] == 0 && a->part_slot[p] == CP_PART_RETIRED) {
         if (a->closed)
             trim_part(a, p);
-        else
+        else {
             madvise(part_base(a, p), a->part_size, MADV_REMOVE);
+            a->part_kept[p] = 0;
+        }
         a->part_slot[p] = CP_PART_FREE;
     }
 }
@@ -601,8 +621,16 @@ cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm, uint64_t *busy
  * a copy that lands on pages not yet populated, one fallocate() allocates
  * them all, and MADV_POPULATE_WRITE maps each chunk in one call before the
  * copy writes it: 64 MiB into fresh pages took 25.6 ms with two threads
- * faulting, 17.5 ms so (median of 15; warm pages: 4.5 ms).  Either step
- * failing (an old kernel, no memory) just leaves the faults to the copy.
+ * faulting, 17.5 ms so (median of 15; warm pages: 4.5 ms).
+ *
+ * Pages that exist but that this process has not mapped yet (a new
+ * worker's partition carried over from the last pool, or left by the
+ * worker before it) are mapped with MADV_POPULATE_READ instead: a read
+ * fault maps a whole run of them at once (the kernel's fault-around), and
+ * writably, since nothing tracks writes to shared memory; a write fault
+ * maps one.  64 MiB took 6.2 ms so and 15.3 ms with MADV_POPULATE_WRITE
+ * (the copy after either: 3 ms).  A failing call (an old kernel, no
+ * memory) just leaves the faults to the copy.
  */
 static int populate_works = 1;
 
@@ -610,25 +638,31 @@ typedef struct {
     uint8_t *dst;
     const uint8_t *src;
     uint64_t n;
-    uint8_t *fresh;      /* pages from here on are to be populated */
+    uint8_t *map_lo, *map_hi;  /* existing pages to map first, or equal */
+    uint8_t *fresh;            /* pages from here on are to be populated */
 } fill_job;
+
+static void
+populate(uint8_t *from, uint8_t *to, int advice)
+{
+    uint8_t *lo = (uint8_t *)((uintptr_t)from & ~(uintptr_t)(PAGE - 1));
+    uint8_t *hi = (uint8_t *)(((uintptr_t)to + PAGE - 1) & ~(uintptr_t)(PAGE - 1));
+    if (lo < hi && cp_load_relaxed(&populate_works) &&
+        madvise(lo, (size_t)(hi - lo), advice) < 0 && errno == EINVAL)
+        cp_store_relaxed(&populate_works, 0);
+}
 
 static void
 fill_range(fill_job *j)
 {
     for (uint64_t o = 0; o < j->n; o += FILL_CHUNK) {
         uint64_t k = j->n - o < FILL_CHUNK ? j->n - o : FILL_CHUNK;
-        uint8_t *d = j->dst + o;
-        if (j->fresh != NULL && d + k > j->fresh &&
-            cp_load_relaxed(&populate_works)) {
-            uint8_t *from = d > j->fresh ? d : j->fresh;
-            uint8_t *lo = (uint8_t *)((uintptr_t)from & ~(uintptr_t)(PAGE - 1));
-            uint8_t *hi = (uint8_t *)(((uintptr_t)(d + k) + PAGE - 1) &
-                                      ~(uintptr_t)(PAGE - 1));
-            if (madvise(lo, (size_t)(hi - lo), MADV_POPULATE_WRITE) < 0 &&
-                errno == EINVAL)
-                cp_store_relaxed(&populate_works, 0);
-        }
+        uint8_t *d = j->dst + o, *e = d + k;
+        if (j->map_lo < j->map_hi && d < j->map_hi && e > j->map_lo)
+            populate(d > j->map_lo ? d : j->map_lo, e < j->map_hi ? e : j->map_hi,
+                     MADV_POPULATE_READ);
+        if (j->fresh != NULL && e > j->fresh)
+            populate(d > j->fresh ? d : j->fresh, e, MADV_POPULATE_WRITE);
         memcpy(d, j->src + o, (size_t)k);
     }
 }
@@ -642,7 +676,7 @@ fill_half(void *arg)
 
 /* Copy n bytes into block b (its data), with a second thread for large
  * copies (one core's copy into warm memory is well below what the memory
- * system gives two), preparing the fresh pages first.  No Python, no GIL
+ * system gives two), preparing the pages first.  No Python, no GIL
  * needed; the caller owns b's partition. */
 void
 cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n)
@@ -652,6 +686,14 @@ cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n)
     cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
     uint64_t start = (uint64_t)(dst - part_base(a, p)), end = start + n;
     uint64_t warm = cp_load_relaxed(&h->warm);  /* a hint: bounded below */
+    /* The parent's mapping of partition 0 is as old as the arena; a worker
+     * maps its own partition as it goes. */
+    uint64_t mapped = p == 0 || a->mapped > warm ? warm : a->mapped;
+    uint8_t *map_lo = NULL, *map_hi = NULL;
+    if (mapped < warm && end > mapped && start < warm) {
+        map_lo = part_base(a, p) + (start > mapped ? start : mapped);
+        map_hi = part_base(a, p) + (end < warm ? end : warm);
+    }
     uint8_t *fresh = NULL;
     if (warm < end && end - (warm > start ? warm : start) >= FILL_MIN) {
         uint64_t from = (warm > start ? warm : start) & ~(uint64_t)(PAGE - 1);
@@ -663,10 +705,11 @@ cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n)
                         (off_t)((uint64_t)p * a->part_size + from),
                         (off_t)(to - from));
     }
-    fill_job lo = {dst, src, n, fresh};
+    fill_job lo = {dst, src, n, map_lo, map_hi, fresh};
     if (n >= PAR_COPY_MIN) {
         uint64_t half = (n / 2) & ~(uint64_t)(PAGE - 1);
-        fill_job hi = {dst + half, (const uint8_t *)src + half, n - half, fresh};
+        fill_job hi = {dst + half, (const uint8_t *)src + half, n - half,
+                       map_lo, map_hi, fresh};
         lo.n = half;
         pthread_t t;
         if (pthread_create(&t, NULL, fill_half, &hi) == 0) {
@@ -692,5 +735,12 @@ filled:
                !__atomic_compare_exchange_n(&h->warm, &cur, mark, 0,
                                             __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             ;
+    }
+    /* This process has mapped everything up to the end of the copy, if it
+     * had mapped everything up to its start. */
+    if (p != 0 && a->mapped >= (start & ~(uint64_t)(PAGE - 1))) {
+        uint64_t mark = end & ~(uint64_t)(PAGE - 1);
+        if (mark > a->mapped)
+            a->mapped = mark;
     }
 }

@@ -239,6 +239,10 @@ typedef struct cp_arena {
     uint64_t carry;      /* closed: populated bytes it may keep for the next */
     uint64_t carry_left; /* pool (0 if it keeps none), and what is left */
     uint64_t args_warm;  /* carried over: partition 0's warm mark */
+    uint64_t *part_kept; /* parent only: bytes of each partition whose pages
+                            exist (written before), for its next owner */
+    uint64_t mapped;     /* a worker: its partition's pages below this offset
+                            are mapped in this process */
 } cp_arena;
 
 /* The last pool's arena is carried over to the next pool of the process
@@ -249,6 +253,7 @@ int cp_arena_create(cp_arena **out, int nparts, uint64_t part_size);
 void cp_arena_ref(cp_arena *a);
 void cp_arena_unref(cp_arena *a);
 void cp_arena_format(cp_arena *a, int p, uint64_t limit);
+void cp_arena_worker_start(cp_arena *a);
 cp_blk *cp_arena_alloc(cp_arena *a, int p, uint64_t len);
 uint8_t *cp_blk_data(cp_blk *b);
 uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);

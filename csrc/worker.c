@@ -463,6 +463,8 @@ cp_worker_main(void *arg, int slot)
         _exit(76);
     w.ctl = my_ctl = cp_shm_ctl(&c->shm, slot);
     w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
+    if (c->arena != NULL)
+        cp_arena_worker_start(c->arena);
     /* Pools made in tasks carry nothing over unless asked to: every worker
      * of a pool would keep its own. */
     cp_arena_carry_default(0);

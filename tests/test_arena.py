@@ -524,6 +524,50 @@ def test_the_next_pool_adopts_the_last_pools_warm_arena():
     assert carried() >= 30 * MiB
 
 
+def worker_marks(pool):
+    return [warm for use, _, _, _, _, warm in info(pool) if isinstance(use, int)]
+
+
+def test_workers_of_the_next_pool_map_the_carried_result_pages():
+    # A worker's result partition carried over is marked as having pages
+    # (the new worker maps them, without allocating them anew), and results
+    # landing on those pages and past them arrive exactly.
+    from cpool import Pool
+    nothing_carried()
+    p = Pool(2)
+    outs = [p.apply(make_pattern, (MiB + 3, s)) for s in range(2)]  # 8 MiB each
+    del outs
+    ended(p)
+    del p
+    gc.collect()
+    q = Pool(2)
+    try:
+        assert max(worker_marks(q)) >= 8 * MiB     # before any transfer
+        for s, n in [(5, MiB + 1), (6, 2 * MiB + 7), (7, MiB // 2 + 5)]:
+            out = q.apply(make_pattern, (n, s))
+            assert (out == make_pattern(n, s)).all()
+            del out
+    finally:
+        ended(q)
+
+
+def test_a_replacement_worker_maps_its_partitions_pages():
+    # A worker's second task ends it; its replacement reuses its partition
+    # (the parent holds nothing there), whose pages it has yet to map.
+    from cpool import Pool
+    with Pool(1, maxtasksperchild=2) as p:
+        first = p.apply(make_pattern, (2 * MiB + 3, 1))     # 16 MiB
+        assert (first == make_pattern(2 * MiB + 3, 1)).all()
+        del first
+        pid = p.apply(os.getpid)
+        wait_for(lambda: [w.pid for w in p._pool] not in ([pid], [None]))
+        assert max(worker_marks(p)) >= 16 * MiB
+        for s, n in [(2, 3 * MiB + 1), (3, MiB + 5)]:
+            out = p.apply(make_pattern, (n, s))
+            assert (out == make_pattern(n, s)).all()
+            del out
+
+
 def test_carried_memory_is_bounded(monkeypatch):
     from cpool import Pool
     nothing_carried()
