@@ -72,6 +72,8 @@ typedef struct cp_part_hdr {
     uint64_t warm;     /* pages below this offset are populated (owner's) */
 } cp_part_hdr;
 
+static void populate(uint8_t *from, uint8_t *to, int advice);
+
 static uint64_t
 round_up(uint64_t n, uint64_t to)
 {
@@ -380,12 +382,12 @@ blk_free(cp_blk *b)
 }
 
 /*
- * Owner: a block for len data bytes in partition p, with oref = 1 and
- * lent = LENT_NO; NULL if the partition has no room.  First fit, merging
- * runs of free blocks on the way.
+ * Owner: a block for len data bytes in partition p, ending at or below
+ * `top` (from the partition start), with oref = 1 and lent = LENT_NO; NULL
+ * if there is no room.  First fit, merging runs of free blocks on the way.
  */
-cp_blk *
-cp_arena_alloc(cp_arena *a, int p, uint64_t len)
+static cp_blk *
+alloc_below(cp_arena *a, int p, uint64_t len, uint64_t top)
 {
     cp_part_hdr *h = part_hdr(a, p);
     if (h == NULL || len > a->part_size)
@@ -393,6 +395,8 @@ cp_arena_alloc(cp_arena *a, int p, uint64_t len)
     uint64_t need = round_up(len + sizeof(cp_blk), PAGE);
     uint64_t off = PART_HDR;
     cp_blk *found = NULL;
+    if (top > h->limit)
+        top = h->limit;
     while (off < h->brk) {
         cp_blk *b = walk_blk(a, p, h, off);
         if (b == NULL)
@@ -408,7 +412,7 @@ cp_arena_alloc(cp_arena *a, int p, uint64_t len)
                 h->brk = off;      /* a free tail goes back to the top */
                 break;
             }
-            if (b->size >= need) {
+            if (b->size >= need && off + need <= top) {
                 if (b->size - need >= MIN_SPLIT) {
                     cp_blk *rest = blk_at(a, p, off + need);
                     *rest = (cp_blk){.magic = BLK_MAGIC, .size = b->size - need};
@@ -421,7 +425,7 @@ cp_arena_alloc(cp_arena *a, int p, uint64_t len)
         off += b->size;
     }
     if (found == NULL) {
-        if (need > h->limit - h->brk)
+        if (h->brk > top || need > top - h->brk)
             return NULL;
         found = blk_at(a, p, h->brk);
         found->size = need;
@@ -431,8 +435,72 @@ cp_arena_alloc(cp_arena *a, int p, uint64_t len)
     found->oref = 1;
     found->holder = 0;
     found->len = len;
+    found->kind = CP_BLK_COPY;
     cp_store_release(&found->lent, CP_LENT_NO);
     return found;
+}
+
+/* Owner: a block for len data bytes in partition p (see alloc_below). */
+cp_blk *
+cp_arena_alloc(cp_arena *a, int p, uint64_t len)
+{
+    return alloc_below(a, p, len, a->part_size);
+}
+
+/* Owner: the same, but only on pages that exist already (below the warm
+ * mark): no fresh memory.  NULL if there is no such room. */
+cp_blk *
+cp_arena_alloc_warm(cp_arena *a, int p, uint64_t len)
+{
+    cp_part_hdr *h = part_hdr(a, p);
+    return h == NULL ? NULL : alloc_below(a, p, len, cp_load_relaxed(&h->warm));
+}
+
+/* A worker, owner of block b: map the block's pages that it has not
+ * mapped yet (they exist: see cp_arena_alloc_warm). */
+void
+cp_arena_map(cp_arena *a, cp_blk *b)
+{
+    uint64_t start = (uint64_t)((uint8_t *)b - a->base) % a->part_size;
+    uint64_t end = start + b->size;
+    uint8_t *base = (uint8_t *)b - start;
+    if (end <= a->mapped)
+        return;
+    populate(base + (start > a->mapped ? start : a->mapped), base + end,
+             MADV_POPULATE_READ);
+    if (start <= a->mapped)
+        a->mapped = end;
+}
+
+/* Owner: the block whose data starts at `data` in partition p, if it is a
+ * sane block there; else NULL. */
+cp_blk *
+cp_arena_block_at(cp_arena *a, int p, const void *data)
+{
+    uint8_t *lo = part_base(a, p), *d = (uint8_t *)data;
+    if (p < 0 || p >= a->nparts || d < lo + PART_HDR + sizeof(cp_blk) ||
+        d >= lo + a->part_size)
+        return NULL;
+    cp_blk *b = (cp_blk *)(d - sizeof(cp_blk));
+    uint64_t off = (uint64_t)((uint8_t *)b - lo);
+    if (off % PAGE || cp_load_relaxed(&b->magic) != BLK_MAGIC ||
+        cp_load_relaxed(&b->size) > a->part_size - off)
+        return NULL;
+    return b;
+}
+
+/* Owner: one more hold on block b (any thread). */
+void
+cp_arena_hold(cp_blk *b)
+{
+    __atomic_add_fetch(&b->oref, 1, __ATOMIC_RELAXED);
+}
+
+/* Owner: is its one hold on b the only one? */
+int
+cp_arena_only_holder(cp_blk *b)
+{
+    return __atomic_load_n(&b->oref, __ATOMIC_ACQUIRE) == 1;
 }
 
 uint8_t *
@@ -493,12 +561,51 @@ cp_arena_give_back(cp_arena *a, int p, cp_blk *b, uint64_t size)
     cp_store_release(&b->lent, CP_LENT_NO);
 }
 
-/* Owner: drop its own hold.  With `unclaimed`, a descriptor that nobody took
- * is withdrawn too (the task that carried it is gone). */
+/* In a forked child: n bytes of shared memory at `start` (page aligned)
+ * become a private copy at the same address, as any other memory of the
+ * parent's is in a child. */
+void
+cp_arena_privatize(void *start, size_t n)
+{
+    void *tmp = mmap(NULL, n, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (tmp == MAP_FAILED)
+        return;
+    memcpy(tmp, start, n);
+    if (mremap(tmp, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
+        munmap(tmp, n);
+}
+
+/* In a child forked from a worker: the worker's numpy arrays in its
+ * partition p (npalloc.c) become private copies.  Reads the partition
+ * only: it is still the worker's. */
+void
+cp_arena_privatize_numpy(cp_arena *a, int p)
+{
+    uint8_t *base = part_base(a, p);
+    cp_part_hdr *h = (cp_part_hdr *)base;
+    uint64_t brk = cp_load_relaxed(&h->brk);
+    if (cp_load_relaxed(&h->magic) != PART_MAGIC || brk > a->part_size)
+        return;
+    for (uint64_t off = PART_HDR; off < brk;) {
+        cp_blk *b = (cp_blk *)(base + off);
+        uint64_t size = cp_load_relaxed(&b->size);
+        if (cp_load_relaxed(&b->magic) != BLK_MAGIC || size < PAGE ||
+            size % PAGE || size > brk - off)
+            return;
+        if (cp_load_relaxed(&b->kind) == CP_BLK_NUMPY &&
+            cp_load_relaxed(&b->oref) > 0)
+            cp_arena_privatize(b, (size_t)size);
+        off += size;
+    }
+}
+
+/* Owner: drop one hold (any thread).  With `unclaimed`, a descriptor that
+ * nobody took is withdrawn too (the task that carried it is gone). */
 void
 cp_arena_drop(cp_blk *b, int unclaimed)
 {
-    cp_store_release(&b->oref, 0);
+    __atomic_sub_fetch(&b->oref, 1, __ATOMIC_RELEASE);
     if (unclaimed) {
         uint32_t expect = CP_LENT_OUT;
         __atomic_compare_exchange_n(&b->lent, &expect, CP_LENT_NO, 0,
@@ -721,13 +828,14 @@ cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n)
     }
     fill_range(&lo);
 filled:
-    /* Whole pages from the partition start up to the end of this copy are
-     * populated now, if the copy began at or below the old mark (blocks do
-     * not overlap); pages beyond CP_ARENA_KEEP may be given back, so the
-     * mark stays below that.  Another thread filling another block moves
-     * it too: keep the larger. */
+    /* Pages from the partition start up to the end of this copy (the last
+     * one too: a page written in part exists whole) are populated now, if
+     * the copy began at or below the old mark (blocks do not overlap);
+     * pages beyond CP_ARENA_KEEP may be given back, so the mark stays below
+     * that.  Another thread filling another block moves it too: keep the
+     * larger. */
     if (warm >= (start & ~(uint64_t)(PAGE - 1))) {
-        uint64_t mark = end & ~(uint64_t)(PAGE - 1);
+        uint64_t mark = round_up(end, PAGE);
         if (mark > CP_ARENA_KEEP)
             mark = CP_ARENA_KEEP;
         uint64_t cur = cp_load_relaxed(&h->warm);
@@ -739,7 +847,7 @@ filled:
     /* This process has mapped everything up to the end of the copy, if it
      * had mapped everything up to its start. */
     if (p != 0 && a->mapped >= (start & ~(uint64_t)(PAGE - 1))) {
-        uint64_t mark = end & ~(uint64_t)(PAGE - 1);
+        uint64_t mark = round_up(end, PAGE);
         if (mark > a->mapped)
             a->mapped = mark;
     }

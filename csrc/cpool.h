@@ -8,6 +8,7 @@
  *             No Python.
  *   arena.c   shared memory for large out-of-band buffers (numpy arrays):
  *             blocks one side fills and the other wraps in place.  No Python.
+ *   npalloc.c a worker's large numpy arrays, made in its arena partition.
  *   proc.c    the zygote (fork server) and how it forks workers.
  *   worker.c  the worker loop: take a task record, run it, publish a result.
  *   core.c    the parent side: dispatch, the collector loop, crash handling.
@@ -207,11 +208,16 @@ typedef struct cp_blk {
     uint32_t magic;
     uint32_t lent;      /* CP_LENT_*, the only word the borrower writes */
     uint64_t size;      /* whole block, a multiple of the page size */
-    uint32_t oref;      /* the owner still holds it */
+    uint32_t oref;      /* holds the owner has on it (a count) */
     int32_t holder;     /* pid of the borrower that took it */
     uint64_t len;       /* data bytes */
-    uint8_t pad[32];
+    uint32_t kind;      /* CP_BLK_* (the owner's) */
+    uint8_t pad[28];
 } cp_blk;
+
+/* cp_blk.kind: a transfer's copy, or the data of a worker's numpy array
+ * (npalloc.c). */
+enum { CP_BLK_COPY = 0, CP_BLK_NUMPY = 1 };
 
 enum { CP_LENT_NO = 0, CP_LENT_OUT = 1, CP_LENT_HELD = 2 };
 
@@ -255,6 +261,13 @@ void cp_arena_unref(cp_arena *a);
 void cp_arena_format(cp_arena *a, int p, uint64_t limit);
 void cp_arena_worker_start(cp_arena *a);
 cp_blk *cp_arena_alloc(cp_arena *a, int p, uint64_t len);
+cp_blk *cp_arena_alloc_warm(cp_arena *a, int p, uint64_t len);
+void cp_arena_map(cp_arena *a, cp_blk *b);
+cp_blk *cp_arena_block_at(cp_arena *a, int p, const void *data);
+void cp_arena_hold(cp_blk *b);
+int cp_arena_only_holder(cp_blk *b);
+void cp_arena_privatize(void *start, size_t n);
+void cp_arena_privatize_numpy(cp_arena *a, int p);
 uint8_t *cp_blk_data(cp_blk *b);
 uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);
 cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid,
@@ -272,6 +285,11 @@ void cp_arena_carry_default(uint64_t bytes);
 void cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm,
                     uint64_t *busy, uint64_t *nbusy);
 void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);
+
+/* npalloc.c: a worker's large numpy arrays in its arena partition */
+void cp_np_setup(cp_arena *a, int part);
+void cp_np_poll(void);
+cp_blk *cp_np_block(cp_arena *a, int part, const void *buf, uint64_t len);
 
 /* ------------------------------------------------------------------ proc */
 
@@ -530,6 +548,8 @@ typedef struct cp_arena_use {
     cp_arena *a;
     int part;
     int args;     /* the parent sending arguments: the task holds the blocks */
+    PyObject **value;  /* a worker's result: its reference to it, which
+                          pickling may drop (msg.c: a worker's own arrays) */
 } cp_arena_use;
 
 /* Receiving a message in fragments (msg.c). */

@@ -45,6 +45,7 @@ typedef struct {
     cp_arena_use au;
     uint64_t alen[CP_MAX_OOB];  /* oob[i] went to the arena: its length */
     uint8_t isbytes[CP_MAX_OOB];/* oob[i] is a bytes object's buffer */
+    int nown;                   /* oob[] ArenaRefs to the worker's own arrays */
 } SegWriter;
 
 typedef struct {
@@ -53,6 +54,8 @@ typedef struct {
     cp_blk *b;
     pid_t pid;
     int args;           /* an argument's block (else a result's) */
+    int own;            /* the worker's own array's block, not settled yet */
+    int inband;         /* exports the block's data, not its descriptor */
     uint64_t desc[2];   /* arena offset, length */
 } ArenaRef;
 
@@ -182,6 +185,7 @@ cp_msg_has_big_buffer(PyObject *obj, int depth)
  * bytes object).  New reference, or NULL with the pickling error set. */
 static PyObject *dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au);
 static void commit_results(SegWriter *w);
+static void settle_own(SegWriter *w);
 
 /* multiprocessing's reducers (cpool/_pickling.py), imported once: 1 when
  * they can be used, else 0 (plain pickle then; no exception left set). */
@@ -252,6 +256,7 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     w->au = au ? *au : (cp_arena_use){.part = -1};
     memset(w->alen, 0, sizeof w->alen);
     memset(w->isbytes, 0, sizeof w->isbytes);
+    w->nown = 0;
     PyObject *res = NULL, *p = NULL, *r = NULL, *args = NULL, *kw = NULL,
              *cb = NULL, *pid = NULL;
     if (w->segs == NULL || w->oob == NULL)
@@ -279,6 +284,13 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
     r = PyObject_CallMethodOneArg(p, cp_state->str_dump, obj);
     if (r == NULL || seg_flush(w) < 0)
         goto done;
+    if (w->nown > 0) {
+        /* The pickler's memo and the caller's reference go first (obj with
+         * them, maybe): what then still holds the arrays is the worker's. */
+        Py_CLEAR(p);
+        Py_CLEAR(*w->au.value);
+        settle_own(w);
+    }
     commit_results(w);
     Py_ssize_t nbuf = PyList_GET_SIZE(w->oob);
     if (nbuf == 0) {
@@ -401,6 +413,27 @@ done:
  * warm scratch buffer: one copy per side, none through a pickle.
  */
 
+/* The descriptor of block b (holding len bytes) as a message segment,
+ * taking over the caller's hold on b (dropped if this fails). */
+static ArenaRef *
+arena_ref(SegWriter *w, cp_blk *b, uint64_t len)
+{
+    ArenaRef *r = PyObject_New(ArenaRef, cp_state->arenaref_type);
+    if (r == NULL) {
+        cp_arena_drop(b, 0);
+        return NULL;
+    }
+    cp_arena_ref(w->au.a);
+    r->a = w->au.a;
+    r->b = b;
+    r->pid = getpid();
+    r->args = w->au.args;
+    r->own = r->inband = 0;
+    r->desc[0] = cp_arena_offset(w->au.a, b);
+    r->desc[1] = len;
+    return r;
+}
+
 /* Copy a large buffer into an arena block; its descriptor (new reference)
  * goes into the message instead.  NULL without an exception: no room (it
  * stays an ordinary out-of-band buffer). */
@@ -414,18 +447,9 @@ to_arena(SegWriter *w, Py_buffer *v)
     Py_BEGIN_ALLOW_THREADS
     cp_arena_fill(a, b, v->buf, (uint64_t)v->len);
     Py_END_ALLOW_THREADS
-    uint64_t desc[2] = {cp_arena_offset(a, b), (uint64_t)v->len};
-    ArenaRef *r = PyObject_New(ArenaRef, cp_state->arenaref_type);
-    if (r == NULL) {
-        cp_arena_drop(b, 0);
+    ArenaRef *r = arena_ref(w, b, (uint64_t)v->len);
+    if (r == NULL)
         return NULL;
-    }
-    cp_arena_ref(a);
-    r->a = a;
-    r->b = b;
-    r->pid = getpid();
-    r->args = w->au.args;
-    memcpy(r->desc, desc, sizeof desc);
     /* An argument's block is on offer from now on: the task holds it (via
      * this ArenaRef) and withdraws it if no worker took it.  A result's is
      * offered only once the whole result is pickled (commit_results()):
@@ -442,8 +466,44 @@ commit_results(SegWriter *w)
 {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->oob); i++) {
         PyObject *o = PyList_GET_ITEM(w->oob, i);
-        if (Py_IS_TYPE(o, cp_state->arenaref_type) && !((ArenaRef *)o)->args)
+        if (Py_IS_TYPE(o, cp_state->arenaref_type) && !((ArenaRef *)o)->args &&
+            !((ArenaRef *)o)->inband)
             cp_store_release(&((ArenaRef *)o)->b->lent, CP_LENT_OUT);
+    }
+}
+
+/*
+ * A worker's own arrays (npalloc.c), once the result is pickled and the
+ * worker has let go of it: an array's block goes to the parent as it is if
+ * nothing else holds it (numpy freed the array: only the ArenaRef's hold is
+ * left), else its data is copied into a block of its own, as any other
+ * array's (or, with no room for that, sent through the ring).  The worker
+ * can then change or reuse what it kept without the parent seeing it.
+ */
+static void
+settle_own(SegWriter *w)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->oob); i++) {
+        ArenaRef *r = (ArenaRef *)PyList_GET_ITEM(w->oob, i);
+        if (!Py_IS_TYPE(r, cp_state->arenaref_type) || !r->own)
+            continue;
+        r->own = 0;
+        cp_blk *b = r->b;
+        uint64_t len = r->desc[1];
+        if (cp_arena_only_holder(b) && b->len == len)
+            continue;
+        cp_blk *c = cp_arena_alloc(w->au.a, w->au.part, len);
+        if (c == NULL) {
+            r->inband = 1;
+            w->alen[i] = 0;
+            continue;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        cp_arena_fill(w->au.a, c, cp_blk_data(b), len);
+        Py_END_ALLOW_THREADS
+        cp_arena_drop(b, 0);
+        r->b = c;
+        r->desc[0] = cp_arena_offset(w->au.a, c);
     }
 }
 
@@ -463,7 +523,24 @@ SegWriter_oob(SegWriter *w, PyObject *pb)
     }
     PyObject *item = NULL;
     if (w->au.a != NULL && w->au.part >= 0 && (uint64_t)n >= CP_ARENA_MIN) {
-        item = to_arena(w, &v);
+        /* A worker's own array: its block is settled once the result is
+         * pickled and let go of (settle_own). */
+        cp_blk *b = w->au.value != NULL && !w->au.args
+                        ? cp_np_block(w->au.a, w->au.part, v.buf, (uint64_t)n)
+                        : NULL;
+        if (b != NULL) {
+            cp_arena_hold(b);
+            ArenaRef *r = arena_ref(w, b, (uint64_t)n);
+            if (r == NULL) {
+                PyBuffer_Release(&v);
+                return NULL;
+            }
+            r->own = 1;
+            w->nown++;
+            item = (PyObject *)r;
+        } else {
+            item = to_arena(w, &v);
+        }
         if (item == NULL && PyErr_Occurred()) {
             PyBuffer_Release(&v);
             return NULL;
@@ -528,7 +605,9 @@ SegWriter_pid(SegWriter *w, PyObject *obj)
  * of the message), holding the sender's claim on the block.  An argument's:
  * the task holds the block while it holds this; when it goes, a descriptor
  * no worker took is withdrawn.  A result's: dropped once the message is
- * sent (the parent frees the block when done with it).
+ * sent (the parent frees the block when done with it).  A worker's own
+ * array that goes through the ring (`inband`, see settle_own) is exported
+ * as the block's data instead.
  */
 static void
 ArenaRef_dealloc(ArenaRef *r)
@@ -546,6 +625,9 @@ ArenaRef_dealloc(ArenaRef *r)
 static int
 ArenaRef_getbuffer(ArenaRef *r, Py_buffer *view, int flags)
 {
+    if (r->inband)
+        return PyBuffer_FillInfo(view, (PyObject *)r, cp_blk_data(r->b),
+                                 (Py_ssize_t)r->desc[1], 1, flags);
     return PyBuffer_FillInfo(view, (PyObject *)r, r->desc, sizeof r->desc, 1,
                              flags);
 }
@@ -598,15 +680,9 @@ before_fork(void)
 static void
 privatize(ShmBuf *s)
 {
-    uint8_t *start = (uint8_t *)s->b;               /* page aligned */
-    size_t n = ((size_t)(sizeof(cp_blk) + s->len) + 4095) & ~(size_t)4095;
-    void *tmp = mmap(NULL, n, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (tmp == MAP_FAILED)
-        return;
-    memcpy(tmp, start, n);
-    if (mremap(tmp, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
-        munmap(tmp, n);
+    /* The block's header and data, page aligned. */
+    cp_arena_privatize(s->b, ((size_t)(sizeof(cp_blk) + s->len) + 4095) &
+                                 ~(size_t)4095);
 }
 
 static void

@@ -215,10 +215,12 @@ wrap_exception(void)
     return w;
 }
 
-/* Pickle and publish a result, and count it for the parent before the
- * caller lets go of the value (whose __del__ may take any time).  A result
- * that cannot be pickled becomes a MaybeEncodingError, as in
- * multiprocessing. */
+/* Pickle and publish a result (the value: a reference the call takes), and
+ * count it for the parent before letting go of the value (whose __del__ may
+ * take any time), unless it holds arrays the worker made in the arena: those
+ * it lets go of once pickled, to see whether their blocks can go to the
+ * parent as they are (msg.c).  A result that cannot be pickled becomes a
+ * MaybeEncodingError, as in multiprocessing. */
 static void
 publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
 {
@@ -226,12 +228,14 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     int oob;
     PyObject *data = cp_dumps(value, ok && cp_msg_has_big_buffer(value, 2),
                               w->rq.max_frag, &oob,
-                              &(cp_arena_use){w->c->arena, w->part, 0});
+                              &(cp_arena_use){w->c->arena, w->part, 0,
+                                              ok ? &value : NULL});
     if (data == NULL) {
         PyObject *err = cp_err_take();
         PyObject *mod = PyImport_ImportModule("cpool._worker");
         PyObject *wrapped = mod ? PyObject_CallMethod(mod, "encoding_error",
-                                                      "OOO", err, value,
+                                                      "OOO", err,
+                                                      value ? value : Py_None,
                                                       ok ? Py_True : Py_False)
                                 : NULL;
         Py_XDECREF(mod);
@@ -265,6 +269,7 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
     send_msg(w, &r, data);
     Py_DECREF(data);
     cp_store_release(&w->ctl->results, ++w->results);
+    Py_XDECREF(value);
 }
 
 /* The TypeError Python's func(*args) or func(**kwds) raises for an
@@ -465,6 +470,7 @@ cp_worker_main(void *arg, int slot)
     w.part = c->arena ? cp_load_acquire(&w.ctl->arena_part) : -1;
     if (c->arena != NULL)
         cp_arena_worker_start(c->arena);
+    cp_np_setup(c->arena, w.part);
     /* Pools made in tasks carry nothing over unless asked to: every worker
      * of a pool would keep its own. */
     cp_arena_carry_default(0);
@@ -550,24 +556,23 @@ cp_worker_main(void *arg, int slot)
                 if (f != NULL && PyTuple_Check(f)) {
                     Py_DECREF(obj);
                     obj = NULL;
-                    res = Py_NewRef(PyTuple_GET_ITEM(f, 0));
-                    publish(&w, &h, 0, res, 0);
-                    Py_CLEAR(res);
+                    publish(&w, &h, 0, Py_NewRef(PyTuple_GET_ITEM(f, 0)), 0);
                     goto done;
                 }
             }
+            cp_np_poll();      /* numpy may have come with the task */
             res = run_task(&w, &h, obj);
             Py_DECREF(obj);
         }
         uint64_t us = (cp_now_ns() - t0) / 1000;
+        /* Letting go of the value may run anything (__del__), and of an
+         * error its task's frames, through its traceback. */
         if (res != NULL) {
             publish(&w, &h, 1, res, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
-            Py_DECREF(res);    /* may run anything (__del__) */
         } else {
             exit_if_base_exception();
-            PyObject *exc = wrap_exception();
-            publish(&w, &h, 0, exc, (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
-            Py_DECREF(exc);    /* and the task's frames, through its traceback */
+            publish(&w, &h, 0, wrap_exception(),
+                    (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
         }
     done:
         cp_store_release(&w.ctl->running, 0);

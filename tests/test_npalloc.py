@@ -1,0 +1,291 @@
+"""A worker's large numpy arrays made in its arena partition, and returned
+without a copy when nothing in the worker holds them any more (cpool only:
+csrc/npalloc.c)."""
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.cpool_only
+
+MiB = 1 << 20
+N = MiB                  # float64 elements: 8 MiB
+
+
+# ------------------------------------------------------------------- tasks
+
+def arena_span():
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "cpool-arena" in line:
+                lo, hi = line.split()[0].split("-")
+                return int(lo, 16), int(hi, 16)
+    return 0, 0
+
+
+def in_arena(a):
+    lo, hi = arena_span()
+    return lo <= a.ctypes.data < hi
+
+
+def handler_name(a=None):
+    try:
+        from numpy._core.multiarray import get_handler_name
+    except ImportError:                     # numpy 1.x
+        from numpy.core.multiarray import get_handler_name
+    return get_handler_name(a) if a is not None else get_handler_name()
+
+
+def make(n, k=1.0):
+    return np.arange(n, dtype=np.float64) * k
+
+
+def made_where(n):
+    big, small = np.empty(n), np.empty(100)
+    return handler_name(big), in_arena(big), in_arena(small)
+
+
+def make_with_address(n, k=1.0):
+    a = np.arange(n, dtype=np.float64) * k
+    return a, a.ctypes.data, in_arena(a)
+
+
+_kept = []
+
+
+def keep_and_return(n):
+    a = np.arange(n, dtype=np.float64)
+    _kept.append(a)
+    return a, a.ctypes.data, in_arena(a)
+
+
+def bump_kept():
+    for a in _kept:
+        a += 1000.0
+    return len(_kept)
+
+
+def tail_view(n):
+    a = np.arange(n, dtype=np.float64)
+    return a[8:]
+
+
+def twice(n):
+    a = np.arange(n, dtype=np.float64)
+    return a, a[:]
+
+
+class Cycle:
+    pass
+
+
+def held_by_a_cycle(n):
+    box = Cycle()
+    box.me = box
+    box.a = np.arange(n, dtype=np.float64)
+    return box.a
+
+
+def fork_with_array(n):
+    a = np.arange(n, dtype=np.float64)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = bool((a == np.arange(n)).all())
+            a[:] = -1.0                  # the child's copy
+            del a                        # freed there: nothing of the worker's
+            gc.collect()
+            b = np.full(n, 3.0)          # numpy's own memory in the child
+            ok = ok and not in_arena(b) and float(b.sum()) == 3.0 * n
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    child_ok = os.read(r, 1) == b"1"
+    os.close(r)
+    os.waitpid(pid, 0)
+    return child_ok, in_arena(a), bool((a == np.arange(n)).all())
+
+
+def resize_in_place(n):
+    a = np.arange(n, dtype=np.float64)
+    was = in_arena(a)
+    a.resize(n + n // 2, refcheck=False)     # grows: moves
+    grown = bool((a[:n] == np.arange(n)).all())
+    a.resize(n // 2, refcheck=False)         # shrinks: stays
+    return was, grown, a
+
+
+def zeros_on_used_pages(n):
+    z = np.zeros(n)
+    return in_arena(z), bool((z == 0).all())
+
+
+def pid_and_array(n):
+    return os.getpid(), np.arange(n, dtype=np.float64)
+
+
+# ----------------------------------------------------------------- helpers
+
+def nothing_carried():
+    from cpool import _core
+    gc.collect()
+    _core.drop_carried_arena()
+
+
+@pytest.fixture
+def pool():
+    """One worker, its partition warmed by one result copied into it."""
+    from cpool import Pool
+    nothing_carried()
+    p = Pool(1)
+    warm = p.apply(make, (4 * N,))          # 32 MiB of the partition's pages
+    assert (warm == np.arange(4 * N)).all()
+    del warm
+    yield p
+    p.terminate()
+    p.join()
+
+
+# ------------------------------------------------------------------- tests
+
+def test_large_arrays_go_to_warm_pages_only():
+    from cpool import Pool
+    nothing_carried()
+    with Pool(1) as p:
+        # Nothing of the partition exists yet: numpy's memory, our handler.
+        assert p.apply(made_where, (N,)) == ("cpool_arena", False, False)
+        out = p.apply(make, (2 * N,))       # copied in: 16 MiB of pages
+        del out
+        assert p.apply(made_where, (N,)) == ("cpool_arena", True, False)
+        # Larger than the pages there are: numpy's.
+        assert p.apply(made_where, (8 * N,)) == ("cpool_arena", False, False)
+
+
+def test_an_array_let_go_of_goes_to_the_parent_without_a_copy(pool):
+    for k in (1.0, 2.0, 3.0):
+        a, addr, there = pool.apply(make_with_address, (2 * N, k))
+        assert there
+        assert a.ctypes.data == addr        # the worker's own block
+        assert a.flags.writeable
+        assert (a == np.arange(2 * N) * k).all()
+        a[:] = 0                            # the parent's to change
+        del a
+
+
+def test_an_array_the_worker_keeps_is_copied(pool):
+    _kept.clear()
+    a, addr, there = pool.apply(keep_and_return, (2 * N,))
+    assert there and a.ctypes.data != addr
+    assert pool.apply(bump_kept) == 1       # the worker changes its own
+    assert (a == np.arange(2 * N)).all()
+
+
+def test_an_array_held_by_a_cycle_is_copied(pool):
+    a = pool.apply(held_by_a_cycle, (2 * N,))
+    b = pool.apply(make, (2 * N, 5.0))      # may reuse anything freed
+    assert (a == np.arange(2 * N)).all()
+    assert (b == np.arange(2 * N) * 5.0).all()
+
+
+def test_views_and_repeats(pool):
+    v = pool.apply(tail_view, (2 * N,))
+    assert (v == np.arange(8, 2 * N)).all()
+    x, y = pool.apply(twice, (2 * N,))
+    assert (x == np.arange(2 * N)).all() and (y == np.arange(2 * N)).all()
+    x[:] = -1                               # independent, as with pickle
+    assert (y == np.arange(2 * N)).all()
+
+
+def test_a_fork_in_a_task_gets_copies(pool):
+    child_ok, there, intact = pool.apply(fork_with_array, (2 * N,))
+    assert (child_ok, there, intact) == (True, True, True)
+    for k in (2.0, 3.0):                    # the partition is still sound
+        out = pool.apply(make, (3 * N, k))
+        assert (out == np.arange(3 * N) * k).all()
+
+
+def test_resized_arrays_keep_their_contents(pool):
+    was, grown, a = pool.apply(resize_in_place, (2 * N,))
+    assert was and grown
+    assert (a == np.arange(N)).all()
+
+
+def test_zeros_on_used_pages_are_zeros(pool):
+    junk = pool.apply(make, (3 * N, 7.0))   # the worker's pages hold data
+    del junk
+    assert pool.apply(zeros_on_used_pages, (3 * N,)) == (True, True)
+
+
+def test_many_arrays_in_one_result(pool):
+    sizes = [MiB // 8 + i for i in range(70)]   # 1 MiB each, past 64 buffers
+    for k in (1.0, 2.0):
+        out = pool.starmap(make, [(n, k) for n in sizes], chunksize=70)
+        for n, a in zip(sizes, out):
+            assert (a == np.arange(n) * k).all()
+        del out
+
+
+def test_arrays_survive_their_workers_exit():
+    from cpool import Pool
+    nothing_carried()
+    with Pool(1, maxtasksperchild=2) as p:
+        warm = p.apply(make, (4 * N,))
+        del warm
+        held = [p.apply(pid_and_array, (2 * N,)) for _ in range(4)]
+        assert len({pid for pid, _ in held}) == 3   # two tasks each
+        for _, a in held:
+            assert (a == np.arange(2 * N)).all()
+        out = p.apply(make, (2 * N, 9.0))
+        assert (out == np.arange(2 * N) * 9.0).all()
+
+
+def test_blocks_are_reused_not_leaked(pool):
+    for i in range(30):
+        a = pool.apply(make, (2 * N, float(i)))
+        assert a[1] == float(i)
+        del a
+    used = [brk for use, _, brk, *_ in pool._core.arena_info()
+            if isinstance(use, int)]
+    assert max(used) <= 40 * MiB
+
+
+def test_turned_off(monkeypatch):
+    from cpool import Pool
+    monkeypatch.setenv("CPOOL_ARENA_NUMPY", "0")
+    with Pool(1) as p:
+        assert p.apply(handler_name) == "default_allocator"
+
+
+def test_numpy_imported_by_a_task_is_handled_from_the_next_task(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from cpool import Pool
+
+        def load():
+            import numpy
+            return numpy.__name__
+
+        def name():
+            try:
+                from numpy._core.multiarray import get_handler_name
+            except ImportError:
+                from numpy.core.multiarray import get_handler_name
+            return get_handler_name()
+
+        if __name__ == "__main__":
+            assert "numpy" not in sys.modules
+            with Pool(1) as p:
+                print(p.apply(load), p.apply(name))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["numpy", "cpool_arena"]
