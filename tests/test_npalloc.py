@@ -42,7 +42,9 @@ def handler_name(a=None):
 
 
 def make(n, k=1.0):
-    return np.arange(n, dtype=np.float64) * k
+    a = np.arange(n, dtype=np.float64)
+    a *= k                  # in place: no temporary (numpy elides it only
+    return a                # when it can tell it is one)
 
 
 def made_where(n):
@@ -51,7 +53,7 @@ def made_where(n):
 
 
 def make_with_address(n, k=1.0):
-    a = np.arange(n, dtype=np.float64) * k
+    a = make(n, k)
     return a, a.ctypes.data, in_arena(a)
 
 
@@ -139,6 +141,18 @@ def nothing_carried():
     _core.drop_carried_arena()
 
 
+def released(pool):
+    """Wait until the parent holds no result arrays of the pool's workers
+    (the collector thread may hold the last value a moment longer)."""
+    import time
+    deadline = time.monotonic() + 10
+    while any(live for use, live, *_ in pool._core.arena_info()
+              if isinstance(use, int)):
+        assert time.monotonic() < deadline, "result blocks still held"
+        gc.collect()
+        time.sleep(0.002)
+
+
 @pytest.fixture
 def pool():
     """One worker, its partition warmed by one result copied into it."""
@@ -148,6 +162,7 @@ def pool():
     warm = p.apply(make, (4 * N,))          # 32 MiB of the partition's pages
     assert (warm == np.arange(4 * N)).all()
     del warm
+    released(p)
     yield p
     p.terminate()
     p.join()
@@ -163,6 +178,7 @@ def test_large_arrays_go_to_warm_pages_only():
         assert p.apply(made_where, (N,)) == ("cpool_arena", False, False)
         out = p.apply(make, (2 * N,))       # copied in: 16 MiB of pages
         del out
+        released(p)
         assert p.apply(made_where, (N,)) == ("cpool_arena", True, False)
         # Larger than the pages there are: numpy's.
         assert p.apply(made_where, (8 * N,)) == ("cpool_arena", False, False)
@@ -177,6 +193,7 @@ def test_an_array_let_go_of_goes_to_the_parent_without_a_copy(pool):
         assert (a == np.arange(2 * N) * k).all()
         a[:] = 0                            # the parent's to change
         del a
+        released(pool)
 
 
 def test_an_array_the_worker_keeps_is_copied(pool):
@@ -220,6 +237,7 @@ def test_resized_arrays_keep_their_contents(pool):
 def test_zeros_on_used_pages_are_zeros(pool):
     junk = pool.apply(make, (3 * N, 7.0))   # the worker's pages hold data
     del junk
+    released(pool)
     assert pool.apply(zeros_on_used_pages, (3 * N,)) == (True, True)
 
 
@@ -238,6 +256,7 @@ def test_arrays_survive_their_workers_exit():
     with Pool(1, maxtasksperchild=2) as p:
         warm = p.apply(make, (4 * N,))
         del warm
+        released(p)
         held = [p.apply(pid_and_array, (2 * N,)) for _ in range(4)]
         assert len({pid for pid, _ in held}) == 3   # two tasks each
         for _, a in held:
@@ -251,6 +270,7 @@ def test_blocks_are_reused_not_leaked(pool):
         a = pool.apply(make, (2 * N, float(i)))
         assert a[1] == float(i)
         del a
+        released(pool)
     used = [brk for use, _, brk, *_ in pool._core.arena_info()
             if isinstance(use, int)]
     assert max(used) <= 40 * MiB
