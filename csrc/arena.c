@@ -330,6 +330,19 @@ cp_arena_format(cp_arena *a, int p, uint64_t limit)
         a->args_warm = 0;
 }
 
+/* A worker has mapped pages [start, end) of its partition: everything up
+ * to `end` is, if everything up to `start` was.  (Its main thread copying
+ * without the GIL and another allocating an array may both get here.) */
+static void
+note_mapped(cp_arena *a, uint64_t start, uint64_t end)
+{
+    uint64_t cur = cp_load_relaxed(&a->mapped);
+    while (cur >= start && cur < end &&
+           !__atomic_compare_exchange_n(&a->mapped, &cur, end, 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
 /* A worker, starting: it has mapped nothing of its partition yet but the
  * header (a fork does not copy the page tables of shared mappings). */
 void
@@ -464,12 +477,12 @@ cp_arena_map(cp_arena *a, cp_blk *b)
     uint64_t start = (uint64_t)((uint8_t *)b - a->base) % a->part_size;
     uint64_t end = start + b->size;
     uint8_t *base = (uint8_t *)b - start;
-    if (end <= a->mapped)
+    uint64_t mapped = cp_load_relaxed(&a->mapped);
+    if (end <= mapped)
         return;
-    populate(base + (start > a->mapped ? start : a->mapped), base + end,
+    populate(base + (start > mapped ? start : mapped), base + end,
              MADV_POPULATE_READ);
-    if (start <= a->mapped)
-        a->mapped = end;
+    note_mapped(a, start, end);
 }
 
 /* Owner: the block whose data starts at `data` in partition p, if it is a
@@ -795,7 +808,9 @@ cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n)
     uint64_t warm = cp_load_relaxed(&h->warm);  /* a hint: bounded below */
     /* The parent's mapping of partition 0 is as old as the arena; a worker
      * maps its own partition as it goes. */
-    uint64_t mapped = p == 0 || a->mapped > warm ? warm : a->mapped;
+    uint64_t mapped = cp_load_relaxed(&a->mapped);
+    if (p == 0 || mapped > warm)
+        mapped = warm;
     uint8_t *map_lo = NULL, *map_hi = NULL;
     if (mapped < warm && end > mapped && start < warm) {
         map_lo = part_base(a, p) + (start > mapped ? start : mapped);
@@ -844,11 +859,6 @@ filled:
                                             __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             ;
     }
-    /* This process has mapped everything up to the end of the copy, if it
-     * had mapped everything up to its start. */
-    if (p != 0 && a->mapped >= (start & ~(uint64_t)(PAGE - 1))) {
-        uint64_t mark = round_up(end, PAGE);
-        if (mark > a->mapped)
-            a->mapped = mark;
-    }
+    if (p != 0)
+        note_mapped(a, start & ~(uint64_t)(PAGE - 1), round_up(end, PAGE));
 }
