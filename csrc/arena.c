@@ -574,42 +574,91 @@ cp_arena_give_back(cp_arena *a, int p, cp_blk *b, uint64_t size)
     cp_store_release(&b->lent, CP_LENT_NO);
 }
 
-/* In a forked child: n bytes of shared memory at `start` (page aligned)
- * become a private copy at the same address, as any other memory of the
- * parent's is in a child. */
+/*
+ * Forks.  Arena memory this process uses as its own (arrays it wraps, a
+ * worker's own numpy arrays) is shared with the pool's processes; a child
+ * forked from it must get a copy, as of any other memory, not a window
+ * onto what the pool does next.  The copy must be of the memory as it is
+ * at the fork: a child copying it after fork() returned would race the
+ * parent, which goes on freeing and reusing blocks.  So the parent copies
+ * it in its prepare handler (cp_fork_stage), the child moves the copies
+ * in place before any code of its own runs, and the parent drops its own.
+ * (The cost: one copy of that memory per fork.)
+ */
+typedef struct {
+    void *addr, *copy;
+    size_t n;
+} staged;
+
+static staged *stages;
+static size_t nstages, cap_stages;
+
+/* Prepare handler: n bytes at addr (page aligned) are to be the child's
+ * own, as they are now.  A copy that fails (no memory) leaves the child
+ * sharing them, as before. */
 void
-cp_arena_privatize(void *start, size_t n)
+cp_fork_stage(void *addr, size_t n)
 {
-    void *tmp = mmap(NULL, n, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (tmp == MAP_FAILED)
+    if (nstages == cap_stages) {
+        size_t cap = cap_stages ? 2 * cap_stages : 16;
+        staged *v = realloc(stages, cap * sizeof *v);
+        if (v == NULL)
+            return;
+        stages = v;
+        cap_stages = cap;
+    }
+    void *copy = mmap(NULL, n, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (copy == MAP_FAILED)
         return;
-    memcpy(tmp, start, n);
-    if (mremap(tmp, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, start) == MAP_FAILED)
-        munmap(tmp, n);
+    memcpy(copy, addr, n);
+    stages[nstages++] = (staged){addr, copy, n};
 }
 
-/* In a child forked from a worker: the worker's numpy arrays in its
- * partition p (npalloc.c) become private copies.  Reads the partition
- * only: it is still the worker's. */
+static void
+stages_to_child(void)
+{
+    for (size_t i = 0; i < nstages; i++)
+        if (mremap(stages[i].copy, stages[i].n, stages[i].n,
+                   MREMAP_MAYMOVE | MREMAP_FIXED, stages[i].addr) == MAP_FAILED)
+            munmap(stages[i].copy, stages[i].n);
+    nstages = 0;
+}
+
+static void
+stages_dropped(void)
+{
+    for (size_t i = 0; i < nstages; i++)
+        munmap(stages[i].copy, stages[i].n);
+    nstages = 0;
+}
+
+/* Once per process, before any prepare handler that stages (pthread_atfork
+ * runs the child and parent handlers in the order registered, after every
+ * prepare handler). */
+int
+cp_fork_stage_hooks(void)
+{
+    static int done;
+    if (!done && pthread_atfork(NULL, stages_dropped, stages_to_child) == 0)
+        done = 1;
+    return done ? 0 : -1;
+}
+
+/* Prepare handler in a worker: its numpy arrays in its partition p
+ * (npalloc.c) are to be the child's own. */
 void
-cp_arena_privatize_numpy(cp_arena *a, int p)
+cp_arena_stage_numpy(cp_arena *a, int p)
 {
     uint8_t *base = part_base(a, p);
-    cp_part_hdr *h = (cp_part_hdr *)base;
-    uint64_t brk = cp_load_relaxed(&h->brk);
-    if (cp_load_relaxed(&h->magic) != PART_MAGIC || brk > a->part_size)
-        return;
-    for (uint64_t off = PART_HDR; off < brk;) {
-        cp_blk *b = (cp_blk *)(base + off);
-        uint64_t size = cp_load_relaxed(&b->size);
-        if (cp_load_relaxed(&b->magic) != BLK_MAGIC || size < PAGE ||
-            size % PAGE || size > brk - off)
+    cp_part_hdr *h = part_hdr(a, p);
+    for (uint64_t off = PART_HDR; h != NULL && off < h->brk;) {
+        cp_blk *b = walk_blk(a, p, h, off);
+        if (b == NULL)
             return;
-        if (cp_load_relaxed(&b->kind) == CP_BLK_NUMPY &&
-            cp_load_relaxed(&b->oref) > 0)
-            cp_arena_privatize(b, (size_t)size);
-        off += size;
+        if (b->kind == CP_BLK_NUMPY && cp_load_relaxed(&b->oref) > 0)
+            cp_fork_stage(base + off, (size_t)b->size);
+        off += b->size;
     }
 }
 

@@ -266,8 +266,9 @@ void cp_arena_map(cp_arena *a, cp_blk *b);
 cp_blk *cp_arena_block_at(cp_arena *a, int p, const void *data);
 void cp_arena_hold(cp_blk *b);
 int cp_arena_only_holder(cp_blk *b);
-void cp_arena_privatize(void *start, size_t n);
-void cp_arena_privatize_numpy(cp_arena *a, int p);
+void cp_fork_stage(void *addr, size_t n);
+int cp_fork_stage_hooks(void);
+void cp_arena_stage_numpy(cp_arena *a, int p);
 uint8_t *cp_blk_data(cp_blk *b);
 uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);
 cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid,
@@ -290,6 +291,9 @@ void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);
 void cp_np_setup(cp_arena *a, int part);
 void cp_np_poll(void);
 cp_blk *cp_np_block(cp_arena *a, int part, const void *buf, uint64_t len);
+#ifdef Py_PYTHON_H
+int cp_np_plain(PyObject *v);
+#endif
 
 /* ------------------------------------------------------------------ proc */
 

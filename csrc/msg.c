@@ -286,9 +286,12 @@ dumps_segmented(PyObject *obj, int *oob, const cp_arena_use *au)
         goto done;
     if (w->nown > 0) {
         /* The pickler's memo and the caller's reference go first (obj with
-         * them, maybe): what then still holds the arrays is the worker's. */
-        Py_CLEAR(p);
-        Py_CLEAR(*w->au.value);
+         * them, maybe), if that runs no code: what then still holds the
+         * arrays is the worker's. */
+        if (cp_np_plain(obj)) {
+            Py_CLEAR(p);
+            Py_CLEAR(*w->au.value);
+        }
         settle_own(w);
     }
     commit_results(w);
@@ -663,41 +666,28 @@ typedef struct ShmBuf {
 /*
  * Forks.  A ShmBuf's memory is shared with the pool's processes; a child
  * forked from its process (os.fork(), multiprocessing, or the fork server of
- * another pool, whose workers inherit the user's arrays) must get a copy, as
- * it would of any other memory, not a window onto the parent's.  So the
- * child replaces each live ShmBuf's pages with private copies at the same
- * address, at once, before any code of its own runs.
+ * another pool, whose workers inherit the user's arrays) gets a copy of it
+ * as it is at the fork, as of any other memory, not a window onto the
+ * parent's (cp_fork_stage).
  */
 static ShmBuf *live_bufs;     /* GIL */
-static pid_t fork_parent;
 
 static void
 before_fork(void)
 {
-    fork_parent = getpid();
-}
-
-static void
-privatize(ShmBuf *s)
-{
-    /* The block's header and data, page aligned. */
-    cp_arena_privatize(s->b, ((size_t)(sizeof(cp_blk) + s->len) + 4095) &
-                                 ~(size_t)4095);
-}
-
-static void
-after_fork_child(void)
-{
+    pid_t self = getpid();
     for (ShmBuf *s = live_bufs; s != NULL; s = s->next)
-        if (s->pid == fork_parent)
-            privatize(s);
+        if (s->pid == self)     /* else a copy already, from our own fork */
+            cp_fork_stage(s->b, ((size_t)(sizeof(cp_blk) + s->len) + 4095) &
+                                    ~(size_t)4095);
 }
 
 void
 cp_msg_fork_hooks(void)
 {
     static int done;
-    if (!done && pthread_atfork(before_fork, NULL, after_fork_child) == 0)
+    if (!done && cp_fork_stage_hooks() == 0 &&
+        pthread_atfork(before_fork, NULL, NULL) == 0)
         done = 1;
 }
 

@@ -11,17 +11,19 @@
  * parent: no copy, and no second set of pages for the worker to fault in.
  *
  * Only if nothing in the worker holds the array any more: the worker pickles
- * the result, lets go of it (msg.c), and the block goes if numpy freed the
- * array meanwhile (its hold, `oref`, gone: see cp_np_block).  Otherwise (a
- * global cache, a view kept elsewhere) the array is copied as before, so
- * that the worker's later changes never reach the parent's result.
+ * the result, lets go of it if that runs no Python code (cp_np_plain), and
+ * the block goes if numpy freed the array meanwhile (its hold, `oref`, gone:
+ * see cp_np_block).  Otherwise (a global cache, a view kept elsewhere, a
+ * result with a __del__) the array is copied as before, so that the
+ * worker's later changes never reach the parent's result.
  *
  * The handler is a context variable of numpy's; it is set on the worker's
  * main thread, where tasks run, once numpy is imported there (at start, or
  * after the task that imported it).  Arrays made on other threads, or too
  * large for the warm pages, or in a worker without a partition, are numpy's
- * own.  A process forked from the worker (os.fork() in a task) gets private
- * copies of the worker's arrays at once, and its allocations are numpy's.
+ * own.  A process forked from the worker (os.fork() in a task) gets copies
+ * of the worker's arrays as they are at the fork (arena.c: cp_fork_stage),
+ * and its allocations are numpy's.
  *
  * CPOOL_ARENA_NUMPY=0 leaves numpy's allocator alone.
  */
@@ -54,6 +56,7 @@ typedef struct {
 /* Slots of numpy's C-API table (the _ARRAY_API capsule), the same in numpy
  * 1.x and 2.x. */
 #define API_ABI_VERSION 0        /* PyArray_GetNDArrayCVersion */
+#define API_ARRAY_TYPE 2         /* &PyArray_Type */
 #define API_FEATURE_VERSION 211  /* PyArray_GetNDArrayCFeatureVersion */
 #define API_SET_HANDLER 304      /* PyDataMem_SetHandler */
 #define API_GET_HANDLER 305      /* PyDataMem_GetHandler */
@@ -68,6 +71,7 @@ static struct {
     int state;            /* NP_* */
     Py_ssize_t nmods;     /* sys.modules' size when last looked at */
     np_allocator prev;    /* numpy's own allocator */
+    PyTypeObject *ndarray;
     uint8_t *lo, *hi;     /* the partition */
 } np;
 
@@ -156,14 +160,14 @@ static np_handler handler = {
     "cpool_arena", 1, {NULL, np_malloc, np_calloc, np_realloc, np_free},
 };
 
-/* A child forked from the worker: the worker's arrays become its own
- * (copies), as any other memory of the worker's.  Only in the worker's own
- * children: a grandchild has its parent's copies already. */
+/* A fork of the worker: the child gets copies of the worker's arrays as
+ * they are now (cp_fork_stage).  Only in the worker: a child's are copies
+ * already. */
 static void
-after_fork_child(void)
+before_fork(void)
 {
-    if (np.state == NP_ON && getppid() == np.pid)
-        cp_arena_privatize_numpy(np.a, np.part);
+    if (np.state == NP_ON && getpid() == np.pid)
+        cp_arena_stage_numpy(np.a, np.part);
 }
 
 /* numpy is imported: hand it our handler, if it is a numpy that has them and
@@ -193,6 +197,7 @@ install(PyObject *umath)
         return;
     }
     np.prev = h->allocator;   /* numpy's default handler is static too */
+    np.ndarray = (PyTypeObject *)api[API_ARRAY_TYPE];
     Py_DECREF(cur);
     PyObject *mine = PyCapsule_New(&handler, "mem_handler", NULL);
     PyObject *old = mine ? ((PyObject * (*)(PyObject *)) api[API_SET_HANDLER])(mine)
@@ -203,7 +208,7 @@ install(PyObject *umath)
         return;
     }
     Py_DECREF(old);
-    if (pthread_atfork(NULL, NULL, after_fork_child) != 0) {
+    if (cp_fork_stage_hooks() < 0 || pthread_atfork(before_fork, NULL, NULL) != 0) {
         /* Without it a fork in a task would share the arrays: undo. */
         old = ((PyObject * (*)(PyObject *)) api[API_SET_HANDLER])(NULL);
         Py_XDECREF(old);
@@ -268,3 +273,62 @@ cp_np_block(cp_arena *a, int part, const void *buf, uint64_t len)
         return NULL;
     return b;
 }
+
+/*
+ * Can letting go of v run Python code?  0 if surely not, else 1.  A
+ * worker lets go of a result between pickling and sending it only if not
+ * (msg.c): a __del__, a weakref callback or an object array's items freed
+ * then could change the result's arrays after they were pickled, or the
+ * message, or leave the worker.  Plain is: exact tuples, lists and dicts
+ * (a few levels, a few thousand objects), exact arrays without objects or
+ * weak references whose bases are such arrays, and objects of C types that
+ * hold no references (ints, floats, strs, bytes, numpy scalars...).
+ */
+static int
+runs_code(PyObject *v, int depth, int *budget)
+{
+    if (--*budget < 0 || depth > 4)
+        return 1;
+    PyTypeObject *tp = Py_TYPE(v);
+    if (tp->tp_weaklistoffset > 0 &&
+        *(PyObject **)((char *)v + tp->tp_weaklistoffset) != NULL)
+        return 1;
+    if (tp == &PyTuple_Type || tp == &PyList_Type) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (runs_code(items[i], depth + 1, budget))
+                return 1;
+        return 0;
+    }
+    if (tp == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *x;
+        while (PyDict_Next(v, &pos, &k, &x))
+            if (runs_code(k, depth + 1, budget) || runs_code(x, depth + 1, budget))
+                return 1;
+        return 0;
+    }
+    if (tp == np.ndarray) {
+        PyObject *dt = PyObject_GetAttrString(v, "dtype");
+        PyObject *obj = dt ? PyObject_GetAttrString(dt, "hasobject") : NULL;
+        PyObject *base = PyObject_GetAttrString(v, "base");
+        int bad = obj != Py_False || base == NULL ||
+                  (base != Py_None && runs_code(base, depth + 1, budget));
+        Py_XDECREF(dt);
+        Py_XDECREF(obj);
+        Py_XDECREF(base);
+        PyErr_Clear();
+        return bad;
+    }
+    return (tp->tp_flags & (Py_TPFLAGS_HEAPTYPE | Py_TPFLAGS_HAVE_GC)) ||
+           tp->tp_finalize != NULL || tp->tp_del != NULL;
+}
+
+int
+cp_np_plain(PyObject *v)
+{
+    int budget = 4096;
+    return np.state == NP_ON && !runs_code(v, 0, &budget);
+}
+

@@ -217,8 +217,9 @@ wrap_exception(void)
 
 /* Pickle and publish a result (the value: a reference the call takes), and
  * count it for the parent before letting go of the value (whose __del__ may
- * take any time), unless it holds arrays the worker made in the arena: those
- * it lets go of once pickled, to see whether their blocks can go to the
+ * take any time).  Unless it holds arrays the worker made in the arena and
+ * letting go of it runs no Python code (npalloc.c: cp_np_plain): then it is
+ * let go of once pickled, to see whether those arrays' blocks can go to the
  * parent as they are (msg.c).  A result that cannot be pickled becomes a
  * MaybeEncodingError, as in multiprocessing. */
 static void

@@ -585,3 +585,30 @@ def start_a_process(_=None):
     child.start()
     child.join(60)
     return type(me).__name__, me.daemon, me.name.rsplit("-", 1)[0], child.exitcode
+
+
+def fork_to_check_later(check):
+    """Fork a child that waits, then runs check() and reports its verdict.
+    Returns go(): lets the child run, and returns True if check() was true
+    there and the child exited cleanly."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(go_r, 1)
+            os.write(w, b"1" if check() else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(go_r)
+
+    def go():
+        os.write(go_w, b"x")
+        seen = os.read(r, 1)
+        status = os.waitpid(pid, 0)[1]
+        os.close(r)
+        os.close(go_w)
+        return seen == b"1" and status == 0
+    return go
+

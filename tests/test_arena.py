@@ -388,6 +388,19 @@ def test_forked_child_gets_a_copy_not_a_window(pool):
     assert (held == np.arange(2 * N8) * 3.0).all()
 
 
+def test_forked_child_copies_held_arrays_as_they_were_at_the_fork(pool):
+    # The parent lets go of an array right after the fork and the worker
+    # reuses its block at once: the child's copy is of the fork's moment.
+    from helpers import fork_to_check_later
+    for _ in range(3):
+        a = pool.apply(make, (2 * N8, 5.0))
+        go = fork_to_check_later(lambda: (a == np.arange(2 * N8) * 5.0).all())
+        del a
+        b = pool.apply(make, (2 * N8, 7.0))
+        assert go()
+        del b
+
+
 _held = None
 
 

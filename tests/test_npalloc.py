@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -133,6 +134,63 @@ def pid_and_array(n):
     return os.getpid(), np.arange(n, dtype=np.float64)
 
 
+def fork_then_reuse(n):
+    # The child reads its copy only after the worker freed the array and
+    # made another one, which may take the freed block.
+    from helpers import fork_to_check_later
+    a = np.full(n, 5.0)
+    go = fork_to_check_later(lambda: (a == 5.0).all())
+    del a
+    b = np.full(n, 7.0)
+    return go(), float(b[0])
+
+
+def fork_and_return(n, done_path):
+    # The child changes its copy after the worker returned the array.
+    a = np.full(n, 5.0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(0.05)
+            a[:] = -1.0
+            with open(done_path, "w") as f:
+                f.write("done")
+        finally:
+            os._exit(0)
+    return a
+
+
+class Scrubbed:
+    """A result whose __del__ changes its array and clears its bytearray."""
+    def __init__(self, a, ba):
+        self.a, self.ba = a, ba
+
+    def __del__(self):
+        a, ba = self.__dict__.get("a"), self.__dict__.get("ba")
+        if a is not None:
+            a[:] = 0.0
+        if ba is not None:
+            ba.clear()
+
+
+def scrubbed(n):
+    # (The array beside it makes the result one with large buffers.)
+    return Scrubbed(make(n, 3.0), bytearray(b"z" * (512 * 1024))), make(n)
+
+
+class ExitsWhenDropped:
+    def __init__(self, a):
+        self.a, self.pid = a, os.getpid()
+
+    def __del__(self):
+        if os.getpid() == self.pid:     # in the worker only
+            os._exit(0)
+
+
+def exits_when_dropped(n):
+    return ExitsWhenDropped(make(n, 2.0)), make(n)
+
+
 # ----------------------------------------------------------------- helpers
 
 def nothing_carried():
@@ -226,6 +284,45 @@ def test_a_fork_in_a_task_gets_copies(pool):
     for k in (2.0, 3.0):                    # the partition is still sound
         out = pool.apply(make, (3 * N, k))
         assert (out == np.arange(3 * N) * k).all()
+
+
+def test_a_forked_child_copies_arrays_as_they_were_at_the_fork(pool):
+    for _ in range(3):
+        assert pool.apply(fork_then_reuse, (2 * N,)) == (True, 7.0)
+
+
+def test_a_forked_child_cannot_change_a_returned_array(pool, tmp_path):
+    done = tmp_path / "done"
+    a = pool.apply(fork_and_return, (2 * N, str(done)))
+    deadline = time.monotonic() + 30
+    while not done.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert (a == 5.0).all()
+
+
+def test_a_result_is_sent_as_pickled_before_its_del_runs(pool):
+    for _ in range(3):
+        r, other = pool.apply(scrubbed, (2 * N,))
+        a, ba = r.__dict__.pop("a"), r.__dict__.pop("ba")
+        assert (a == np.arange(2 * N) * 3.0).all()
+        assert ba == b"z" * (512 * 1024)
+        assert (other == np.arange(2 * N)).all()
+        del r, a, other
+        released(pool)
+
+
+def test_a_result_is_delivered_before_its_del_ends_the_worker():
+    from cpool import Pool
+    nothing_carried()
+    with Pool(1) as p:
+        warm = p.apply(make, (4 * N,))
+        del warm
+        released(p)
+        r, other = p.apply(exits_when_dropped, (2 * N,))
+        assert (r.a == np.arange(2 * N) * 2.0).all()
+        assert (other == np.arange(2 * N)).all()
+        assert p.apply(make, (10,)).sum() == 45.0      # a new worker
 
 
 def test_resized_arrays_keep_their_contents(pool):
