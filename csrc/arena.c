@@ -400,7 +400,7 @@ blk_free(cp_blk *b)
  * if there is no room.  First fit, merging runs of free blocks on the way.
  */
 static cp_blk *
-alloc_below(cp_arena *a, int p, uint64_t len, uint64_t top)
+alloc_below_locked(cp_arena *a, int p, uint64_t len, uint64_t top)
 {
     cp_part_hdr *h = part_hdr(a, p);
     if (h == NULL || len > a->part_size)
@@ -451,6 +451,32 @@ alloc_below(cp_arena *a, int p, uint64_t len, uint64_t top)
     found->kind = CP_BLK_COPY;
     cp_store_release(&found->lent, CP_LENT_NO);
     return found;
+}
+
+/* The owner changes a partition's layout under the GIL, and under this
+ * lock, which a fork from a thread without the GIL takes too (a worker's
+ * prepare handler walks its partition: cp_arena_stage_numpy). */
+static pthread_mutex_t layout_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void
+cp_arena_layout_lock(void)
+{
+    pthread_mutex_lock(&layout_lock);
+}
+
+void
+cp_arena_layout_unlock(void)
+{
+    pthread_mutex_unlock(&layout_lock);
+}
+
+static cp_blk *
+alloc_below(cp_arena *a, int p, uint64_t len, uint64_t top)
+{
+    pthread_mutex_lock(&layout_lock);
+    cp_blk *b = alloc_below_locked(a, p, len, top);
+    pthread_mutex_unlock(&layout_lock);
+    return b;
 }
 
 /* Owner: a block for len data bytes in partition p (see alloc_below). */
@@ -645,8 +671,8 @@ cp_fork_stage_hooks(void)
     return done ? 0 : -1;
 }
 
-/* Prepare handler in a worker: its numpy arrays in its partition p
- * (npalloc.c) are to be the child's own. */
+/* Prepare handler in a worker, with the layout lock: its numpy arrays in
+ * its partition p (npalloc.c) are to be the child's own. */
 void
 cp_arena_stage_numpy(cp_arena *a, int p)
 {

@@ -269,6 +269,8 @@ int cp_arena_only_holder(cp_blk *b);
 void cp_fork_stage(void *addr, size_t n);
 int cp_fork_stage_hooks(void);
 void cp_arena_stage_numpy(cp_arena *a, int p);
+void cp_arena_layout_lock(void);
+void cp_arena_layout_unlock(void);
 uint8_t *cp_blk_data(cp_blk *b);
 uint64_t cp_arena_offset(cp_arena *a, cp_blk *b);
 cp_blk *cp_arena_take(cp_arena *a, int p, uint64_t off, uint64_t len, pid_t pid,

@@ -670,11 +670,16 @@ typedef struct ShmBuf {
  * as it is at the fork, as of any other memory, not a window onto the
  * parent's (cp_fork_stage).
  */
-static ShmBuf *live_bufs;     /* GIL */
+static ShmBuf *live_bufs;     /* GIL, and bufs_lock (forks) */
+/* A fork may come from a thread without the GIL (a C library's own): the
+ * list is walked under this lock then, held until the fork is done so
+ * that no array is wrapped between the copy and the fork. */
+static pthread_mutex_t bufs_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void
 before_fork(void)
 {
+    pthread_mutex_lock(&bufs_lock);
     pid_t self = getpid();
     for (ShmBuf *s = live_bufs; s != NULL; s = s->next)
         if (s->pid == self)     /* else a copy already, from our own fork */
@@ -682,12 +687,18 @@ before_fork(void)
                                     ~(size_t)4095);
 }
 
+static void
+after_fork(void)
+{
+    pthread_mutex_unlock(&bufs_lock);
+}
+
 void
 cp_msg_fork_hooks(void)
 {
     static int done;
     if (!done && cp_fork_stage_hooks() == 0 &&
-        pthread_atfork(before_fork, NULL, NULL) == 0)
+        pthread_atfork(before_fork, after_fork, after_fork) == 0)
         done = 1;
 }
 
@@ -705,10 +716,12 @@ shmbuf_new(const cp_arena_use *au, cp_blk *b, uint64_t len, uint64_t size)
     s->len = len;
     s->size = size;
     s->prev = NULL;
+    pthread_mutex_lock(&bufs_lock);
     s->next = live_bufs;
     if (live_bufs != NULL)
         live_bufs->prev = s;
     live_bufs = s;
+    pthread_mutex_unlock(&bufs_lock);
     s->part = au->part;
     s->pid = getpid();
     if (s->pid == au->a->pid)
@@ -720,12 +733,14 @@ static void
 ShmBuf_dealloc(ShmBuf *s)
 {
     PyTypeObject *tp = Py_TYPE(s);
+    pthread_mutex_lock(&bufs_lock);
     if (s->prev != NULL)
         s->prev->next = s->next;
     else
         live_bufs = s->next;
     if (s->next != NULL)
         s->next->prev = s->prev;
+    pthread_mutex_unlock(&bufs_lock);
     /* Not in a process forked from the one that took it: there the block
      * is not ours to give back (and its pages are a private copy). */
     if (s->pid == getpid()) {

@@ -133,8 +133,9 @@ np_free(void *ctx, void *ptr, size_t size)
         np.prev.free(np.prev.ctx, ptr, size);
     else if (getpid() == np.pid)
         cp_arena_drop(b, 0);
-    else                    /* a forked child's private copy */
-        madvise(b, (size_t)b->size, MADV_DONTNEED);
+    /* else a forked child's copy of the worker's array, which stays until
+     * the child exits: its header may be the worker's, if there was no
+     * memory for the copy at the fork, and so is not to be trusted. */
 }
 
 static void *
@@ -148,10 +149,14 @@ np_realloc(void *ctx, void *ptr, size_t size)
         b->len = size;      /* fits where it is */
         return ptr;
     }
+    /* The old data: its length as the header says, within the partition
+     * (in a forked child the header may be the worker's: see np_free). */
+    size_t old = (size_t)b->len, room = (size_t)(np.hi - (uint8_t *)ptr);
     void *q = np_malloc(ctx, size);
     if (q != NULL) {
-        memcpy(q, ptr, size < b->len ? size : (size_t)b->len);
-        np_free(ctx, ptr, (size_t)b->len);
+        memcpy(q, ptr, size < old ? (size < room ? size : room)
+                                  : (old < room ? old : room));
+        np_free(ctx, ptr, old);
     }
     return q;
 }
@@ -166,8 +171,17 @@ static np_handler handler = {
 static void
 before_fork(void)
 {
+    /* Held until the fork is done: no array is made or moved meanwhile (the
+     * fork may come from a thread without the GIL). */
+    cp_arena_layout_lock();
     if (np.state == NP_ON && getpid() == np.pid)
         cp_arena_stage_numpy(np.a, np.part);
+}
+
+static void
+after_fork(void)
+{
+    cp_arena_layout_unlock();
 }
 
 /* numpy is imported: hand it our handler, if it is a numpy that has them and
@@ -208,7 +222,8 @@ install(PyObject *umath)
         return;
     }
     Py_DECREF(old);
-    if (cp_fork_stage_hooks() < 0 || pthread_atfork(before_fork, NULL, NULL) != 0) {
+    if (cp_fork_stage_hooks() < 0 ||
+        pthread_atfork(before_fork, after_fork, after_fork) != 0) {
         /* Without it a fork in a task would share the arrays: undo. */
         old = ((PyObject * (*)(PyObject *)) api[API_SET_HANDLER])(NULL);
         Py_XDECREF(old);
@@ -280,19 +295,71 @@ cp_np_block(cp_arena *a, int part, const void *buf, uint64_t len)
  * (msg.c): a __del__, a weakref callback or an object array's items freed
  * then could change the result's arrays after they were pickled, or the
  * message, or leave the worker.  Plain is: exact tuples, lists and dicts
- * (a few levels, a few thousand objects), exact arrays without objects or
- * weak references whose bases are such arrays, and objects of C types that
- * hold no references (ints, floats, strs, bytes, numpy scalars...).
+ * (a few levels, a few thousand objects), exact arrays of numbers, booleans
+ * or times (no objects, fields or dtype metadata, no weak references) whose
+ * bases are such arrays, and exact ints, floats, complex numbers, bools,
+ * None, strs, bytes and numpy's number scalars.
  */
+static PyObject *plain_scalars;     /* numpy's number scalar types */
+
+static int
+plain_scalar(PyTypeObject *tp)
+{
+    if (tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyComplex_Type ||
+        tp == &PyBool_Type || tp == Py_TYPE(Py_None) || tp == &PyUnicode_Type ||
+        tp == &PyBytes_Type)
+        return 1;
+    if (plain_scalars == NULL) {
+        static const char *names[] = {
+            "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16",
+            "uint32", "uint64", "float16", "float32", "float64", "longdouble",
+            "complex64", "complex128", "clongdouble", "datetime64",
+            "timedelta64"};
+        PyObject *mods = PyImport_GetModuleDict();
+        PyObject *numpy = PyDict_GetItemString(mods, "numpy");
+        PyObject *l = numpy ? PyList_New(0) : NULL;
+        for (size_t i = 0; l != NULL && i < sizeof names / sizeof *names; i++) {
+            PyObject *t = PyObject_GetAttrString(numpy, names[i]);
+            if (t != NULL && PyType_Check(t) && PyList_Append(l, t) < 0)
+                Py_CLEAR(l);
+            Py_XDECREF(t);
+        }
+        PyErr_Clear();
+        if (l == NULL)
+            return 0;
+        plain_scalars = l;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(plain_scalars); i++)
+        if ((PyObject *)tp == PyList_GET_ITEM(plain_scalars, i))
+            return 1;
+    return 0;
+}
+
+/* An array's dtype is of numbers, booleans or times, without metadata. */
+static int
+plain_dtype(PyObject *arr)
+{
+    PyObject *dt = PyObject_GetAttrString(arr, "dtype");
+    PyObject *kind = dt ? PyObject_GetAttrString(dt, "kind") : NULL;
+    PyObject *meta = dt ? PyObject_GetAttrString(dt, "metadata") : NULL;
+    PyObject *names = dt ? PyObject_GetAttrString(dt, "names") : NULL;
+    const char *k = kind && PyUnicode_Check(kind) ? PyUnicode_AsUTF8(kind) : NULL;
+    int ok = k != NULL && k[0] != '\0' && k[1] == '\0' &&
+             strchr("biufcmM", k[0]) != NULL && meta == Py_None && names == Py_None;
+    Py_XDECREF(dt);
+    Py_XDECREF(kind);
+    Py_XDECREF(meta);
+    Py_XDECREF(names);
+    PyErr_Clear();
+    return ok;
+}
+
 static int
 runs_code(PyObject *v, int depth, int *budget)
 {
     if (--*budget < 0 || depth > 4)
         return 1;
     PyTypeObject *tp = Py_TYPE(v);
-    if (tp->tp_weaklistoffset > 0 &&
-        *(PyObject **)((char *)v + tp->tp_weaklistoffset) != NULL)
-        return 1;
     if (tp == &PyTuple_Type || tp == &PyList_Type) {
         Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
         PyObject **items = PySequence_Fast_ITEMS(v);
@@ -310,19 +377,19 @@ runs_code(PyObject *v, int depth, int *budget)
         return 0;
     }
     if (tp == np.ndarray) {
-        PyObject *dt = PyObject_GetAttrString(v, "dtype");
-        PyObject *obj = dt ? PyObject_GetAttrString(dt, "hasobject") : NULL;
+        if (tp->tp_weaklistoffset > 0 &&
+            *(PyObject **)((char *)v + tp->tp_weaklistoffset) != NULL)
+            return 1;
+        if (!plain_dtype(v))
+            return 1;
         PyObject *base = PyObject_GetAttrString(v, "base");
-        int bad = obj != Py_False || base == NULL ||
+        int bad = base == NULL ||
                   (base != Py_None && runs_code(base, depth + 1, budget));
-        Py_XDECREF(dt);
-        Py_XDECREF(obj);
         Py_XDECREF(base);
         PyErr_Clear();
         return bad;
     }
-    return (tp->tp_flags & (Py_TPFLAGS_HEAPTYPE | Py_TPFLAGS_HAVE_GC)) ||
-           tp->tp_finalize != NULL || tp->tp_del != NULL;
+    return !plain_scalar(tp);
 }
 
 int
@@ -331,4 +398,3 @@ cp_np_plain(PyObject *v)
     int budget = 4096;
     return np.state == NP_ON && !runs_code(v, 0, &budget);
 }
-

@@ -1,11 +1,16 @@
 """A worker's large numpy arrays made in its arena partition, and returned
 without a copy when nothing in the worker holds them any more (cpool only:
 csrc/npalloc.c)."""
+import contextlib
+import ctypes
+import datetime
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -191,6 +196,49 @@ def exits_when_dropped(n):
     return ExitsWhenDropped(make(n, 2.0)), make(n)
 
 
+class Zeroes:
+    """Zeroes its array when freed; pickles as something harmless."""
+    def __init__(self, a):
+        self.a = a
+
+    def __del__(self):
+        self.a[:] = 0.0
+
+    def __reduce__(self):
+        return (int, ())
+
+
+class ZoneThatZeroes(datetime.tzinfo):
+    def __init__(self, a):
+        self.a = a
+
+    def __del__(self):
+        self.a[:] = 0.0
+
+    def utcoffset(self, dt):
+        return datetime.timedelta(0)
+
+    def __reduce__(self):
+        return (datetime.timezone, (datetime.timedelta(0),))
+
+
+def hidden_del(n, how):
+    # Freeing the result runs a __del__ reached through an object the
+    # worker's check must look into, or must refuse.
+    a = make(n, 3.0)
+    if how == "void":              # a scalar of an object array
+        s = np.zeros(1, dtype=[("o", "O"), ("x", "f8")])
+        s[0]["o"] = Zeroes(a)
+        other = s[0]
+    elif how == "dtype metadata":
+        other = np.zeros(4, dtype=np.dtype(np.float64, metadata={"z": Zeroes(a)}))
+    elif how == "field title":
+        other = np.zeros(2, dtype=[((Zeroes(a), "t"), "f8")])
+    elif how == "tzinfo":
+        other = datetime.datetime(2020, 1, 1, tzinfo=ZoneThatZeroes(a))
+    return a, other
+
+
 # ----------------------------------------------------------------- helpers
 
 def nothing_carried():
@@ -323,6 +371,87 @@ def test_a_result_is_delivered_before_its_del_ends_the_worker():
         assert (r.a == np.arange(2 * N) * 2.0).all()
         assert (other == np.arange(2 * N)).all()
         assert p.apply(make, (10,)).sum() == 45.0      # a new worker
+
+
+@pytest.mark.parametrize("how", ["void", "dtype metadata", "field title",
+                                 "tzinfo"])
+def test_a_del_reached_through_odd_objects_does_not_change_the_result(pool, how):
+    for _ in range(2):
+        a, other = pool.apply(hidden_del, (2 * N, how))
+        assert (a == np.arange(2 * N) * 3.0).all()
+        del a, other
+        released(pool)
+
+
+@pytest.fixture(scope="module")
+def fork_lib(tmp_path_factory):
+    """A C function that forks (the child exits at once), called through
+    ctypes, which releases the GIL: a fork from a thread without it."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("forklib")
+    (d / "f.c").write_text(
+        "#include <unistd.h>\n#include <sys/wait.h>\n"
+        "int fork_and_exit(void) { pid_t p = fork(); if (p == 0) _exit(0);"
+        " if (p > 0) waitpid(p, 0, 0); return p > 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "f.so"),
+                    str(d / "f.c")], check=True)
+    return ctypes.CDLL(str(d / "f.so"))
+
+
+@contextlib.contextmanager
+def forking_thread(fork_and_exit):
+    """A thread calling fork_and_exit() (a ctypes function: it runs without
+    the GIL) over and over while the block runs; yields the count of forks
+    so far, a list of one int."""
+    stop = threading.Event()
+    forks = [0]
+
+    def forker():
+        while not stop.is_set():
+            forks[0] += fork_and_exit()
+
+    t = threading.Thread(target=forker)
+    t.start()
+    try:
+        yield forks
+    finally:
+        stop.set()
+        t.join()
+
+
+def forks_beside_arrays(lib_path, n, rounds):
+    # In a worker: a thread forks without the GIL while this one makes and
+    # frees arrays in the partition.
+    ok = True
+    with forking_thread(ctypes.CDLL(lib_path).fork_and_exit) as forks:
+        for k in range(rounds):
+            a = make(n, float(k))
+            ok = ok and a[-1] == (n - 1) * float(k)
+            del a
+    return ok, forks[0] > 0
+
+
+def test_forks_without_the_gil_in_a_worker_making_arrays(pool, fork_lib):
+    assert pool.apply(forks_beside_arrays, (fork_lib._name, 2 * N, 60)) == \
+        (True, True)
+    out = pool.apply(make_with_address, (2 * N, 2.0))      # still sound
+    assert out[2] and (out[0] == np.arange(2 * N) * 2.0).all()
+
+
+def test_forks_without_the_gil_while_results_come_and_go(pool, fork_lib):
+    # The parent's fork handler walks the arrays it holds while the main
+    # thread makes and drops them.
+    held, k = [], 0
+    with forking_thread(fork_lib.fork_and_exit) as forks:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline or forks[0] == 0:
+            held.extend(pool.starmap(make, [(N // 8, float(k + i))
+                                            for i in range(8)]))
+            del held[:-4]
+            k += 8
+    for a in held:
+        assert a[1] == float(int(a[1]))
 
 
 def test_resized_arrays_keep_their_contents(pool):
