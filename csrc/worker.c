@@ -33,6 +33,7 @@ typedef struct {
     PyObject *scratch;   /* bytearray reused to gather messages */
     int slot;
     int part;       /* arena partition for results, or -1 */
+    uint64_t args_mapped;   /* of the arguments partition (premapping) */
     cp_ctl *ctl;
     cp_ring tq;     /* consumer end of the task ring */
     cp_ring rq;     /* producer end of the result ring */
@@ -147,9 +148,14 @@ next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
             return;
         if (rc < 0)
             worker_exit(72);   /* cannot happen with a sane parent */
+        int premapped = 0;
         Py_BEGIN_ALLOW_THREADS
-        cp_ring_wait_data(&w->tq, w->spin_ns, -1);
+        /* Idle: map a chunk of the arguments' pages, then look again. */
+        if (w->c->arena == NULL ||
+            !(premapped = cp_arena_premap_args(w->c->arena, &w->args_mapped)))
+            cp_ring_wait_data(&w->tq, w->spin_ns, -1);
         Py_END_ALLOW_THREADS
+        (void)premapped;
     }
 }
 

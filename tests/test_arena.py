@@ -581,6 +581,39 @@ def test_a_replacement_worker_maps_its_partitions_pages():
             del out
 
 
+def arena_rss(pid):
+    """KiB of the arena mapped in process pid (its pages in its page tables)."""
+    rss, inside = 0, False
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            if "-" in line.split()[0]:              # a mapping's first line
+                inside = "cpool-arena" in line
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+def test_idle_workers_of_the_next_pool_map_the_carried_arguments_pages():
+    from cpool import Pool
+    nothing_carried()
+    a = pattern(24 * MiB + 5, 3)
+    p = Pool(2)
+    assert p.apply(digest, (a,)) == digest(a)
+    ended(p)
+    del p
+    gc.collect()
+    q = Pool(2)
+    try:
+        # Nothing sent yet: the workers map them while they wait for work.
+        wait_for(lambda: all(w.pid for w in q._pool))
+        pids = [w.pid for w in q._pool]
+        wait_for(lambda: all(arena_rss(pid) >= 24 * 1024 for pid in pids))
+        b = pattern(20 * MiB + 1, 4)
+        assert q.apply(digest, (b,)) == digest(b)
+    finally:
+        ended(q)
+
+
 def test_carried_memory_is_bounded(monkeypatch):
     from cpool import Pool
     nothing_carried()
