@@ -293,6 +293,7 @@ void cp_arena_fill(cp_arena *a, cp_blk *b, const void *src, uint64_t n);
 /* npalloc.c: a worker's large numpy arrays in its arena partition */
 void cp_np_setup(cp_arena *a, int part);
 void cp_np_poll(void);
+void cp_np_given(uint64_t len);
 cp_blk *cp_np_block(cp_arena *a, int part, const void *buf, uint64_t len);
 #ifdef Py_PYTHON_H
 int cp_np_plain(PyObject *v);

@@ -493,8 +493,10 @@ settle_own(SegWriter *w)
         r->own = 0;
         cp_blk *b = r->b;
         uint64_t len = r->desc[1];
-        if (cp_arena_only_holder(b) && b->len == len)
+        if (cp_arena_only_holder(b) && b->len == len) {
+            cp_np_given(len);
             continue;
+        }
         cp_blk *c = cp_arena_alloc(w->au.a, w->au.part, len);
         if (c == NULL) {
             r->inband = 1;

@@ -422,18 +422,20 @@ def forking_thread(fork_and_exit):
 
 def forks_beside_arrays(lib_path, n, rounds):
     # In a worker: a thread forks without the GIL while this one makes and
-    # frees arrays in the partition.
-    ok = True
+    # frees arrays in the partition (few enough for the worker to go on
+    # making them there: see test_temporaries_go_back_to_numpy).
+    ok, live = True, []
     with forking_thread(ctypes.CDLL(lib_path).fork_and_exit) as forks:
         for k in range(rounds):
-            a = make(n, float(k))
-            ok = ok and a[-1] == (n - 1) * float(k)
-            del a
+            live.append(make(n, float(k)))
+            ok = ok and in_arena(live[-1]) and live[-1][-1] == (n - 1) * float(k)
+            del live[:-2]
+            time.sleep(0.001)
     return ok, forks[0] > 0
 
 
 def test_forks_without_the_gil_in_a_worker_making_arrays(pool, fork_lib):
-    assert pool.apply(forks_beside_arrays, (fork_lib._name, 2 * N, 60)) == \
+    assert pool.apply(forks_beside_arrays, (fork_lib._name, N // 4, 30)) == \
         (True, True)
     out = pool.apply(make_with_address, (2 * N, 2.0))      # still sound
     assert out[2] and (out[0] == np.arange(2 * N) * 2.0).all()
@@ -452,6 +454,29 @@ def test_forks_without_the_gil_while_results_come_and_go(pool, fork_lib):
             k += 8
     for a in held:
         assert a[1] == float(int(a[1]))
+
+
+def temporaries(n, rounds):
+    for _ in range(rounds):
+        a = np.ones(n)
+        b = a * 2.0
+        del a, b
+    return made_where(n)[1]
+
+
+def test_temporaries_go_back_to_numpy(pool):
+    # Arrays in the arena cost passes over them more (no huge pages there),
+    # which only pays for arrays that go to the parent without a copy: a
+    # worker whose arena arrays are mostly freed in it stops making them
+    # there, and one whose arrays go to the parent goes on.
+    for _ in range(3):
+        a, addr, there = pool.apply(make_with_address, (2 * N,))
+        assert there and a.ctypes.data == addr
+        del a
+        released(pool)
+    # 48 MiB went over: 2 * 48 + 64 MiB of temporaries are allowed.
+    assert pool.apply(temporaries, (2 * N, 1)) is True      # 16-48 MiB freed
+    assert pool.apply(temporaries, (2 * N, 12)) is False    # 208 MiB or more
 
 
 def test_resized_arrays_keep_their_contents(pool):
