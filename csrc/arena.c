@@ -537,6 +537,25 @@ cp_arena_premap_args(cp_arena *a, uint64_t *mapped)
     return 1;
 }
 
+/* The same for a worker's own partition p (its results, its numpy arrays:
+ * npalloc.c), whose existing pages a new worker has not mapped either. */
+int
+cp_arena_premap_own(cp_arena *a, int p)
+{
+    if (p <= 0 || p >= a->nparts || !cp_load_relaxed(&populate_works))
+        return 0;
+    cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
+    uint64_t warm = cp_load_relaxed(&h->warm);
+    uint64_t mapped = cp_load_relaxed(&a->mapped);
+    if (cp_load_relaxed(&h->magic) != PART_MAGIC || warm > CP_ARENA_KEEP ||
+        mapped >= warm)
+        return 0;
+    uint64_t end = warm - mapped > FILL_CHUNK ? mapped + FILL_CHUNK : warm;
+    populate(part_base(a, p) + mapped, part_base(a, p) + end, MADV_POPULATE_READ);
+    note_mapped(a, mapped, end);
+    return 1;
+}
+
 /* Owner: the block whose data starts at `data` in partition p, if it is a
  * sane block there; else NULL. */
 cp_blk *

@@ -261,6 +261,7 @@ void cp_arena_unref(cp_arena *a);
 void cp_arena_format(cp_arena *a, int p, uint64_t limit);
 void cp_arena_worker_start(cp_arena *a);
 int cp_arena_premap_args(cp_arena *a, uint64_t *mapped);
+int cp_arena_premap_own(cp_arena *a, int p);
 cp_blk *cp_arena_alloc(cp_arena *a, int p, uint64_t len);
 cp_blk *cp_arena_alloc_warm(cp_arena *a, int p, uint64_t len);
 void cp_arena_map(cp_arena *a, cp_blk *b);

@@ -556,6 +556,9 @@ def test_workers_of_the_next_pool_map_the_carried_result_pages():
     q = Pool(2)
     try:
         assert max(worker_marks(q)) >= 8 * MiB     # before any transfer
+        # and the workers map those pages while they wait for work
+        wait_for(lambda: all(w.pid for w in q._pool))
+        wait_for(lambda: max(arena_rss(w.pid) for w in q._pool) >= 8 * 1024)
         for s, n in [(5, MiB + 1), (6, 2 * MiB + 7), (7, MiB // 2 + 5)]:
             out = q.apply(make_pattern, (n, s))
             assert (out == make_pattern(n, s)).all()
