@@ -73,7 +73,7 @@ typedef struct cp_part_hdr {
 } cp_part_hdr;
 
 static void populate(uint8_t *from, uint8_t *to, int advice);
-static int populate_works;
+static int populate_works = 1;   /* MADV_POPULATE_* known (see populate) */
 
 static uint64_t
 round_up(uint64_t n, uint64_t to)
@@ -513,47 +513,49 @@ cp_arena_map(cp_arena *a, cp_blk *b)
 }
 
 /*
- * A worker with nothing to do maps the argument partition's existing pages
- * (those below its warm mark, as far as *mapped says it has), a chunk per
- * call, so that a large argument arriving later finds its pages mapped: a
- * new worker's mapping of the arena is empty (a fork does not copy the page
+ * A worker with nothing to do maps the existing pages (those below the warm
+ * mark) of its own partition and of the arguments partition, a chunk per
+ * call, so that a large result or argument later finds them mapped: a new
+ * worker's mapping of the arena is empty (a fork does not copy the page
  * tables of shared mappings), and reading 64 MiB of arguments it would
  * otherwise fault in costs ~4 ms, after the parent's copy instead of
- * beside it.  1 if it mapped a chunk, 0 if there was nothing left to map.
+ * beside it.  Partition p from `mapped` on: the end of the chunk mapped,
+ * or 0 if there was nothing left to map.
  */
-int
-cp_arena_premap_args(cp_arena *a, uint64_t *mapped)
+static uint64_t
+premap_chunk(cp_arena *a, int p, uint64_t mapped)
 {
-    cp_part_hdr *h = (cp_part_hdr *)part_base(a, 0);
-    uint64_t warm = cp_load_relaxed(&h->warm);
-    if (*mapped < PART_HDR)
-        *mapped = PART_HDR;
-    if (cp_load_relaxed(&h->magic) != PART_MAGIC || warm > CP_ARENA_KEEP ||
-        *mapped >= warm || !cp_load_relaxed(&populate_works))
-        return 0;
-    uint64_t end = warm - *mapped > FILL_CHUNK ? *mapped + FILL_CHUNK : warm;
-    populate(part_base(a, 0) + *mapped, part_base(a, 0) + end, MADV_POPULATE_READ);
-    *mapped = end;
-    return 1;
-}
-
-/* The same for a worker's own partition p (its results, its numpy arrays:
- * npalloc.c), whose existing pages a new worker has not mapped either. */
-int
-cp_arena_premap_own(cp_arena *a, int p)
-{
-    if (p <= 0 || p >= a->nparts || !cp_load_relaxed(&populate_works))
-        return 0;
     cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
     uint64_t warm = cp_load_relaxed(&h->warm);
-    uint64_t mapped = cp_load_relaxed(&a->mapped);
     if (cp_load_relaxed(&h->magic) != PART_MAGIC || warm > CP_ARENA_KEEP ||
-        mapped >= warm)
+        mapped >= warm || !cp_load_relaxed(&populate_works))
         return 0;
     uint64_t end = warm - mapped > FILL_CHUNK ? mapped + FILL_CHUNK : warm;
     populate(part_base(a, p) + mapped, part_base(a, p) + end, MADV_POPULATE_READ);
-    note_mapped(a, mapped, end);
-    return 1;
+    return end;
+}
+
+/* The arguments partition, as far as *mapped (this worker's) says. */
+int
+cp_arena_premap_args(cp_arena *a, uint64_t *mapped)
+{
+    uint64_t end = premap_chunk(a, 0, *mapped > PART_HDR ? *mapped : PART_HDR);
+    if (end != 0)
+        *mapped = end;
+    return end != 0;
+}
+
+/* The worker's own partition p (its results, its numpy arrays: npalloc.c). */
+int
+cp_arena_premap_own(cp_arena *a, int p)
+{
+    if (p <= 0 || p >= a->nparts)
+        return 0;
+    uint64_t mapped = cp_load_relaxed(&a->mapped);
+    uint64_t end = premap_chunk(a, p, mapped);
+    if (end != 0)
+        note_mapped(a, mapped, end);
+    return end != 0;
 }
 
 /* Owner: the block whose data starts at `data` in partition p, if it is a
@@ -872,8 +874,6 @@ cp_arena_stats(cp_arena *a, int p, uint64_t *brk, uint64_t *warm, uint64_t *busy
  * (the copy after either: 3 ms).  A failing call (an old kernel, no
  * memory) just leaves the faults to the copy.
  */
-static int populate_works = 1;   /* (declared above) */
-
 typedef struct {
     uint8_t *dst;
     const uint8_t *src;

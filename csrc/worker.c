@@ -148,16 +148,14 @@ next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
             return;
         if (rc < 0)
             worker_exit(72);   /* cannot happen with a sane parent */
-        int premapped = 0;
+        cp_arena *a = w->c->arena;
         Py_BEGIN_ALLOW_THREADS
         /* Idle: map a chunk of its own partition's pages or of the
          * arguments', then look again. */
-        if (w->c->arena == NULL ||
-            !(premapped = cp_arena_premap_own(w->c->arena, w->part) ||
-                          cp_arena_premap_args(w->c->arena, &w->args_mapped)))
+        if (a == NULL || !(cp_arena_premap_own(a, w->part) ||
+                           cp_arena_premap_args(a, &w->args_mapped)))
             cp_ring_wait_data(&w->tq, w->spin_ns, -1);
         Py_END_ALLOW_THREADS
-        (void)premapped;
     }
 }
 
