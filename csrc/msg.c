@@ -717,15 +717,16 @@ shmbuf_new(const cp_arena_use *au, cp_blk *b, uint64_t len, uint64_t size)
     s->b = b;
     s->len = len;
     s->size = size;
+    s->part = au->part;
+    s->pid = getpid();
     s->prev = NULL;
+    /* Complete before it is listed: a fork's prepare handler reads it. */
     pthread_mutex_lock(&bufs_lock);
     s->next = live_bufs;
     if (live_bufs != NULL)
         live_bufs->prev = s;
     live_bufs = s;
     pthread_mutex_unlock(&bufs_lock);
-    s->part = au->part;
-    s->pid = getpid();
     if (s->pid == au->a->pid)
         au->a->part_live[au->part]++;
     return (PyObject *)s;
