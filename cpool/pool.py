@@ -287,6 +287,7 @@ class IMapIterator(_mp.IMapIterator):
     _quiet_exc = None   # failed by a quiet terminate (_fail_quietly)
     _in_input = False   # its feeder is reading the input
     _cut = None         # the item terminate() ended it at (_cut_input)
+    _feeder = None      # the thread that reads its input
 
     def _init_bound(self, n):
         # The conditions' lock itself: `with self._lock` is what `with
@@ -461,6 +462,19 @@ class IMapIterator(_mp.IMapIterator):
                     raise self._quiet_exc
                 if timeout is None:
                     _waits_for_itself(self._pool, None)
+                    if self._in_input and \
+                            self._feeder is threading.current_thread():
+                        # The call's own input (a feedback loop) waits for
+                        # its results: only for those it has sent.  Another
+                        # consumer may take them first, so it looks again
+                        # now and then.
+                        if self._index >= self._n_read:
+                            raise RuntimeError(
+                                "the input of an imap call waits for a result "
+                                "of the same call that needs more of that "
+                                "input (it would never come)")
+                        self._cond.wait(0.05)
+                        continue
                     self._cond.wait()
                     continue
                 if deadline is None:
@@ -1305,6 +1319,7 @@ class Pool(_core.PoolBase, _mp.Pool):
     def _feed_items(self, result, func, iterable, chunksize):
         """_feed()'s loop; returns the number of results the call has."""
         result._n_read = i = 0      # items read so far (for _feed's errors)
+        result._feeder = threading.current_thread()
         batch = 1
         most = 256 if _plain_input(iterable) else 1   # see _PLAIN_INPUTS
         ended = False               # the input ran out, or raised
@@ -1445,6 +1460,12 @@ class Pool(_core.PoolBase, _mp.Pool):
         if os.getpid() != self._owner:
             return          # a forked child has no workers to wait for
         with self._feed_lock:
+            if threading.current_thread() in self._feeders:
+                # multiprocessing hangs here
+                raise RuntimeError(
+                    "join() in the input of one of the pool's own imap calls "
+                    "would wait for itself: the call ends only once its "
+                    "input has")
             feeders = list(self._feed_threads)
             reading = {t for t, r in self._feeders.items() if r._in_input}
         for f in feeders:

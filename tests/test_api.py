@@ -2108,6 +2108,98 @@ def test_imap_sends_each_item_of_a_generator_before_reading_the_next(Pool, metho
 
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_imap_input_reading_its_own_results_gets_those_it_sent(
+        cpool_Pool, method):
+    # A feedback loop that reads the call's own iterator: it gets the
+    # results of the items it sent, and a RuntimeError, instead of waiting
+    # forever, once it wants one more than it sent (multiprocessing hangs).
+    box = []
+    got = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    def feedback():
+        try:
+            yield 1
+            assert ready.wait(T)
+            for _ in range(3):
+                got.append(box[0].next())
+                yield got[-1] + 1
+            got.append(box[0].next())   # the last item's result: fine
+            box[0].next()       # no item is left to give one
+        finally:
+            done.set()
+
+    with cpool_Pool(2) as p:
+        it = getattr(p, method)(helpers.square, feedback())
+        box.append(it)
+        ready.set()
+        # The consumer waits, not to take the input's results.
+        assert done.wait(T)
+        assert got == [1, 4, 25, 676]
+        with pytest.raises(RuntimeError, match="would never come"):
+            it.next(timeout=T)
+        # The call still ends, and the pool still works.
+        with pytest.raises(StopIteration):
+            it.next(timeout=T)
+        assert p.apply(helpers.square, (3,)) == 9
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_imap_input_may_share_its_results_with_the_consumer(
+        cpool_Pool, method):
+    # The consumer and the input both read the call's results: the input
+    # may wait for one the consumer takes first, and then learns that none
+    # is left for it rather than waiting forever.
+    box = []
+    read = []
+    ready = threading.Event()
+
+    def feedback():
+        yield 1
+        assert ready.wait(T)
+        while True:
+            read.append(box[0].next())
+            yield read[-1] + 1
+
+    with cpool_Pool(2) as p:
+        it = getattr(p, method)(helpers.square, feedback())
+        box.append(it)
+        ready.set()
+        with pytest.raises(RuntimeError, match="would never come"):
+            for _ in range(20):
+                it.next(timeout=T)
+        assert p.apply(helpers.square, (3,)) == 9
+
+
+def test_join_in_an_imap_input_raises_instead_of_waiting_for_itself(
+        cpool_Pool):
+    # multiprocessing hangs here; the error reaches the consumer in the
+    # input's place, and the pool still closes.
+    p = cpool_Pool(2)
+    seen = []
+
+    def closing():
+        yield 1
+        p.close()
+        try:
+            p.join()
+        except RuntimeError as e:
+            seen.append(e)
+            raise
+        yield 2
+
+    it = p.imap(helpers.square, closing())
+    assert it.next(timeout=T) == 1
+    with pytest.raises(RuntimeError, match="would wait for itself"):
+        it.next(timeout=T)
+    assert len(seen) == 1
+    with pytest.raises(StopIteration):
+        it.next(timeout=T)
+    p.join()
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_terminate_fails_an_imap_whose_input_waits(cpool_Pool, method):
     # The input waits for items that will not come: terminate() ends the
     # call there (that item fails) rather than leaving its consumer
