@@ -221,6 +221,42 @@ wrap_exception(void)
     return w;
 }
 
+/* Pickling `value` (the result if ok, else the wrapped exception) failed
+ * with the error set now: the pickled MaybeEncodingError that tells so, as
+ * in multiprocessing, or else a RuntimeError saying `last_resort`, which the
+ * parent can always unpickle.  NULL only if even that cannot be pickled. */
+static PyObject *
+dumps_encoding_error(PyObject *value, int ok, const char *last_resort)
+{
+    PyObject *data = NULL;
+    PyObject *err = cp_err_take();
+    PyObject *mod = PyImport_ImportModule("cpool._worker");
+    PyObject *wrapped = mod ? PyObject_CallMethod(mod, "encoding_error", "OOO",
+                                                  err, value ? value : Py_None,
+                                                  ok ? Py_True : Py_False)
+                            : NULL;
+    Py_XDECREF(mod);
+    Py_DECREF(err);
+    if (wrapped != NULL) {
+        data = PyObject_CallFunctionObjArgs(cp_state->dumps, wrapped,
+                                            cp_state->protocol, NULL);
+        Py_DECREF(wrapped);
+    }
+    if (data == NULL) {
+        PyErr_Clear();
+        PyObject *msg = PyUnicode_FromString(last_resort);
+        PyObject *exc = msg ? PyObject_CallOneArg(PyExc_RuntimeError, msg)
+                            : NULL;
+        data = exc ? PyObject_CallFunctionObjArgs(cp_state->dumps, exc,
+                                                  cp_state->protocol, NULL)
+                   : NULL;
+        Py_XDECREF(msg);
+        Py_XDECREF(exc);
+        PyErr_Clear();
+    }
+    return data;
+}
+
 /* Pickle and publish a result (the value: a reference the call takes), and
  * count it for the parent before letting go of the value (whose __del__ may
  * take any time).  Unless it holds arrays the worker made in the arena and
@@ -238,35 +274,11 @@ publish(wctx *w, const cp_rec *task, int ok, PyObject *value, uint32_t run_us)
                               &(cp_arena_use){w->c->arena, w->part, 0,
                                               ok ? &value : NULL});
     if (data == NULL) {
-        PyObject *err = cp_err_take();
-        PyObject *mod = PyImport_ImportModule("cpool._worker");
-        PyObject *wrapped = mod ? PyObject_CallMethod(mod, "encoding_error",
-                                                      "OOO", err,
-                                                      value ? value : Py_None,
-                                                      ok ? Py_True : Py_False)
-                                : NULL;
-        Py_XDECREF(mod);
-        Py_DECREF(err);
-        if (wrapped != NULL) {
-            data = PyObject_CallFunctionObjArgs(cp_state->dumps, wrapped,
-                                                cp_state->protocol, NULL);
-            Py_DECREF(wrapped);
-        }
-        if (data == NULL) {
-            /* Give the parent something it can always unpickle. */
-            PyErr_Clear();
-            PyObject *msg = PyUnicode_FromString(
-                "cpool: the task's result and its error could not be pickled");
-            PyObject *exc = msg ? PyObject_CallOneArg(PyExc_RuntimeError, msg)
-                                : NULL;
-            data = exc ? PyObject_CallFunctionObjArgs(
-                             cp_state->dumps, exc, cp_state->protocol, NULL)
-                       : NULL;
-            Py_XDECREF(msg);
-            Py_XDECREF(exc);
-            if (data == NULL)
-                worker_exit(73);
-        }
+        data = dumps_encoding_error(value, ok,
+                                    "cpool: the task's result and its error "
+                                    "could not be pickled");
+        if (data == NULL)
+            worker_exit(73);
         ok = 0;
     }
     cp_rec r = {.kind = CP_K_RESULT,
@@ -411,9 +423,12 @@ run_task(wctx *w, const cp_rec *h, PyObject *obj)
 
 /* A BaseException that is not an Exception (SystemExit, KeyboardInterrupt,
  * GeneratorExit) ends the worker, as it ends a multiprocessing worker; the
- * parent then reports the task as lost with this exit code. */
+ * parent then reports the task as lost with this exit code.  Raised by the
+ * initializer, the worker does not say it left (a normal leave, after which
+ * its tasks would go to a replacement that fails the same way, forever):
+ * the parent sees a death during start-up. */
 static void
-exit_if_base_exception(void)
+exit_if_base_exception(int in_initializer)
 {
     if (!PyErr_ExceptionMatches(PyExc_Exception)) {
         int code = 1;
@@ -430,6 +445,10 @@ exit_if_base_exception(void)
             Py_DECREF(e);
             PyErr_Clear();
         }
+        if (in_initializer) {
+            flush_std();
+            _exit(code);
+        }
         worker_exit(code);
     }
 }
@@ -445,17 +464,16 @@ run_initializer(wctx *w)
         Py_DECREF(r);
         return;
     }
-    exit_if_base_exception();
+    exit_if_base_exception(1);
     PyObject *exc = wrap_exception();
     PyObject *data = PyObject_CallFunctionObjArgs(cp_state->dumps, exc,
                                                   cp_state->protocol, NULL);
+    if (data == NULL)
+        data = dumps_encoding_error(exc, 0, "cpool: the initializer's error "
+                                            "could not be pickled");
     Py_DECREF(exc);
-    if (data == NULL) {
-        PyErr_Clear();
-        data = PyBytes_FromStringAndSize(NULL, 0);
-        if (data == NULL)
-            worker_exit(74);
-    }
+    if (data == NULL)
+        _exit(74);      /* a death in start-up: the parent says so */
     cp_rec rec = {.kind = CP_K_INITERR, .flags = CP_F_ERR};
     send_msg(w, &rec, data);
     Py_DECREF(data);
@@ -577,7 +595,7 @@ cp_worker_main(void *arg, int slot)
         if (res != NULL) {
             publish(&w, &h, 1, res, us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
         } else {
-            exit_if_base_exception();
+            exit_if_base_exception(0);
             publish(&w, &h, 0, wrap_exception(),
                     (uint32_t)(us > UINT32_MAX ? UINT32_MAX : us));
         }

@@ -98,6 +98,17 @@ def init_raise():
     raise RuntimeError("initializer refused")
 
 
+def init_raise_base(kind):
+    if kind == "SystemExit":
+        raise SystemExit(5)
+    raise {"KeyboardInterrupt": KeyboardInterrupt,
+           "GeneratorExit": GeneratorExit}[kind]()
+
+
+def init_raise_locked():
+    raise LockedError("the initializer's lock went with it")
+
+
 def sleep_then(x, seconds):
     time.sleep(seconds)
     return x

@@ -197,6 +197,28 @@ def test_initializer_that_exits_fails_tasks_without_hanging():
             p.apply(T.square, (2,))
 
 
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt",
+                                  "GeneratorExit"])
+def test_initializer_that_raises_a_base_exception_fails_tasks(kind):
+    # It ends the worker, as a task's would; that is a death in start-up,
+    # not a worker leaving normally (whose tasks would go to a replacement
+    # that fails the same way, forever: multiprocessing hangs there too).
+    with Pool(2, initializer=T.init_raise_base, initargs=(kind,)) as p:
+        for _ in range(2):
+            r = p.apply_async(T.square, (2,))
+            with pytest.raises(WorkerLostError, match="starting up") as ei:
+                r.get(timeout=helpers.START_TIMEOUT)
+            assert ei.value.exitcode == (5 if kind == "SystemExit" else 1)
+
+
+def test_initializer_error_that_cannot_be_pickled_names_it():
+    with Pool(1, initializer=T.init_raise_locked) as p:
+        with pytest.raises(MaybeEncodingError) as ei:
+            p.apply_async(T.square, (2,)).get(timeout=helpers.START_TIMEOUT)
+    msg = str(ei.value)
+    assert "LockedError" in msg and "the initializer's lock went" in msg
+
+
 def test_terminate_is_prompt_with_stuck_workers_and_many_pending():
     p = Pool(2)
     stuck = [p.apply_async(T.c_sleep, (60,)) for _ in range(2)]
