@@ -1196,6 +1196,10 @@ class Pool(_core.PoolBase, _mp.Pool):
             # multiprocessing returns [None] * len(iterable) without running
             # anything
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
+        elif type(chunksize) is not int and hasattr(chunksize, "__index__"):
+            chunksize = operator.index(chunksize)      # numpy's integers
+        if chunksize > len(iterable):
+            chunksize = len(iterable)   # the same chunks, in a machine word
         result = MapResult(self, chunksize, len(iterable), callback,
                            error_callback=error_callback)
         if chunksize > 0:

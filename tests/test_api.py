@@ -282,6 +282,29 @@ def test_map_large_chunksize_one(Pool):
     assert out == [abs(i) for i in range(-n // 2, n // 2)]
 
 
+@pytest.mark.parametrize("input_type", [list, tuple, range])
+def test_map_takes_any_integer_chunksize(Pool, input_type):
+    # numpy's integers (np.ceil(n / k).astype(int)), and one far larger
+    # than the input, as multiprocessing takes the former.
+    np = pytest.importorskip("numpy")
+    items = range(10) if input_type is range else input_type(range(10))
+    pairs = (tuple if input_type is tuple else list)((i, 2) for i in range(10))
+    with Pool(2) as p:
+        for cs in (np.int64(3), np.int32(4), np.uint8(1)):
+            assert p.map(helpers.square, items, cs) == [i * i for i in range(10)]
+            assert p.starmap(helpers.mul, pairs, cs) == [2 * i for i in range(10)]
+            assert list(p.imap(helpers.square, items, cs)) == \
+                [i * i for i in range(10)]
+
+
+@pytest.mark.cpool_only
+def test_map_chunksize_larger_than_a_machine_word(cpool_Pool):
+    # multiprocessing raises ValueError (islice's) in its task thread
+    with cpool_Pool(2) as p:
+        assert p.map(helpers.square, [1, 2, 3], 10 ** 20) == [1, 4, 9]
+        assert p.starmap(helpers.mul, ((1, 2),), 10 ** 30) == [2]
+
+
 # ---------------------------------------------------------------- imap
 
 @pytest.mark.parametrize("chunksize", [1, 2, 7, 1000])
