@@ -358,6 +358,11 @@ class IMapIterator(_mp.IMapIterator):
             "the pool was terminated while item %d was being read" % n)))
         self._set_length(n + 1)
 
+    def _input_failed(self, i, obj):
+        """The input raised after i items: the consumer gets the error as
+        item i, after those before it."""
+        self._set(i, obj)
+
     # -- collector side
     def _arrived(self, obj):
         # self._cond's lock held: one more result can be consumed.
@@ -564,6 +569,17 @@ class _Consumer(_core.ConsumerBase):
 class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
     """Results in the order they complete."""
 
+    _held = None    # (i, the input's error), until the i items before it are done
+
+    def _input_failed(self, i, obj):
+        # As multiprocessing's error, sent as a task behind the items read
+        # before it, it comes after their results, not ahead of them.
+        with self._lock:
+            if self._n_done < i:
+                self._held = (i, obj)
+                return
+        self._set(i, obj)
+
     def _set(self, i, obj):
         with self._lock:
             if self._quiet_exc is not None:
@@ -572,6 +588,8 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             if self._cond._waiters:
                 self._cond.notify()
             self._completed()
+            if self._held is not None:
+                self._let_held_go()
 
     def _set_many(self, items):
         with self._lock:
@@ -580,6 +598,18 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
             if self._cond._waiters:
                 self._cond.notify()
             self._completed_many(len(items))
+            if self._held is not None:
+                self._let_held_go()
+
+    def _let_held_go(self):
+        # self._cond's lock held
+        i, obj = self._held
+        if self._n_done >= i:
+            self._held = None
+            self._arrived(obj)
+            if self._cond._waiters:
+                self._cond.notify()
+            self._completed()
 
 
 class _IMapConsumer(_Consumer, IMapIterator):
@@ -1310,7 +1340,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             except Exception as e:
                 # Whatever went wrong here, the consumer gets it rather than
                 # waiting for results that will not come.
-                result._set(result._n_read, (False, e))
+                result._input_failed(result._n_read, (False, e))
                 i = result._n_read + 1
             result._set_length(i)
         finally:
@@ -1365,7 +1395,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             if failed is not None:
                 # The input iterable raised: the consumer gets it,
                 # unchanged, after the items read before it.
-                result._set(i, (False, failed))
+                result._input_failed(i, (False, failed))
                 return i + 1
             if len(bodies) < room:
                 ended = True

@@ -383,6 +383,29 @@ def test_imap_of_a_non_iterable_raises_type_error(Pool, method, chunksize):
         assert p.apply(helpers.square, (3,)) == 9
 
 
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_an_imap_input_error_comes_after_the_items_read_before_it(
+        cpool_Pool, method, chunksize):
+    # As multiprocessing's (sent as a task behind those items), so a loop
+    # sees their results first, unordered too.
+    def records():
+        yield from range(20)
+        raise ValueError("bad record 20")
+
+    with cpool_Pool(2) as p:
+        got = []
+        with pytest.raises(ValueError, match="bad record 20"):
+            for r in getattr(p, method)(helpers.square, records(), chunksize):
+                got.append(r)
+        # The chunk being read when the input raised is lost with it, as
+        # with multiprocessing.
+        full = 20 // chunksize * chunksize
+        assert sorted(got) == [i * i for i in range(full)]
+        assert p.apply(helpers.square, (3,)) == 9
+
+
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_imap_next_timeout(Pool, method, gate):
     with Pool(2) as p:
