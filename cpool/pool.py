@@ -1022,6 +1022,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                              "supported" % (type(self).__name__, method))
         self._ctx = context or multiprocessing.get_context()
         self._feeders = {}      # feeder thread -> its imap result
+        self._mapping = []      # threads in map_async()/starmap_async(), submitting
         self._idle_feeders = []  # feeder threads waiting for their next call
         self._feed_threads = []  # every feeder thread started (join() joins them)
         self._feed_lock = threading.Lock()
@@ -1215,7 +1216,26 @@ class Pool(_core.PoolBase, _mp.Pool):
 
     def _map_async(self, func, iterable, mode, chunksize=None, callback=None,
                    error_callback=None):
-        self._check_running()
+        if os.getpid() != self._owner:
+            raise _not_the_owner()      # (see _imap)
+        with self._feed_lock:
+            # Once past this check, the call is sent whole even if another
+            # thread closes the pool meanwhile: close() leaves the core open
+            # until it is done, as for an imap call's feeder.
+            self._check_running()
+            self._mapping.append(threading.current_thread())
+        try:
+            return self._map_submit(func, iterable, mode, chunksize, callback,
+                                    error_callback)
+        finally:
+            with self._feed_lock:
+                self._mapping.remove(threading.current_thread())
+                done = not self._feeders and not self._mapping
+            if done and self._state == CLOSE:
+                self._core.close()
+
+    def _map_submit(self, func, iterable, mode, chunksize, callback,
+                    error_callback):
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
         if chunksize is None:
@@ -1292,10 +1312,14 @@ class Pool(_core.PoolBase, _mp.Pool):
                 raise ValueError("buffersize must be None or > 0")
         result = cls(self)
         result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
-        if buffersize is None and self._state != RUN:
-            result._release_on_completion()
         job = (result, func, iterable, chunksize)
         with self._feed_lock:
+            if self._state != RUN:
+                # closed by another thread since imap()'s check: as if
+                # before it (once registered, the call is fed whole)
+                self._cache.pop(result._job, None)
+                result._pool = None
+                raise ValueError("Pool not running")
             if self._idle_feeders:
                 # A feeder thread from an earlier call: starting a thread
                 # costs most of a millisecond here.
@@ -1346,7 +1370,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         finally:
             with self._feed_lock:
                 self._feeders.pop(threading.current_thread(), None)
-                done = not self._feeders
+                done = not self._feeders and not self._mapping
             if done and self._state == CLOSE:
                 self._core.close()
 
@@ -1445,16 +1469,21 @@ class Pool(_core.PoolBase, _mp.Pool):
             if self._state == RUN:
                 self._state = CLOSE
             return
-        if self._state == RUN:
+        with self._feed_lock:
+            # Under the lock that map and imap calls register under, so that
+            # each is either refused or sent whole.
+            if self._state != RUN:
+                return
             self._state = CLOSE
-            self._pool          # noqa: B018 (kept: see _keep())
-            self._dismiss_idle_feeders()
-            with self._feed_lock:
-                feeding = list(self._feeders.values())
-            for result in feeding:
-                result._release_on_completion()
-            if not feeding:
-                self._core.close()
+            feeding = list(self._feeders.values())
+            busy = feeding or self._mapping
+        self._pool              # noqa: B018 (kept: see _keep())
+        self._dismiss_idle_feeders()
+        for result in feeding:
+            result._release_on_completion()
+        if not busy:
+            # else the last of those calls closes the core when it is done
+            self._core.close()
 
     def terminate(self):
         """Stop the workers now.  Unfinished results fail with
@@ -1494,11 +1523,12 @@ class Pool(_core.PoolBase, _mp.Pool):
         if os.getpid() != self._owner:
             return          # a forked child has no workers to wait for
         with self._feed_lock:
-            if threading.current_thread() in self._feeders:
+            me = threading.current_thread()
+            if me in self._feeders or me in self._mapping:
                 # multiprocessing hangs here
                 raise RuntimeError(
-                    "join() in the input of one of the pool's own imap calls "
-                    "would wait for itself: the call ends only once its "
+                    "join() in the input of one of the pool's own map or imap "
+                    "calls would wait for itself: the call ends only once its "
                     "input has")
             feeders = list(self._feed_threads)
             reading = {t for t, r in self._feeders.items() if r._in_input}

@@ -2218,6 +2218,66 @@ def test_an_imap_input_may_share_its_results_with_the_consumer(
         assert p.apply(helpers.square, (3,)) == 9
 
 
+@pytest.mark.parametrize("method", ["map", "map_async", "starmap"])
+def test_close_while_a_map_call_is_sending_lets_it_finish(Pool, method):
+    # A call past its check is sent whole, as with multiprocessing, even if
+    # another thread closes the pool before its input has been read.
+    reached = threading.Event()
+    go = threading.Event()
+    star = method.startswith("star")
+
+    class Slow:
+        def __len__(self):
+            return 30
+
+        def __iter__(self):
+            for i in range(30):
+                if i == 15:
+                    reached.set()
+                    assert go.wait(T)
+                yield (i, 2) if star else i
+
+    p = Pool(2)
+    out = []
+
+    def user():
+        func = helpers.mul if star else helpers.square
+        try:
+            r = getattr(p, method)(func, Slow(), 1)
+            out.append(r.get(T) if method.endswith("async") else r)
+        except Exception as e:
+            out.append(e)
+    t = threading.Thread(target=user)
+    t.start()
+    try:
+        assert reached.wait(T)
+        p.close()
+        with pytest.raises(ValueError, match="Pool not running"):
+            p.map(helpers.square, [1])
+        # Time for the items sent to finish (the pool then used to stop,
+        # and refuse the rest); the outcome does not depend on it.
+        time.sleep(0.2)
+    finally:
+        go.set()
+        t.join(T)
+    p.join()
+    assert out == [[2 * i if star else i * i for i in range(30)]]
+
+
+def test_join_in_a_map_input_raises_instead_of_waiting_for_itself(cpool_Pool):
+    p = cpool_Pool(2)
+
+    def closing():
+        yield 1
+        p.close()
+        p.join()
+        yield 2
+
+    with pytest.raises(RuntimeError, match="would wait for itself"):
+        p.map(helpers.square, closing())
+    p.join()
+
+
 def test_join_in_an_imap_input_raises_instead_of_waiting_for_itself(
         cpool_Pool):
     # multiprocessing hangs here; the error reaches the consumer in the
