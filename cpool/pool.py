@@ -1162,9 +1162,19 @@ class Pool(_core.PoolBase, _mp.Pool):
                 # caller's, which may hold locks they take
                 self._core.fail_unsent(result._job, index, e)
 
+    _apply_via_async = False    # a subclass overrides apply_async()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._apply_via_async = cls.apply_async is not Pool.apply_async
+
     def apply(self, func, args=(), kwds={}):
         """Equivalent of `func(*args, **kwds)`."""
         self._check_running()
+        if self._apply_via_async:
+            # multiprocessing's apply() is apply_async().get(), and a
+            # subclass's apply_async() (logging, say) sees those calls too
+            return self.apply_async(func, args, kwds).get()
         # Fast path: an idle worker runs it and this thread reads the result
         # itself, with no result object and no hand-off between threads.
         done = self._core.call(func, args, kwds)

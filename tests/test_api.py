@@ -140,7 +140,10 @@ def test_pool_subclass_overrides_apply_async(Pool, impl):
     with Logged(1, **kw) as p:
         assert p.apply_async(helpers.square, (6,)).get(timeout=T) == 36
         assert p.map(helpers.square, [1, 2]) == [1, 4]
+        # multiprocessing's apply() is apply_async().get()
+        assert p.apply(helpers.mul, (2, 3)) == 6
     assert calls[0] == "square"
+    assert calls[-1] == "mul"
 
 
 def test_apply_async_callback_in_parent_other_thread(Pool):
