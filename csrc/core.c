@@ -1149,6 +1149,14 @@ handle_death(Core *c, int i, pid_t pid, int status)
     uint32_t wstate = cp_load_acquire(&s->ctl->state);
     int startup_failure = init_exc != NULL ||
                           (wstate != CP_W_READY && wstate != CP_W_LEFT);
+    /* Unless the initializer raised, such a death may have come from
+     * outside (the OOM killer, a kill): the first in a row puts its tasks
+     * back for a replacement, as any death of a worker that ran no task;
+     * the second in a row is the start-up's own failure. */
+    if (!startup_failure)
+        s->startup_deaths = 0;
+    else if (init_exc == NULL && s->startup_deaths++ == 0)
+        startup_failure = 0;
 
     /* Newest first, so that tasks go back to the front of pending in their
      * original order. */

@@ -388,6 +388,8 @@ typedef struct cp_slot {
     PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
     int part;              /* its worker's arena partition (results), or -1 */
     PyObject *init_exc;    /* the initializer's exception, if it raised */
+    int startup_deaths;    /* its workers' deaths in start-up in a row, with
+                            * no exception from the initializer */
     int corrupt;           /* its result ring held garbage: it was killed */
     int draining;          /* drain() is running on it (it may call Python) */
     int death_pending;     /* the zygote reported its death mid-drain */

@@ -105,6 +105,21 @@ def init_raise_base(kind):
            "GeneratorExit": GeneratorExit}[kind]()
 
 
+def init_stall_first(path):
+    """The first worker to start stalls here (writing its pid to `path`),
+    until it is killed; the others go on."""
+    tmp = "%s.%d" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return
+    finally:
+        os.unlink(tmp)
+    time.sleep(60)
+
+
 def init_raise_locked():
     raise LockedError("the initializer's lock went with it")
 

@@ -211,6 +211,19 @@ def test_initializer_that_raises_a_base_exception_fails_tasks(kind):
             assert ei.value.exitcode == (5 if kind == "SystemExit" else 1)
 
 
+def test_a_worker_killed_once_while_starting_loses_no_task(tmp_path):
+    # The OOM killer, say: its task goes to the replacement, as with
+    # multiprocessing.  (Two deaths in a row there fail it: above.)
+    started = str(tmp_path / "started")
+    with Pool(1, initializer=T.init_stall_first, initargs=(started,)) as p:
+        r = p.apply_async(T.square, (7,))
+        helpers.wait_for_path(started, helpers.START_TIMEOUT)
+        with open(started) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+        assert r.get(timeout=helpers.START_TIMEOUT) == 49
+        assert p.map(T.square, range(4)) == [0, 1, 4, 9]
+
+
 def test_initializer_error_that_cannot_be_pickled_names_it():
     with Pool(1, initializer=T.init_raise_locked) as p:
         with pytest.raises(MaybeEncodingError) as ei:
