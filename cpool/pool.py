@@ -288,6 +288,7 @@ class IMapIterator(_mp.IMapIterator):
     _in_input = False   # its feeder is reading the input
     _cut = None         # the item terminate() ended it at (_cut_input)
     _feeder = None      # the thread that reads its input
+    _chunked = False    # chunksize > 1: the consumer reads a generator
 
     def _init_bound(self, n):
         # The conditions' lock itself: `with self._lock` is what `with
@@ -467,12 +468,15 @@ class IMapIterator(_mp.IMapIterator):
                     raise self._quiet_exc
                 if timeout is None:
                     _waits_for_itself(self._pool, None)
-                    if self._in_input and \
+                    if self._in_input and not self._chunked and \
                             self._feeder is threading.current_thread():
                         # The call's own input (a feedback loop) waits for
                         # its results: only for those it has sent.  Another
                         # consumer may take them first, so it looks again
-                        # now and then.
+                        # now and then.  (Not with chunksize > 1: the input
+                        # reads the consumer's own generator, which an error
+                        # raised in it would end for the consumer too, its
+                        # results lost without a word.)
                         if self._index >= self._n_read:
                             raise RuntimeError(
                                 "the input of an imap call waits for a result "
@@ -1022,10 +1026,12 @@ class Pool(_core.PoolBase, _mp.Pool):
                              "supported" % (type(self).__name__, method))
         self._ctx = context or multiprocessing.get_context()
         self._feeders = {}      # feeder thread -> its imap result
-        self._mapping = []      # threads in map_async()/starmap_async(), submitting
+        self._mapping = {}      # map calls submitting: token -> their thread
         self._idle_feeders = []  # feeder threads waiting for their next call
         self._feed_threads = []  # every feeder thread started (join() joins them)
-        self._feed_lock = threading.Lock()
+        # Reentrant: a signal handler may close() or terminate() the pool
+        # while its thread holds it (in map_async(), say).
+        self._feed_lock = threading.RLock()
         self._kept_workers = []  # _pool once closed or terminated
         if processes is None:
             try:
@@ -1228,18 +1234,20 @@ class Pool(_core.PoolBase, _mp.Pool):
                    error_callback=None):
         if os.getpid() != self._owner:
             raise _not_the_owner()      # (see _imap)
-        with self._feed_lock:
-            # Once past this check, the call is sent whole even if another
-            # thread closes the pool meanwhile: close() leaves the core open
-            # until it is done, as for an imap call's feeder.
-            self._check_running()
-            self._mapping.append(threading.current_thread())
+        token = object()
         try:
+            with self._feed_lock:
+                # Registered, then checked: once past the check, the call
+                # is sent whole even if another thread (or a signal handler)
+                # closes the pool meanwhile; close() leaves the core open
+                # until it is done, as for an imap call's feeder.
+                self._mapping[token] = threading.current_thread()
+                self._check_running()
             return self._map_submit(func, iterable, mode, chunksize, callback,
                                     error_callback)
         finally:
             with self._feed_lock:
-                self._mapping.remove(threading.current_thread())
+                self._mapping.pop(token, None)
                 done = not self._feeders and not self._mapping
             if done and self._state == CLOSE:
                 self._core.close()
@@ -1388,6 +1396,7 @@ class Pool(_core.PoolBase, _mp.Pool):
         """_feed()'s loop; returns the number of results the call has."""
         result._n_read = i = 0      # items read so far (for _feed's errors)
         result._feeder = threading.current_thread()
+        result._chunked = chunksize != 1
         batch = 1
         most = 256 if _plain_input(iterable) else 1   # see _PLAIN_INPUTS
         ended = False               # the input ran out, or raised
@@ -1534,7 +1543,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             return          # a forked child has no workers to wait for
         with self._feed_lock:
             me = threading.current_thread()
-            if me in self._feeders or me in self._mapping:
+            if me in self._feeders or me in self._mapping.values():
                 # multiprocessing hangs here
                 raise RuntimeError(
                     "join() in the input of one of the pool's own map or imap "
@@ -1544,9 +1553,12 @@ class Pool(_core.PoolBase, _mp.Pool):
             reading = {t for t, r in self._feeders.items() if r._in_input}
         for f in feeders:
             # Once terminated, not a feeder waiting in its input, which may
-            # never give it back (it stops once it does).
-            if f is not threading.current_thread() and not (
-                    self._state == TERMINATE and f in reading):
+            # never give it back (it stops once it does).  Nor one not
+            # started yet (its imap() call is between registering and
+            # starting it): the core stays open until its call is fed, and
+            # waiting for the collector below covers it.
+            if f is not threading.current_thread() and f.ident is not None \
+                    and not (self._state == TERMINATE and f in reading):
                 f.join()
         if self._collector is not threading.current_thread():
             self._collector.join()

@@ -2267,6 +2267,85 @@ def test_close_while_a_map_call_is_sending_lets_it_finish(Pool, method):
     assert out == [[2 * i if star else i * i for i in range(30)]]
 
 
+@pytest.mark.parametrize("how", ["close", "terminate", "interrupt"])
+def test_a_map_call_interrupted_at_its_check_leaves_the_pool_closable(
+        cpool_Pool, how):
+    # A signal handler may close or terminate the pool while the thread is
+    # in a map call's locked check (it used to wait for itself there), and
+    # a KeyboardInterrupt there must not leave the call registered (close()
+    # would then wait for it forever).
+    class Interrupted(cpool_Pool):
+        armed = True
+
+        def _check_running(self):
+            if self.armed:
+                self.armed = False
+                if how == "interrupt":
+                    raise KeyboardInterrupt
+                getattr(self, how)()
+            super()._check_running()
+
+    p = Interrupted(2)
+    out = []
+
+    def call():
+        try:
+            p.map_async(helpers.square, range(4))
+        except BaseException as e:
+            out.append(type(e))
+        if how == "interrupt":
+            assert p.map(helpers.square, range(3)) == [0, 1, 4]
+            p.close()
+        p.join()
+        out.append("joined")
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(T)
+    assert not t.is_alive()
+    assert out == [KeyboardInterrupt if how == "interrupt" else ValueError,
+                   "joined"]
+
+
+def test_join_while_an_imap_call_starts_its_feeder(cpool_Pool, monkeypatch):
+    # close(); join() from another thread between an imap() call
+    # registering its feeder thread and starting it: join() used to fail
+    # ("cannot join thread before it is started").
+    start = threading.Thread.start
+    registered = threading.Event()
+    go = threading.Event()
+
+    def late_start(self):
+        if self.name == "cpool-feeder":
+            registered.set()
+            assert go.wait(T)
+        start(self)
+    monkeypatch.setattr(threading.Thread, "start", late_start)
+    p = cpool_Pool(1)
+    out = []
+    t = threading.Thread(target=lambda: out.append(
+        list(p.imap(helpers.square, range(3)))))
+    t.start()
+    try:
+        assert registered.wait(T)
+        p.close()
+        errors = []
+
+        def join():
+            try:
+                p.join()
+            except Exception as e:
+                errors.append(e)
+        joiner = threading.Thread(target=join)
+        start(joiner)
+        time.sleep(0.05)    # (on the code before, join() raised meanwhile)
+    finally:
+        go.set()
+    joiner.join(T)
+    t.join(T)
+    assert not joiner.is_alive() and errors == []
+    assert out == [[0, 1, 4]]
+
+
 def test_join_in_a_map_input_raises_instead_of_waiting_for_itself(cpool_Pool):
     p = cpool_Pool(2)
 
