@@ -994,6 +994,12 @@ def _worker_process(pool):
     return (type(w), w._config.get("daemon"))
 
 
+def _apply_via_async(self, func, args=(), kwds={}):
+    """Equivalent of `func(*args, **kwds)`."""
+    self._check_running()
+    return self.apply_async(func, args, kwds).get()
+
+
 class Pool(_core.PoolBase, _mp.Pool):
     """A drop-in replacement for multiprocessing.Pool.
 
@@ -1026,7 +1032,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                              "supported" % (type(self).__name__, method))
         self._ctx = context or multiprocessing.get_context()
         self._feeders = {}      # feeder thread -> its imap result
-        self._mapping = {}      # map calls submitting: token -> their thread
+        self._mapping = {}      # map calls submitting: token -> their thread's id
         self._idle_feeders = []  # feeder threads waiting for their next call
         self._feed_threads = []  # every feeder thread started (join() joins them)
         # Reentrant: a signal handler may close() or terminate() the pool
@@ -1168,19 +1174,16 @@ class Pool(_core.PoolBase, _mp.Pool):
                 # caller's, which may hold locks they take
                 self._core.fail_unsent(result._job, index, e)
 
-    _apply_via_async = False    # a subclass overrides apply_async()
-
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls._apply_via_async = cls.apply_async is not Pool.apply_async
+        if cls.apply_async is not Pool.apply_async and cls.apply is Pool.apply:
+            # multiprocessing's apply() is apply_async().get(), and a
+            # subclass's apply_async() (logging, say) sees those calls too
+            cls.apply = _apply_via_async
 
     def apply(self, func, args=(), kwds={}):
         """Equivalent of `func(*args, **kwds)`."""
         self._check_running()
-        if self._apply_via_async:
-            # multiprocessing's apply() is apply_async().get(), and a
-            # subclass's apply_async() (logging, say) sees those calls too
-            return self.apply_async(func, args, kwds).get()
         # Fast path: an idle worker runs it and this thread reads the result
         # itself, with no result object and no hand-off between threads.
         done = self._core.call(func, args, kwds)
@@ -1241,7 +1244,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                 # is sent whole even if another thread (or a signal handler)
                 # closes the pool meanwhile; close() leaves the core open
                 # until it is done, as for an imap call's feeder.
-                self._mapping[token] = threading.current_thread()
+                self._mapping[token] = threading.get_ident()
                 self._check_running()
             return self._map_submit(func, iterable, mode, chunksize, callback,
                                     error_callback)
@@ -1543,7 +1546,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             return          # a forked child has no workers to wait for
         with self._feed_lock:
             me = threading.current_thread()
-            if me in self._feeders or me in self._mapping.values():
+            if me in self._feeders or me.ident in self._mapping.values():
                 # multiprocessing hangs here
                 raise RuntimeError(
                     "join() in the input of one of the pool's own map or imap "
