@@ -588,12 +588,16 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
         with self._lock:
             if self._quiet_exc is not None:
                 return
-            self._arrived(obj)
-            if self._cond._waiters:
-                self._cond.notify()
-            self._completed()
+            self._arrived_done(obj)
             if self._held is not None:
                 self._let_held_go()
+
+    def _arrived_done(self, obj):
+        # self._cond's lock held: one more result, of a task now done
+        self._arrived(obj)
+        if self._cond._waiters:
+            self._cond.notify()
+        self._completed()
 
     def _set_many(self, items):
         with self._lock:
@@ -610,10 +614,7 @@ class IMapUnorderedIterator(IMapIterator, _mp.IMapUnorderedIterator):
         i, obj = self._held
         if self._n_done >= i:
             self._held = None
-            self._arrived(obj)
-            if self._cond._waiters:
-                self._cond.notify()
-            self._completed()
+            self._arrived_done(obj)
 
 
 class _IMapConsumer(_Consumer, IMapIterator):
@@ -1249,11 +1250,16 @@ class Pool(_core.PoolBase, _mp.Pool):
             return self._map_submit(func, iterable, mode, chunksize, callback,
                                     error_callback)
         finally:
-            with self._feed_lock:
-                self._mapping.pop(token, None)
-                done = not self._feeders and not self._mapping
-            if done and self._state == CLOSE:
-                self._core.close()
+            self._call_sent(self._mapping, token)
+
+    def _call_sent(self, calls, key):
+        """A map or imap call (calls[key]) has sent all it will: once the
+        pool is closed, the last such call closes the core."""
+        with self._feed_lock:
+            calls.pop(key, None)
+            done = not self._feeders and not self._mapping
+        if done and self._state == CLOSE:
+            self._core.close()
 
     def _map_submit(self, func, iterable, mode, chunksize, callback,
                     error_callback):
@@ -1389,11 +1395,7 @@ class Pool(_core.PoolBase, _mp.Pool):
                 i = result._n_read + 1
             result._set_length(i)
         finally:
-            with self._feed_lock:
-                self._feeders.pop(threading.current_thread(), None)
-                done = not self._feeders and not self._mapping
-            if done and self._state == CLOSE:
-                self._core.close()
+            self._call_sent(self._feeders, threading.current_thread())
 
     def _feed_items(self, result, func, iterable, chunksize):
         """_feed()'s loop; returns the number of results the call has."""
