@@ -645,7 +645,7 @@ cp_loads(const uint8_t *p, uint64_t n)
     PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)n, PyBUF_READ);
     if (mv == NULL)
         return NULL;
-    PyObject *obj = PyObject_CallOneArg(cp_state->loads, mv);
+    PyObject *obj = cp_unpickle(mv, p, n, NULL, NULL);
     PyObject *err = obj == NULL ? cp_err_take() : NULL;
     /* The bytes are about to be reused by the other side: make sure nothing
      * kept a view of them. */

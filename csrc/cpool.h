@@ -533,6 +533,8 @@ typedef struct cp_module_state {
              *str_persistent_id, *str_persistent_load, *str_dispatch_table;
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
+    PyObject *np_unpickler;  /* its subclass for arrays (msg.c: cp_unpickle) */
+    PyObject *find_class;    /* pickle.Unpickler.find_class */
     PyObject *bytesio;       /* io.BytesIO */
     /* cpool._pickling, imported at the first pickling (msg.c: fp_ready) */
     PyObject *fp_reducers;   /* ForkingPickler._extra_reducers (a dict) */
@@ -588,6 +590,9 @@ int cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
 int cp_gather_begin_pickle(cp_gather *g, uint64_t n);
 int cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n);
 PyObject *cp_gather_finish(cp_gather *g);
+int cp_unpickle_setup(cp_module_state *st);
+PyObject *cp_unpickle(PyObject *mv, const uint8_t *p, uint64_t n, PyObject *buffers,
+                      PyObject *table);
 void cp_gather_clear(cp_gather *g);
 
 PyObject *cp_msg_dumps(PyObject *obj, int big_hint, int *oob,

@@ -353,6 +353,8 @@ module_exec(PyObject *m)
     st->unpickler = subclass_with_slot(st->unpickler, "Unpickler",
                                        "persistent_load");
 #endif
+    if (st->unpickler == NULL || cp_unpickle_setup(st) < 0)
+        return -1;
     PyObject *io = PyImport_ImportModule("io");
     if (io == NULL)
         return -1;
@@ -448,6 +450,8 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->loads);
     Py_VISIT(st->pickler);
     Py_VISIT(st->unpickler);
+    Py_VISIT(st->np_unpickler);
+    Py_VISIT(st->find_class);
     Py_VISIT(st->fp_reducers);
     Py_VISIT(st->fp_dumps);
     Py_VISIT(st->fp_table);
@@ -469,6 +473,8 @@ module_clear(PyObject *m)
     Py_CLEAR(st->loads);
     Py_CLEAR(st->pickler);
     Py_CLEAR(st->unpickler);
+    Py_CLEAR(st->np_unpickler);
+    Py_CLEAR(st->find_class);
     Py_CLEAR(st->fp_reducers);
     Py_CLEAR(st->fp_dumps);
     Py_CLEAR(st->fp_table);

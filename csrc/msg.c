@@ -943,17 +943,171 @@ cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n)
     return 0;
 }
 
+/* ------------------------------------------------------------ unpickling */
+
+/*
+ * Read-only numpy arrays.  multiprocessing before 3.14 pickles with
+ * protocol 4, under which numpy rebuilds every array as a new, writable one.
+ * cpool pickles with protocol 5 (out-of-band buffers need it), which keeps a
+ * buffer's read-only flag: an array its sender could not write
+ * (np.asarray() of a Pillow image, np.frombuffer() of bytes, a broadcast)
+ * would arrive read-only, and `a -= 1` on it would fail where it works with
+ * multiprocessing.  So a message that names numpy's _frombuffer (what numpy
+ * rebuilds an array with under protocol 5) is unpickled by an Unpickler
+ * whose find_class() hands back a wrapper of it.  The wrapper gives numpy a
+ * writable buffer in place of a read-only one: the receiver's own, when the
+ * data was gathered into one (a ShmBuf or a bytearray made for this
+ * message: no copy), else a copy (an in-band buffer arrives as bytes, which
+ * multiprocessing copies too).  From 3.14 multiprocessing pickles with
+ * protocol 5 as well, and arrays keep their flag with both.
+ */
+#if PY_VERSION_HEX < 0x030E0000
+#define NP_WRITABLE 1
+#else
+#define NP_WRITABLE 0
+#endif
+
+/* Is view v all of o, a buffer the receiver made for this message? */
+static int
+own_buffer(PyObject *o, const Py_buffer *v)
+{
+    if (o == NULL)
+        return 0;
+    if (Py_IS_TYPE(o, cp_state->shmbuf_type))
+        return cp_blk_data(((ShmBuf *)o)->b) == v->buf &&
+               ((ShmBuf *)o)->len == (uint64_t)v->len;
+    return PyByteArray_CheckExact(o) && PyByteArray_AS_STRING(o) == v->buf &&
+           PyByteArray_GET_SIZE(o) == v->len;
+}
+
+/* numpy's _frombuffer(buf, dtype, shape, order) (`real`), with a writable
+ * buffer in place of a read-only one. */
+static PyObject *
+writable_frombuffer(PyObject *real, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *buf = nargs >= 1 ? args[0] : NULL, *w = NULL;
+    if (buf != NULL && PyBytes_CheckExact(buf)) {
+        w = PyByteArray_FromObject(buf);
+    } else if (buf != NULL && PyMemoryView_Check(buf) &&
+               PyMemoryView_GET_BUFFER(buf)->readonly) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(buf, &v, PyBUF_SIMPLE) < 0)
+            return NULL;
+        PyObject *o = PyMemoryView_GET_BUFFER(buf)->obj;
+        w = own_buffer(o, &v) ? Py_NewRef(o) : PyByteArray_FromObject(buf);
+        PyBuffer_Release(&v);
+    } else {
+        return PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
+    }
+    if (w == NULL)
+        return NULL;
+    PyObject *argv[4];
+    PyObject *r;
+    if (nargs <= 4) {
+        argv[0] = w;
+        for (Py_ssize_t i = 1; i < nargs; i++)
+            argv[i] = args[i];
+        r = PyObject_Vectorcall(real, argv, (size_t)nargs, NULL);
+    } else {
+        r = PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
+    }
+    Py_DECREF(w);
+    return r;
+}
+
+static PyMethodDef writable_frombuffer_def = {
+    "_frombuffer", (PyCFunction)(void (*)(void))writable_frombuffer,
+    METH_FASTCALL, NULL};
+
+/* find_class(self, module, name) of the unpickler above: the base class's,
+ * with numpy's _frombuffer wrapped. */
+static PyObject *
+np_find_class(PyObject *Py_UNUSED(unused), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *f = PyObject_Vectorcall(cp_state->find_class, args, (size_t)nargs, NULL);
+    if (f == NULL || nargs != 3 || !PyUnicode_Check(args[1]) ||
+        !PyUnicode_Check(args[2]) ||
+        PyUnicode_CompareWithASCIIString(args[2], "_frombuffer") != 0 ||
+        (PyUnicode_CompareWithASCIIString(args[1], "numpy._core.numeric") != 0 &&
+         PyUnicode_CompareWithASCIIString(args[1], "numpy.core.numeric") != 0))
+        return f;
+    PyObject *w = PyCFunction_NewEx(&writable_frombuffer_def, f, NULL);
+    Py_DECREF(f);
+    return w;
+}
+
+static PyMethodDef np_find_class_def = {
+    "find_class", (PyCFunction)(void (*)(void))np_find_class, METH_FASTCALL, NULL};
+
+/* The module's unpickler classes: st->unpickler is set; make
+ * st->np_unpickler, its subclass with the find_class() above. */
+int
+cp_unpickle_setup(cp_module_state *st)
+{
+    st->find_class = PyObject_GetAttrString(st->unpickler, "find_class");
+    if (st->find_class == NULL)
+        return -1;
+    PyObject *fn = PyCFunction_NewEx(&np_find_class_def, NULL, NULL);
+    PyObject *meth = fn ? PyInstanceMethod_New(fn) : NULL;
+    Py_XDECREF(fn);
+    if (meth == NULL)
+        return -1;
+    st->np_unpickler = PyObject_CallFunction(
+        (PyObject *)&PyType_Type, "s(O){s()sOss}", "Unpickler", st->unpickler,
+        "__slots__", "find_class", meth, "__module__", "cpool._core");
+    Py_DECREF(meth);
+    return st->np_unpickler == NULL ? -1 : 0;
+}
+
+/*
+ * Unpickle the n bytes at p (mv: a memoryview of them), with `buffers` (a
+ * list, or NULL) for its out-of-band buffers and `table` (a list, or NULL)
+ * for its persistent ids.  New reference or NULL.
+ */
+PyObject *
+cp_unpickle(PyObject *mv, const uint8_t *p, uint64_t n, PyObject *buffers,
+            PyObject *table)
+{
+    int np = NP_WRITABLE && memmem(p, n, "_frombuffer", 11) != NULL;
+    PyObject *kw = NULL, *obj = NULL;
+    if (buffers != NULL && (kw = Py_BuildValue("{sO}", "buffers", buffers)) == NULL)
+        return NULL;
+    if (!np && table == NULL) {
+        PyObject *args = PyTuple_Pack(1, mv);
+        obj = args ? PyObject_Call(cp_state->loads, args, kw) : NULL;
+        Py_XDECREF(args);
+        Py_XDECREF(kw);
+        return obj;
+    }
+    PyObject *file = PyObject_CallOneArg(cp_state->bytesio, mv);
+    PyObject *args = file ? PyTuple_Pack(1, file) : NULL;
+    PyObject *u = args ? PyObject_Call(np ? cp_state->np_unpickler : cp_state->unpickler,
+                                       args, kw)
+                       : NULL;
+    PyObject *get = u && table ? PyObject_GetAttr(table, cp_state->str_getitem) : NULL;
+    if (u != NULL && (table == NULL ||
+                      (get != NULL &&
+                       PyObject_SetAttr(u, cp_state->str_persistent_load, get) == 0)))
+        obj = PyObject_CallMethodNoArgs(u, cp_state->str_load);
+    Py_XDECREF(get);
+    Py_XDECREF(u);
+    Py_XDECREF(args);
+    Py_XDECREF(file);
+    Py_XDECREF(kw);
+    return obj;
+}
+
 /* The message is complete: unpickle it.  New reference or NULL. */
 PyObject *
 cp_gather_finish(cp_gather *g)
 {
     if (g->off != g->total || g->pickle == NULL)
         return bad_message(), NULL;
+    const uint8_t *p = (const uint8_t *)PyByteArray_AS_STRING(g->pickle);
     if (g->nbuf == 0)   /* plain data (codec.c) or a pickle */
-        return cp_loads((const uint8_t *)PyByteArray_AS_STRING(g->pickle),
-                        g->pickle_len);
-    PyObject *mv = PyMemoryView_FromMemory(PyByteArray_AS_STRING(g->pickle),
-                                           (Py_ssize_t)g->pickle_len, PyBUF_READ);
+        return cp_loads(p, g->pickle_len);
+    PyObject *mv = PyMemoryView_FromMemory((char *)p, (Py_ssize_t)g->pickle_len,
+                                           PyBUF_READ);
     if (mv == NULL)
         return NULL;
     PyObject *obj = NULL;
@@ -967,25 +1121,8 @@ cp_gather_finish(cp_gather *g)
         if (!g->isbytes[i] && PyList_Append(bufs, g->bufs[i]) < 0)
             Py_CLEAR(bufs);
     }
-    PyObject *kw = bufs && table ? Py_BuildValue("{sO}", "buffers", bufs) : NULL;
-    if (kw != NULL && !named) {
-        PyObject *args = PyTuple_Pack(1, mv);
-        obj = args ? PyObject_Call(cp_state->loads, args, kw) : NULL;
-        Py_XDECREF(args);
-    } else if (kw != NULL) {
-        PyObject *file = PyObject_CallOneArg(cp_state->bytesio, mv);
-        PyObject *args = file ? PyTuple_Pack(1, file) : NULL;
-        PyObject *u = args ? PyObject_Call(cp_state->unpickler, args, kw) : NULL;
-        PyObject *get = u ? PyObject_GetAttr(table, cp_state->str_getitem) : NULL;
-        if (get != NULL &&
-            PyObject_SetAttr(u, cp_state->str_persistent_load, get) == 0)
-            obj = PyObject_CallMethodNoArgs(u, cp_state->str_load);
-        Py_XDECREF(get);
-        Py_XDECREF(u);
-        Py_XDECREF(args);
-        Py_XDECREF(file);
-    }
-    Py_XDECREF(kw);
+    if (bufs != NULL && table != NULL)
+        obj = cp_unpickle(mv, p, g->pickle_len, bufs, named ? table : NULL);
     Py_XDECREF(table);
     Py_XDECREF(bufs);
     Py_DECREF(mv);

@@ -81,6 +81,12 @@ def ones(n, value=1.0):
     return numpy.full(n, float(value))
 
 
+def read_only_ones(n, value=1.0):
+    a = ones(n, value)
+    a.flags.writeable = False
+    return a
+
+
 def square_and_pid(x):
     return x * x, os.getpid()
 

@@ -123,6 +123,16 @@ def _batch(p, kind, n):
             out = p.apply(helpers.ones, (1 << 17, i))
             assert out.shape == (1 << 17,) and out[-1] == i
         del out
+    elif kind == "read_only_arrays":
+        # read-only arrays rebuilt writable: in band, out of band, arena
+        np = pytest.importorskip("numpy")
+        for i in range(n // 20):
+            for size in (8, 1 << 15, 1 << 17):
+                out = p.apply(helpers.read_only_ones, (size, i))
+                assert out.flags.writeable and out[-1] == i
+                out.flags.writeable = False
+                assert p.apply(helpers.array_total, (out,)) == float(size * i)
+        del out
     elif kind == "pool_list":
         for i in range(n // 2):
             procs = p._pool
@@ -147,7 +157,7 @@ def _settle():
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
          "imap", "imap_cs4", "imap_unordered", "imap_error", "apply_error", "apply_async_fail",
-         "plain_data", "plain_data_large", "large_payload", "arena_arrays", "pool_list"]
+         "plain_data", "plain_data_large", "large_payload", "arena_arrays", "read_only_arrays", "pool_list"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
