@@ -27,7 +27,7 @@
  * reuse a partition in which it still holds blocks (it gets a spare; the old
  * one is emptied when the parent lets go of its last block).
  *
- * Memory: the first CP_ARENA_KEEP bytes of a partition stay populated once
+ * Memory: the first part_keep() bytes of a partition stay populated once
  * used (warm for the next transfer); a borrower releasing a block beyond
  * that gives its pages back (MADV_REMOVE).  The owner records how far from
  * the start the partition is known populated (`warm`); a copy into pages
@@ -108,6 +108,7 @@ cp_arena_create(cp_arena **out, int nparts, uint64_t part_size)
     }
     a->nparts = nparts;
     a->part_size = part_size;
+    a->keep = CP_WARM_MAX;
     a->size = (size_t)nparts * part_size;
     a->refs = 1;
     a->pid = getpid();
@@ -191,6 +192,15 @@ forget_parked(void)
     parked = NULL;
 }
 
+/* How much of partition p stays populated once used: the arguments
+ * partition's (the parent's, one per pool) up to CP_WARM_MAX, a worker's its
+ * share (a->keep). */
+static uint64_t
+part_keep(const cp_arena *a, int p)
+{
+    return p == 0 ? CP_WARM_MAX : a->keep;
+}
+
 /* What is populated of partition p, or may be: up to its break or its
  * warm mark, within what is ever kept.  (The header is the owner's, maybe
  * a dead worker's; it only bounds what is kept.) */
@@ -201,8 +211,8 @@ part_extent(cp_arena *a, int p)
     uint64_t e = cp_load_relaxed(&h->brk), w = cp_load_relaxed(&h->warm);
     if (w > e)
         e = w;
-    if (e > CP_ARENA_KEEP)
-        e = CP_ARENA_KEEP;
+    if (e > part_keep(a, p))
+        e = part_keep(a, p);
     if (e > a->part_size)
         e = a->part_size;
     return round_up(e, PAGE);
@@ -527,7 +537,7 @@ premap_chunk(cp_arena *a, int p, uint64_t mapped)
 {
     cp_part_hdr *h = (cp_part_hdr *)part_base(a, p);
     uint64_t warm = cp_load_relaxed(&h->warm);
-    if (cp_load_relaxed(&h->magic) != PART_MAGIC || warm > CP_ARENA_KEEP ||
+    if (cp_load_relaxed(&h->magic) != PART_MAGIC || warm > part_keep(a, p) ||
         mapped >= warm || !cp_load_relaxed(&populate_works))
         return 0;
     uint64_t end = warm - mapped > FILL_CHUNK ? mapped + FILL_CHUNK : warm;
@@ -641,7 +651,8 @@ cp_arena_give_back(cp_arena *a, int p, cp_blk *b, uint64_t size)
 {
     uint64_t start = cp_arena_offset(a, b) - (uint64_t)p * a->part_size;
     uint64_t end = start + size;
-    uint64_t from = start + PAGE > CP_ARENA_KEEP ? start + PAGE : CP_ARENA_KEEP;
+    uint64_t keep = part_keep(a, p);
+    uint64_t from = start + PAGE > keep ? start + PAGE : keep;
     if (end > from)
         madvise(part_base(a, p) + from, end - from, MADV_REMOVE);
     cp_store_release(&b->lent, CP_LENT_NO);
@@ -966,13 +977,13 @@ filled:
     /* Pages from the partition start up to the end of this copy (the last
      * one too: a page written in part exists whole) are populated now, if
      * the copy began at or below the old mark (blocks do not overlap);
-     * pages beyond CP_ARENA_KEEP may be given back, so the mark stays below
+     * pages beyond part_keep() may be given back, so the mark stays below
      * that.  Another thread filling another block moves it too: keep the
      * larger. */
     if (warm >= (start & ~(uint64_t)(PAGE - 1))) {
         uint64_t mark = round_up(end, PAGE);
-        if (mark > CP_ARENA_KEEP)
-            mark = CP_ARENA_KEEP;
+        if (mark > part_keep(a, p))
+            mark = part_keep(a, p);
         uint64_t cur = cp_load_relaxed(&h->warm);
         while (cur < mark &&
                !__atomic_compare_exchange_n(&h->warm, &cur, mark, 0,

@@ -1042,7 +1042,7 @@ drain_some(Core *c, cp_slot *s, int budget)
                 s->in_g = PyMem_Malloc(sizeof(cp_gather));
                 if (s->in_g == NULL ||
                     cp_gather_init(s->in_g, h.total, (h.flags & CP_F_OOB) != 0,
-                                   &s->scratch,
+                                   &s->scratch, cp_warm_share(c->nslots),
                                    &(cp_arena_use){c->arena, s->part, 0}) < 0) {
                     if (s->in_g == NULL)
                         PyErr_NoMemory();
@@ -2620,6 +2620,7 @@ arena_setup(Core *c)
         return;
     }
     c->arena->part_slot[0] = CP_PART_ARGS;
+    c->arena->keep = cp_warm_share(c->nslots);
     env = getenv("CPOOL_ARENA_ARGS");
     uint64_t limit = env ? strtoull(env, NULL, 10) : CP_ARENA_ARGS_LIMIT;
     cp_arena_format(c->arena, 0, limit);

@@ -96,10 +96,24 @@ enum { CP_T_QUEUED = 0, CP_T_CLAIMED = 1, CP_T_STOLEN = 2 };
 
 #define CP_REC_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
 
-/* Messages in several fragments are gathered into a buffer that is kept for
- * the next one (warm memory: first-touch page faults are slow), unless they
- * are larger than this. */
-#define CP_SCRATCH_KEEP (UINT64_C(256) << 20)
+/* Warm memory (first-touch page faults are slow here): what a process keeps
+ * for reuse of each kind (a worker's free heap, a gather buffer for messages
+ * in several fragments, kept if the message was no larger, an arena
+ * partition's pages) is at most this, and less in pools of more than 4
+ * workers: 1 GiB shared among the workers, 32 MiB each at least. */
+#define CP_WARM_MAX (UINT64_C(256) << 20)
+
+static inline uint64_t
+cp_warm_share(int nworkers)
+{
+    uint64_t share = nworkers > 0 ? (UINT64_C(1) << 30) / (uint64_t)nworkers
+                                  : CP_WARM_MAX;
+    if (share > CP_WARM_MAX)
+        share = CP_WARM_MAX;
+    if (share < (UINT64_C(32) << 20))
+        share = UINT64_C(32) << 20;
+    return share;
+}
 
 /*
  * One process's end of a ring: a pointer to the shared header plus private
@@ -226,8 +240,6 @@ enum { CP_PART_FREE = -1, CP_PART_ARGS = -2, CP_PART_RETIRED = -3 };
 
 /* Out-of-band buffers this large go through the arena. */
 #define CP_ARENA_MIN (UINT64_C(1) << 20)
-/* This much of each partition stays populated once used. */
-#define CP_ARENA_KEEP (UINT64_C(256) << 20)
 /* Arguments of queued tasks hold at most this much of the arena. */
 #define CP_ARENA_ARGS_LIMIT (UINT64_C(1) << 30)
 
@@ -249,6 +261,8 @@ typedef struct cp_arena {
                             exist (written before), for its next owner */
     uint64_t mapped;     /* a worker: its partition's pages below this offset
                             are mapped in this process */
+    uint64_t keep;       /* this much of a worker's partition stays populated
+                            once used (cp_warm_share; set by the parent) */
 } cp_arena;
 
 /* The last pool's arena is carried over to the next pool of the process
@@ -385,7 +399,7 @@ typedef struct cp_slot {
     struct cp_gather *in_g;
     PyObject *in_err;      /* the gather failed: the error, for the end */
     cp_rec in_hdr;
-    PyObject *scratch;     /* kept gather buffer (warm), see CP_SCRATCH_KEEP */
+    PyObject *scratch;     /* kept gather buffer (warm), see cp_warm_share */
     int part;              /* its worker's arena partition (results), or -1 */
     PyObject *init_exc;    /* the initializer's exception, if it raised */
     int startup_deaths;    /* its workers' deaths in start-up in a row, with
@@ -574,6 +588,7 @@ typedef struct cp_gather {
     uint8_t isbytes[CP_MAX_OOB]; /* gathered into a bytes object */
     uint8_t desc[16];            /* an arena buffer's descriptor, arriving */
     PyObject **scratch;          /* where the kept pickle buffer lives */
+    uint64_t keep;               /* ... kept if at most this large */
     uint8_t pre[16 + 8 * CP_MAX_OOB];
     uint32_t pre_need, pre_have;
     uint32_t nbuf;
@@ -586,7 +601,7 @@ typedef struct cp_gather {
 } cp_gather;
 
 int cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
-                   const cp_arena_use *au);
+                   uint64_t keep, const cp_arena_use *au);
 int cp_gather_begin_pickle(cp_gather *g, uint64_t n);
 int cp_gather_feed(cp_gather *g, const uint8_t *p, uint64_t n);
 PyObject *cp_gather_finish(cp_gather *g);

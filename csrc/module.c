@@ -299,7 +299,7 @@ decode_message(PyObject *Py_UNUSED(m), PyObject *args)
         chunk = 1;
     PyObject *scratch = NULL, *obj = NULL;
     cp_gather g;
-    if (cp_gather_init(&g, (uint64_t)v.len, oob, &scratch, NULL) == 0) {
+    if (cp_gather_init(&g, (uint64_t)v.len, oob, &scratch, CP_WARM_MAX, NULL) == 0) {
         const uint8_t *p = v.buf;
         Py_ssize_t off = 0;
         int ok = 1;

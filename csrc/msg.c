@@ -783,13 +783,14 @@ PyType_Spec cp_shmbuf_spec = {
  * each out-of-band buffer into its own bytearray. */
 int
 cp_gather_init(cp_gather *g, uint64_t total, int oob, PyObject **scratch,
-               const cp_arena_use *au)
+               uint64_t keep, const cp_arena_use *au)
 {
     memset(g, 0, sizeof *g);
     g->total = total;
     g->oob = oob;
     g->au = au ? *au : (cp_arena_use){.part = -1};
     g->scratch = scratch;
+    g->keep = keep;
     g->pre_need = oob ? 16 : 0;
     if (!oob)
         return cp_gather_begin_pickle(g, total);
@@ -800,7 +801,7 @@ int
 cp_gather_begin_pickle(cp_gather *g, uint64_t n)
 {
     PyObject *b = *g->scratch;
-    if (b == NULL || n > CP_SCRATCH_KEEP)
+    if (b == NULL || n > g->keep)
         b = PyByteArray_FromStringAndSize(NULL, 0);
     else
         Py_INCREF(b);
@@ -811,7 +812,7 @@ cp_gather_begin_pickle(cp_gather *g, uint64_t n)
         Py_DECREF(b);
         return -1;
     }
-    if (*g->scratch == NULL && n <= CP_SCRATCH_KEEP)
+    if (*g->scratch == NULL && n <= g->keep)
         *g->scratch = Py_NewRef(b);
     g->pickle = b;
     g->pickle_len = n;

@@ -56,6 +56,68 @@ flush_std(void)
     }
 }
 
+/*
+ * The heap.  glibc serves blocks over 32 MiB with fresh mmap()s, whose first
+ * touch costs more than the copy into them; from the heap, a task's large
+ * arguments and results reuse the memory the previous one freed.  So the
+ * worker turns mmap off and lets free() keep up to `keep` bytes at the top
+ * of the heap (cp_warm_share: 256 MiB in a pool of up to 4 workers, less in
+ * larger ones).  What free() keeps is bounded only at the top, though: a
+ * freed block under one still in use stays, however large (a task's 1 GiB
+ * temporary, allocated before something the worker keeps).  So when the
+ * heap is larger than `keep` and tasks ran since the last look, the worker
+ * looks at what is free (mallinfo2), and if that is more than `keep` it
+ * gives back the pages of every free block (malloc_trim; the top keeps
+ * `keep`): at most every HEAP_LOOK_NS, after a task or when it goes idle,
+ * so that an idle worker holds no more than a running one needs.
+ * (This process is ours; the parent's allocator is left alone.)
+ */
+#define HEAP_LOOK_NS (UINT64_C(100) * 1000 * 1000)
+
+static struct {
+    uintptr_t base;         /* the program break when the worker started */
+    size_t keep;
+    unsigned long tasks;    /* tasks done */
+    unsigned long seen;     /* ... at the last look */
+    uint64_t next_ns;       /* no look before this */
+} heap;
+
+static void
+heap_setup(int nworkers)
+{
+    heap.keep = (size_t)cp_warm_share(nworkers);
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, (int)heap.keep);
+    heap.base = (uintptr_t)sbrk(0);
+}
+
+static size_t
+heap_free_bytes(void)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    return mallinfo2().fordblks;
+#else
+    return (size_t)(unsigned)mallinfo().fordblks;
+#endif
+}
+
+/* Look at the heap if it is due (see above).  Returns how long until a look
+ * is due (ns), or -1 if none is pending.  Needs no GIL. */
+static long
+heap_look(void)
+{
+    if (heap.tasks == heap.seen || (uintptr_t)sbrk(0) - heap.base <= heap.keep)
+        return -1;
+    uint64_t now = cp_now_ns();
+    if (now < heap.next_ns)
+        return (long)(heap.next_ns - now);
+    heap.seen = heap.tasks;
+    heap.next_ns = now + HEAP_LOOK_NS;
+    if (heap_free_bytes() > heap.keep)
+        malloc_trim(heap.keep);
+    return -1;
+}
+
 static volatile int forked_copy;
 static cp_ctl *my_ctl;     /* this worker's control block */
 
@@ -154,7 +216,7 @@ next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
          * arguments', then look again. */
         if (a == NULL || !(cp_arena_premap_own(a, w->part) ||
                            cp_arena_premap_args(a, &w->args_mapped)))
-            cp_ring_wait_data(&w->tq, w->spin_ns, -1);
+            cp_ring_wait_data(&w->tq, w->spin_ns, heap_look());
         Py_END_ALLOW_THREADS
     }
 }
@@ -177,7 +239,7 @@ read_message(wctx *w, const cp_rec *hdr, const uint8_t *payload)
     }
     cp_gather g;
     int ok = cp_gather_init(&g, hdr->total, (hdr->flags & CP_F_OOB) != 0,
-                            &w->scratch,
+                            &w->scratch, heap.keep,
                             &(cp_arena_use){w->c->arena, 0, 0}) == 0;
     PyObject *err = ok ? NULL : cp_err_take();
     cp_rec h = *hdr;
@@ -508,13 +570,7 @@ cp_worker_main(void *arg, int slot)
     c->wfuncs = PyDict_New();
     if (c->wfuncs == NULL)
         _exit(76);
-    /* Keep big allocations warm: glibc serves blocks over 32 MiB with fresh
-     * mmap()s, whose first touch costs more than the copy into them.  From
-     * the heap, and not trimmed below 256 MiB, a task's large arguments and
-     * results reuse the memory the previous one freed.  (This process is
-     * ours; the parent's allocator is left alone.) */
-    mallopt(M_MMAP_MAX, 0);
-    mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    heap_setup(c->nslots);
     cp_store_relaxed(&w.ctl->pid, (uint32_t)getpid());
     cp_store_release(&w.ctl->state, CP_W_STARTING);
 
@@ -602,6 +658,8 @@ cp_worker_main(void *arg, int slot)
     done:
         cp_store_release(&w.ctl->running, 0);
         done++;
+        heap.tasks++;
+        heap_look();
         if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
             worker_leave();
     }

@@ -757,3 +757,24 @@ def test_a_pool_made_in_a_worker_carries_over_only_if_asked(monkeypatch, env):
         assert got == 0
     else:
         assert 8 * MiB <= got <= 64 * MiB
+
+
+def test_partitions_of_a_large_pool_keep_less():
+    # 1 GiB of kept pages shared among 16 workers: 64 MiB of a worker's
+    # partition stay populated; with 2 workers, up to 256 MiB.
+    from cpool import Pool
+    for n in (16, 2):
+        nothing_carried()
+        p = Pool(n)
+        try:
+            out = p.apply(make, (12 * N8,))           # 96 MiB
+            assert out.shape == (12 * N8,) and out[-1] == 12 * N8 - 1
+            del out
+            mark = max(worker_marks(p))
+            if n == 16:
+                assert mark == 64 * MiB
+            else:                       # the block's pages, header and all
+                assert 96 * MiB < mark <= 97 * MiB
+        finally:
+            p.terminate()
+            p.join()

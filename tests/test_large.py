@@ -1,6 +1,7 @@
 """Messages larger than a ring, through every path (cpool only: the ring
 size is cpool's)."""
 import os
+import time
 
 import pytest
 
@@ -140,3 +141,100 @@ def test_large_bytes_keep_types_nesting_and_sharing(pool):
     kw = pool.apply(helpers.echo_args, (big,), {"data": big, "n": 1})
     assert kw == ((big,), {"data": big, "n": 1})
     assert kw[0][0] is kw[1]["data"]
+
+
+# ------------------------------------------------- what a worker keeps
+
+_pinned = []
+
+
+def free_under_kept(mib):
+    """A large temporary, freed after the task allocated things it keeps:
+    freed memory in the middle of the heap, which free() does not trim."""
+    big = bytearray(mib << 20)
+    big[::4096] = b"x" * len(big[::4096])        # resident
+    _pinned.extend(bytearray(16 << 10) for _ in range(256))
+    del big
+    return os.getpid()
+
+
+_held = []
+
+
+def hold_big(mib):
+    big = bytearray(mib << 20)
+    big[::4096] = b"x" * len(big[::4096])
+    _held.append(big)
+    _pinned.extend(bytearray(16 << 10) for _ in range(256))
+    return os.getpid()
+
+
+def drop_big():
+    _held.clear()
+    return os.getpid()
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) >> 10
+    raise AssertionError("no VmRSS")
+
+
+NO_ASAN = pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                             reason="ASan's allocator keeps freed memory in quarantine")
+
+
+def worker_rss(p):
+    """Each worker's resident MiB by pid, once they all run (a worker's
+    resident set includes the pages it shares with the process it was
+    forked from: measure growth from here)."""
+    deadline = time.monotonic() + 10
+    while not all(w.pid for w in p._pool):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return {w.pid: rss_mib(w.pid) for w in p._pool}
+
+
+def wait_rss_below(pid, mib):
+    deadline = time.monotonic() + 10
+    while rss_mib(pid) > mib:
+        assert time.monotonic() < deadline, (rss_mib(pid), mib)
+        time.sleep(0.02)
+
+
+@NO_ASAN
+def test_a_worker_gives_back_large_freed_memory():
+    # A worker keeps at most 256 MiB of freed heap warm; a 768 MiB hole
+    # under memory in use used to stay resident for the worker's life.
+    from cpool import Pool
+    with Pool(1) as p:
+        base = worker_rss(p)
+        pid = p.apply(free_under_kept, (768,))
+        assert p.apply(free_under_kept, (768,)) == pid
+        wait_rss_below(pid, base[pid] + 128)
+
+
+@NO_ASAN
+def test_an_idle_worker_gives_back_what_its_last_task_freed():
+    # The worker looks at its heap at most every 100 ms: a task that frees
+    # a lot right after a look is caught up with when the worker goes idle.
+    from cpool import Pool
+    with Pool(1) as p:
+        base = worker_rss(p)
+        pid = p.apply(hold_big, (768,))
+        assert rss_mib(pid) >= 768               # held, resident
+        assert p.apply(drop_big) == pid
+        wait_rss_below(pid, base[pid] + 128)
+
+
+@NO_ASAN
+def test_workers_of_a_large_pool_keep_less():
+    # 1 GiB of warm heap shared among 8 workers: 128 MiB each, so a freed
+    # 200 MiB hole (which a worker of a small pool keeps) goes back.
+    from cpool import Pool
+    with Pool(8) as p:
+        base = worker_rss(p)
+        pid = p.apply(free_under_kept, (200,))
+        wait_rss_below(pid, base[pid] + 64)
