@@ -643,8 +643,9 @@ continue_send(cp_slot *s)
     int done = cp_msg_send_some(&s->tq, &s->out_hdr, s->out_buf, &s->out_off,
                                 NULL, NULL);
     if (done < 0) {
-        /* A segment's buffer went away (the caller resized a bytearray it
-         * passed): the worker sees a truncated message and fails the task. */
+        /* Cannot happen: what the parent sends is bytes, copies and arena
+         * descriptors (msg.c: snapshot).  The worker would see a truncated
+         * message. */
         PyErr_WriteUnraisable(s->out_buf);
         done = 1;
     }

@@ -10,9 +10,8 @@
  * small writes into bytearrays.  The message is the tuple of segments, and
  * the ring copies straight from the user's buffer when it is sent.
  *
- * As with multiprocessing, whose task handler pickles a task some time after
- * apply_async() returned, a buffer is read when the task is sent: arguments
- * of pending tasks must not be modified.
+ * Only bytes objects are referenced so on the parent's side: anything else
+ * could change before the task is sent (see snapshot).
  *
  * Needs the GIL throughout.
  */
@@ -69,6 +68,25 @@ seg_flush(SegWriter *w)
     return rc;
 }
 
+/*
+ * What a large buffer of the message is sent from: the object itself when
+ * it is a bytes object (it cannot change), or when a worker sends its result
+ * (the message is sent before the worker runs any more of the task's code);
+ * else a copy made now.  The parent sends a task when the ring has room,
+ * maybe long after apply_async() or an imap input's next item returned, and
+ * the caller may change or resize the buffer meanwhile (an input generator
+ * that refills one buffer): multiprocessing pickles each task before the
+ * caller goes on, and so the arguments are what they were at the call.
+ * Arrays of 1 MiB and more are copied into the arena instead (to_arena).
+ */
+static PyObject *
+snapshot(SegWriter *w, PyObject *obj, const Py_buffer *v)
+{
+    if (PyBytes_CheckExact(obj) || !w->au.args)
+        return Py_NewRef(obj);
+    return PyBytes_FromStringAndSize(v->buf, v->len);
+}
+
 static PyObject *
 SegWriter_write(SegWriter *w, PyObject *arg)
 {
@@ -77,8 +95,14 @@ SegWriter_write(SegWriter *w, PyObject *arg)
         return NULL;
     Py_ssize_t n = v.len;
     if (n >= SEG_MIN && PyList_GET_SIZE(w->segs) < MAX_SEGS) {
+        /* A bytes object cannot change; anything else the parent sends (a
+         * bytearray, an array's memory) is copied now: the caller may
+         * change or resize it before the message is sent (see snapshot). */
+        PyObject *seg = snapshot(w, arg, &v);
         PyBuffer_Release(&v);
-        if (seg_flush(w) < 0 || PyList_Append(w->segs, arg) < 0)
+        int rc = seg == NULL || seg_flush(w) < 0 || PyList_Append(w->segs, seg) < 0;
+        Py_XDECREF(seg);
+        if (rc)
             return NULL;
     } else {
         if (w->cur == NULL && (w->cur = PyByteArray_FromStringAndSize(NULL, 0)) == NULL) {
@@ -369,7 +393,9 @@ cp_msg_size(PyObject *msg)
 }
 
 /* cp_ring_send_iov() for a message.  A segment whose buffer can no longer be
- * had (a resized bytearray) is a hard error: -1 with an exception set. */
+ * had, or has shrunk (a worker's result changed by a thread of the task
+ * while it was sent: the parent's messages are immutable), is a hard error:
+ * -1 with an exception set. */
 int
 cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg, uint64_t *off,
                  cp_rec **first, uint64_t *first_pos)
@@ -395,6 +421,11 @@ cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg, uint64_t *off,
         iov[got].iov_base = views[got].buf;
         iov[got].iov_len = (size_t)views[got].len;
         total += (uint64_t)views[got].len;
+    }
+    if (*off > total) {     /* a segment shrank since the first fragment */
+        PyErr_SetString(PyExc_RuntimeError, "cpool: a buffer changed size "
+                                            "while its message was being sent");
+        goto done;
     }
     rc = cp_ring_send_iov(r, tmpl, iov, (int)n, total, off, first, first_pos);
 done:
@@ -551,11 +582,13 @@ SegWriter_oob(SegWriter *w, PyObject *pb)
             return NULL;
         }
     }
-    PyBuffer_Release(&v);
-    if (item != NULL)
-        w->alen[i] = (uint64_t)n;
+    if (item == NULL)
+        item = snapshot(w, pb, &v);
     else
-        item = Py_NewRef(pb);
+        w->alen[i] = (uint64_t)n;
+    PyBuffer_Release(&v);
+    if (item == NULL)
+        return NULL;
     int rc = PyList_Append(w->oob, item);
     Py_DECREF(item);
     if (rc < 0)

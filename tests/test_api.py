@@ -2675,3 +2675,22 @@ def test_arguments_of_the_wrong_kind_fail_as_python_says(Pool, args, kwds, messa
         with pytest.raises(TypeError) as info:
             p.apply_async(func, args, kwds).get(T)
         assert str(info.value) == message
+
+
+def _refilled(nbytes, n):
+    """One buffer, refilled in place for every item (reading a file in
+    blocks with readinto(), say)."""
+    buf = bytearray(nbytes)
+    for i in range(n):
+        buf[:] = bytes([i]) * nbytes
+        yield buf
+
+
+@pytest.mark.parametrize("nbytes", [1000, 300_000, 2 << 20])
+def test_imap_of_a_generator_that_refills_one_buffer(Pool, nbytes):
+    # Each item is taken as it is when the input yields it, before the
+    # input is asked for the next one.
+    with Pool(1) as p:
+        for imap in (p.imap, p.imap_unordered):
+            got = sorted(imap(helpers.first_and_last, _refilled(nbytes, 30)))
+            assert got == [(i, i) for i in range(30)]

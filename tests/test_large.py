@@ -238,3 +238,37 @@ def test_workers_of_a_large_pool_keep_less():
         base = worker_rss(p)
         pid = p.apply(free_under_kept, (200,))
         wait_rss_below(pid, base[pid] + 64)
+
+
+# ------------------------------------- arguments are taken when submitted
+
+def ends(a):
+    return type(a).__name__, len(a), bytes(a[:1]), bytes(a[-1:])
+
+
+@pytest.mark.parametrize("arena", ["1", "0"])
+@pytest.mark.parametrize("nbytes", [300_000, 4 << 20])
+@pytest.mark.parametrize("change", ["write", "clear", "shrink", "extend"])
+def test_a_queued_bytearray_changed_by_the_caller(monkeypatch, gate, arena,
+                                                   nbytes, change):
+    # The task is queued behind a busy worker when the caller changes or
+    # resizes what it passed.  The task gets it as it was at the call (a
+    # resize used to crash the parent or fail the task as malformed).
+    monkeypatch.setenv("CPOOL_ARENA", arena)
+    from cpool import Pool
+    with Pool(1) as p:
+        blocker = p.apply_async(helpers.gated, (0, gate.path))
+        a = bytearray(b"\x01" * nbytes)
+        r = p.apply_async(ends, (a,))
+        if change == "write":
+            a[0] = a[-1] = 2
+        elif change == "clear":
+            a.clear()
+        elif change == "shrink":
+            del a[-100:]
+        else:
+            a.extend(b"\x02" * (8 << 20))
+        gate.open()
+        assert blocker.get(timeout=T) == 0
+        assert r.get(timeout=T) == ("bytearray", nbytes, b"\x01", b"\x01")
+        assert p.apply(ends, (bytearray(b"ok"),)) == ("bytearray", 2, b"o", b"k")

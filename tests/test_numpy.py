@@ -147,3 +147,18 @@ def test_a_message_naming_frombuffer_otherwise(pool):
     # and what arrives can be pickled again, as an array of its own
     again = pickle.loads(pickle.dumps(out, protocol=5))
     assert (again.arr == out.arr).all()
+
+
+def refilled_arrays(nbytes, n):
+    buf = np.zeros(nbytes, dtype=np.uint8)
+    for i in range(n):
+        buf[:] = i
+        yield buf
+
+
+@pytest.mark.parametrize("nbytes", [1000, 300_000, 2 << 20])
+def test_imap_of_a_generator_that_refills_one_array(pool, nbytes):
+    from helpers import first_and_last
+    got = list(pool.imap(first_and_last, refilled_arrays(nbytes, 30)))
+    assert got == [(i, i) for i in range(30)]
+
