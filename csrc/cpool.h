@@ -544,7 +544,8 @@ typedef struct cp_module_state {
      * CPython's type attribute cache keeps a reference to the names it
      * caches (up to 4096 strings held for nothing). */
     PyObject *str_oob, *str_pid, *str_dump, *str_load, *str_getitem,
-             *str_persistent_id, *str_persistent_load, *str_dispatch_table;
+             *str_persistent_id, *str_persistent_load, *str_dispatch_table,
+             *str_byteorder, *str_newbyteorder, *str_astype, *str_native;
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
     PyObject *np_unpickler;  /* its subclass for arrays (msg.c: cp_unpickle) */

@@ -374,6 +374,10 @@ module_exec(PyObject *m)
         {offsetof(cp_module_state, str_persistent_id), "persistent_id"},
         {offsetof(cp_module_state, str_persistent_load), "persistent_load"},
         {offsetof(cp_module_state, str_dispatch_table), "dispatch_table"},
+        {offsetof(cp_module_state, str_byteorder), "byteorder"},
+        {offsetof(cp_module_state, str_newbyteorder), "newbyteorder"},
+        {offsetof(cp_module_state, str_astype), "astype"},
+        {offsetof(cp_module_state, str_native), "="},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         PyObject *s = PyUnicode_InternFromString(names[i].name);
@@ -495,6 +499,10 @@ module_clear(PyObject *m)
     Py_CLEAR(st->str_persistent_id);
     Py_CLEAR(st->str_persistent_load);
     Py_CLEAR(st->str_dispatch_table);
+    Py_CLEAR(st->str_byteorder);
+    Py_CLEAR(st->str_newbyteorder);
+    Py_CLEAR(st->str_astype);
+    Py_CLEAR(st->str_native);
     Py_CLEAR(st->core_type);
     Py_CLEAR(st->result_base);
     Py_CLEAR(st->pool_base);

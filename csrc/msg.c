@@ -1014,39 +1014,56 @@ own_buffer(PyObject *o, const Py_buffer *v)
            PyByteArray_GET_SIZE(o) == v->len;
 }
 
-/* numpy's _frombuffer(buf, dtype, shape, order) (`real`), with a writable
- * buffer in place of a read-only one. */
+/* The array numpy's _frombuffer made (a new reference, stolen), in native
+ * byte order: protocol 4 rebuilds an array of a plain dtype of the other
+ * order ('>f4' here, as FITS files hold them) in native order, a structured
+ * one as it was (its byteorder is '|'). */
+static PyObject *
+native_order(PyObject *arr, PyObject *dtype)
+{
+    PyObject *bo = PyObject_GetAttr(dtype, cp_state->str_byteorder);
+    int swap = bo != NULL && PyUnicode_Check(bo) &&
+               (PyUnicode_CompareWithASCIIString(bo, "<") == 0 ||
+                PyUnicode_CompareWithASCIIString(bo, ">") == 0);
+    Py_XDECREF(bo);
+    if (bo == NULL)
+        Py_CLEAR(arr);
+    if (!swap)
+        return arr;
+    PyObject *nd = PyObject_CallMethodOneArg(dtype, cp_state->str_newbyteorder,
+                                             cp_state->str_native);
+    PyObject *r = nd ? PyObject_CallMethodOneArg(arr, cp_state->str_astype, nd) : NULL;
+    Py_XDECREF(nd);
+    Py_DECREF(arr);
+    return r;
+}
+
+/* numpy's _frombuffer(buf, dtype, shape, order) (`real`), making the array
+ * protocol 4 would: writable (a writable buffer in place of a read-only
+ * one), in native byte order. */
 static PyObject *
 writable_frombuffer(PyObject *real, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *buf = nargs >= 1 ? args[0] : NULL, *w = NULL;
-    if (buf != NULL && PyBytes_CheckExact(buf)) {
-        w = PyByteArray_FromObject(buf);
-    } else if (buf != NULL && PyMemoryView_Check(buf) &&
-               PyMemoryView_GET_BUFFER(buf)->readonly) {
+    if (nargs != 4)
+        return PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
+    PyObject *buf = args[0], *w = NULL;
+    if (PyBytes_CheckExact(buf)) {
+        if ((w = PyByteArray_FromObject(buf)) == NULL)
+            return NULL;
+    } else if (PyMemoryView_Check(buf) && PyMemoryView_GET_BUFFER(buf)->readonly) {
         Py_buffer v;
         if (PyObject_GetBuffer(buf, &v, PyBUF_SIMPLE) < 0)
             return NULL;
         PyObject *o = PyMemoryView_GET_BUFFER(buf)->obj;
         w = own_buffer(o, &v) ? Py_NewRef(o) : PyByteArray_FromObject(buf);
         PyBuffer_Release(&v);
-    } else {
-        return PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
+        if (w == NULL)
+            return NULL;
     }
-    if (w == NULL)
-        return NULL;
-    PyObject *argv[4];
-    PyObject *r;
-    if (nargs <= 4) {
-        argv[0] = w;
-        for (Py_ssize_t i = 1; i < nargs; i++)
-            argv[i] = args[i];
-        r = PyObject_Vectorcall(real, argv, (size_t)nargs, NULL);
-    } else {
-        r = PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
-    }
-    Py_DECREF(w);
-    return r;
+    PyObject *argv[4] = {w ? w : buf, args[1], args[2], args[3]};
+    PyObject *r = PyObject_Vectorcall(real, argv, 4, NULL);
+    Py_XDECREF(w);
+    return r ? native_order(r, args[1]) : NULL;
 }
 
 static PyMethodDef writable_frombuffer_def = {

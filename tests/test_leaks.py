@@ -124,9 +124,12 @@ def _batch(p, kind, n):
             assert out.shape == (1 << 17,) and out[-1] == i
         del out
     elif kind == "read_only_arrays":
-        # read-only arrays rebuilt writable: in band, out of band, arena
+        # read-only arrays rebuilt writable: in band, out of band, arena;
+        # and big-endian ones rebuilt in native order
         np = pytest.importorskip("numpy")
+        big = np.arange(1000, dtype=">f8")
         for i in range(n // 20):
+            assert p.apply(helpers.identity, (big,)).dtype.isnative
             for size in (8, 1 << 15, 1 << 17):
                 out = p.apply(helpers.read_only_ones, (size, i))
                 assert out.flags.writeable and out[-1] == i
