@@ -643,9 +643,9 @@ continue_send(cp_slot *s)
     int done = cp_msg_send_some(&s->tq, &s->out_hdr, s->out_buf, &s->out_off,
                                 NULL, NULL);
     if (done < 0) {
-        /* Cannot happen: what the parent sends is bytes, copies and arena
-         * descriptors (msg.c: snapshot).  The worker would see a truncated
-         * message. */
+        /* Cannot happen: the parent's large buffers are bytes, copies,
+         * arena descriptors or held by an export (msg.c: snapshot).  The
+         * worker would see a truncated message. */
         PyErr_WriteUnraisable(s->out_buf);
         done = 1;
     }
@@ -722,6 +722,14 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     }
     s->last_fid = t->fid;
     Py_XDECREF(fkey);
+    /* What went into the ring was read now: so is the rest of the task,
+     * which it keeps until it is done (another worker may take it over).
+     * A failure to copy leaves it as it is: read when sent. */
+    PyObject *settled = cp_msg_settle(t->payload);
+    if (settled == NULL)
+        PyErr_Clear();
+    else
+        Py_SETREF(t->payload, settled);
     if (!done) {
         s->out_buf = Py_NewRef(t->payload);
         s->out_off = off;
@@ -1831,10 +1839,11 @@ func_id(Core *c, PyObject *func, uint32_t *fid)
     return rc;
 }
 
-/* Build the task for func/body (pickling errors are raised here). */
+/* Build the task for func/body (pickling errors are raised here); snap:
+ * copy its large mutable buffers now (msg.c: snapshot). */
 static int
 make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
-          PyObject *func, PyObject *body)
+          PyObject *func, PyObject *body, int snap)
 {
     uint32_t fid;
     if (func_id(c, func, &fid) < 0)
@@ -1845,7 +1854,7 @@ make_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     int oob;
     PyObject *payload = cp_dumps(obj, cp_msg_has_big_buffer(body, 2),
                                  c->slots[0].tq.max_frag, &oob,
-                                 &(cp_arena_use){c->arena, 0, 1});
+                                 &(cp_arena_use){c->arena, 0, 1, NULL, snap});
     Py_DECREF(obj);
     if (payload == NULL)
         return -1;
@@ -1933,33 +1942,34 @@ queue_made_task(Core *c, cp_task *tp)
 /* Pickle a task and queue it; -1 with the pickling error set. */
 static int
 queue_task(Core *c, uint64_t job, uint64_t index, int mode, PyObject *func,
-           PyObject *body)
+           PyObject *body, int snap)
 {
     cp_task t;
-    if (make_task(c, &t, job, index, mode, func, body) < 0)
+    if (make_task(c, &t, job, index, mode, func, body, snap) < 0)
         return -1;
     return queue_made_task(c, &t);
 }
 
 PyDoc_STRVAR(Core_submit_doc,
-"submit(job, index, mode, func, body)\n--\n\n"
+"submit(job, index, mode, func, body, snapshot=False)\n--\n\n"
 "Pickle a task and queue it.  mode 0: body is (args, kwds); 1: body is a\n"
 "tuple of items for func(x); 2: a tuple of argument tuples for func(*x);\n"
-"3: body is x for func(x).\n"
+"3: body is x for func(x).  snapshot: copy large mutable buffers now.\n"
 "Pickling errors are raised here, in the caller.");
 
 static PyObject *
 Core_submit(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long job, index;
-    int mode;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "submit() takes 5 arguments");
+    int mode, snap = 0;
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "submit() takes 5 or 6 arguments");
         return NULL;
     }
-    if (submit_args(c, args, &job, &index, &mode) < 0)
+    if (submit_args(c, args, &job, &index, &mode) < 0 ||
+        (nargs == 6 && (snap = PyObject_IsTrue(args[5])) < 0))
         return NULL;
-    if (queue_task(c, job, index, mode, args[3], args[4]) < 0)
+    if (queue_task(c, job, index, mode, args[3], args[4], snap) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -2000,7 +2010,7 @@ make_slice_task(Core *c, cp_task *t, uint64_t job, uint64_t index, int mode,
     PyObject *chunk = PySequence_GetSlice(seq, start, stop);
     if (chunk == NULL)
         return -1;
-    int rc = make_task(c, t, job, index, mode, func, chunk);
+    int rc = make_task(c, t, job, index, mode, func, chunk, 0);
     Py_DECREF(chunk);
     return rc;
 }
@@ -2060,7 +2070,7 @@ cp_core_apply_async(PyObject *core, PyObject *const *args, uint64_t flags)
     if (r == NULL)
         return NULL;
     PyObject *body = PyTuple_Pack(2, args[2], args[3]);
-    int rc = body ? queue_task(c, job, 0, CP_MODE_APPLY, args[1], body) : -1;
+    int rc = body ? queue_task(c, job, 0, CP_MODE_APPLY, args[1], body, 0) : -1;
     Py_XDECREF(body);
     if (rc < 0) {
         /* As in multiprocessing, a task that cannot be sent fails its
@@ -2173,7 +2183,8 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
     c->calls[c->ncalls++] = &call;
     PyObject *body = PyTuple_Pack(2, args[1], args[2]);
     cp_task t;
-    int rc = body ? make_task(c, &t, call.job, 0, CP_MODE_APPLY, args[0], body) : -1;
+    int rc = body ? make_task(c, &t, call.job, 0, CP_MODE_APPLY, args[0], body, 0)
+                  : -1;
     Py_XDECREF(body);
     if (rc < 0) {
         call_unregister(c, &call);
@@ -2250,9 +2261,11 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(Core_submit_many_doc,
-"submit_many(job, first_index, mode, func, bodies)\n--\n\n"
-"submit() for each body of the list, with indexes from first_index.  All\n"
-"are pickled before any is queued: on a pickling error none is queued.");
+"submit_many(job, first_index, mode, func, bodies) -> largest size\n--\n\n"
+"submit(..., snapshot=True) for each body of the list (an imap input's\n"
+"items), with indexes from first_index.  All are pickled before any is\n"
+"queued: on a pickling error none is queued.  Returns the size in bytes of\n"
+"the largest task.");
 
 static PyObject *
 Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
@@ -2272,10 +2285,14 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (ts == NULL)
         return PyErr_NoMemory();
     Py_ssize_t k;
+    uint64_t largest = 0;
     for (k = 0; k < n; k++) {
         if (make_task(c, &ts[k], job, first + (uint64_t)k, mode, args[3],
-                      PyList_GET_ITEM(bodies, k)) < 0)
+                      PyList_GET_ITEM(bodies, k), 1) < 0)
             break;
+        uint64_t size = cp_msg_size(ts[k].payload);
+        if (size > largest)
+            largest = size;
     }
     if (k == n && c->state > CORE_CLOSING) {
         not_running(c);
@@ -2307,7 +2324,7 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (pump(c) < 0)
         PyErr_WriteUnraisable((PyObject *)c);
     wake_if_needed(c);
-    Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(largest);
 }
 
 static PyObject *

@@ -545,12 +545,13 @@ typedef struct cp_module_state {
      * caches (up to 4096 strings held for nothing). */
     PyObject *str_oob, *str_pid, *str_dump, *str_load, *str_getitem,
              *str_persistent_id, *str_persistent_load, *str_dispatch_table,
-             *str_byteorder, *str_newbyteorder, *str_astype, *str_native;
+             *str_byteorder, *str_newbyteorder, *str_astype, *str_native, *str_dtype;
     PyObject *pickler;       /* pickle.Pickler */
     PyObject *unpickler;     /* pickle.Unpickler */
     PyObject *np_unpickler;  /* its subclass for arrays (msg.c: cp_unpickle) */
     PyObject *find_class;    /* pickle.Unpickler.find_class */
-    PyObject *bytesio;       /* io.BytesIO */
+    PyObject *mem_reader_type;   /* MemReader (msg.c), the file it reads */
+    PyObject *frombuffer_type;   /* FromBuffer (msg.c), what it hands numpy */
     /* cpool._pickling, imported at the first pickling (msg.c: fp_ready) */
     PyObject *fp_reducers;   /* ForkingPickler._extra_reducers (a dict) */
     Py_ssize_t fp_baseline;  /* how many of them are multiprocessing's own */
@@ -578,6 +579,7 @@ typedef struct cp_arena_use {
     int args;     /* the parent sending arguments: the task holds the blocks */
     PyObject **value;  /* a worker's result: its reference to it, which
                           pickling may drop (msg.c: a worker's own arrays) */
+    int snapshot;      /* the parent copies mutable buffers (msg.c: snapshot) */
 } cp_arena_use;
 
 /* Receiving a message in fragments (msg.c). */
@@ -614,6 +616,7 @@ void cp_gather_clear(cp_gather *g);
 PyObject *cp_msg_dumps(PyObject *obj, int big_hint, int *oob,
                        const cp_arena_use *au);
 uint64_t cp_msg_size(PyObject *msg);
+PyObject *cp_msg_settle(PyObject *msg);
 int cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg,
                      uint64_t *off, cp_rec **first, uint64_t *first_pos);
 int cp_msg_has_big_buffer(PyObject *obj, int depth);

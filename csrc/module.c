@@ -355,11 +355,6 @@ module_exec(PyObject *m)
 #endif
     if (st->unpickler == NULL || cp_unpickle_setup(st) < 0)
         return -1;
-    PyObject *io = PyImport_ImportModule("io");
-    if (io == NULL)
-        return -1;
-    st->bytesio = PyObject_GetAttrString(io, "BytesIO");
-    Py_DECREF(io);
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
     st->str_set_many = PyUnicode_InternFromString("_set_many");
@@ -378,6 +373,7 @@ module_exec(PyObject *m)
         {offsetof(cp_module_state, str_newbyteorder), "newbyteorder"},
         {offsetof(cp_module_state, str_astype), "astype"},
         {offsetof(cp_module_state, str_native), "="},
+        {offsetof(cp_module_state, str_dtype), "dtype"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         PyObject *s = PyUnicode_InternFromString(names[i].name);
@@ -386,7 +382,7 @@ module_exec(PyObject *m)
         *(PyObject **)((char *)st + names[i].off) = s;
     }
     if (!st->dumps || !st->loads || !st->pickler || !st->unpickler ||
-        !st->bytesio || !st->protocol || !st->str_set || !st->str_set_many ||
+        !st->protocol || !st->str_set || !st->str_set_many ||
         !st->str_fail_quietly ||
         !st->str_release)
         return -1;
@@ -456,10 +452,11 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->unpickler);
     Py_VISIT(st->np_unpickler);
     Py_VISIT(st->find_class);
+    Py_VISIT(st->mem_reader_type);
+    Py_VISIT(st->frombuffer_type);
     Py_VISIT(st->fp_reducers);
     Py_VISIT(st->fp_dumps);
     Py_VISIT(st->fp_table);
-    Py_VISIT(st->bytesio);
     Py_VISIT(st->segwriter_type);
     Py_VISIT(st->shmbuf_type);
     Py_VISIT(st->arenaref_type);
@@ -479,10 +476,11 @@ module_clear(PyObject *m)
     Py_CLEAR(st->unpickler);
     Py_CLEAR(st->np_unpickler);
     Py_CLEAR(st->find_class);
+    Py_CLEAR(st->mem_reader_type);
+    Py_CLEAR(st->frombuffer_type);
     Py_CLEAR(st->fp_reducers);
     Py_CLEAR(st->fp_dumps);
     Py_CLEAR(st->fp_table);
-    Py_CLEAR(st->bytesio);
     Py_CLEAR(st->segwriter_type);
     Py_CLEAR(st->shmbuf_type);
     Py_CLEAR(st->arenaref_type);
@@ -503,6 +501,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->str_newbyteorder);
     Py_CLEAR(st->str_astype);
     Py_CLEAR(st->str_native);
+    Py_CLEAR(st->str_dtype);
     Py_CLEAR(st->core_type);
     Py_CLEAR(st->result_base);
     Py_CLEAR(st->pool_base);

@@ -10,8 +10,7 @@
  * small writes into bytearrays.  The message is the tuple of segments, and
  * the ring copies straight from the user's buffer when it is sent.
  *
- * Only bytes objects are referenced so on the parent's side: anything else
- * could change before the task is sent (see snapshot).
+ * What the parent may change before the task is sent: see snapshot().
  *
  * Needs the GIL throughout.
  */
@@ -69,14 +68,24 @@ seg_flush(SegWriter *w)
 }
 
 /*
- * What a large buffer of the message is sent from: the object itself when
- * it is a bytes object (it cannot change), or when a worker sends its result
- * (the message is sent before the worker runs any more of the task's code);
- * else a copy made now.  The parent sends a task when the ring has room,
- * maybe long after apply_async() or an imap input's next item returned, and
- * the caller may change or resize the buffer meanwhile (an input generator
- * that refills one buffer): multiprocessing pickles each task before the
- * caller goes on, and so the arguments are what they were at the call.
+ * What a large buffer of the message is sent from.  The ring copies it when
+ * it has room, maybe long after the call that made the task returned.
+ *
+ * - A bytes object cannot change: the object itself.
+ * - A worker's result: the object itself, since the worker sends it before
+ *   it runs any more of the task's code.
+ * - An imap input's items (`snapshot`): a copy, made now.  multiprocessing
+ *   pickles each item before it reads the next, and an input that refills
+ *   one buffer for every item (readinto() in a loop) relies on that.  (The
+ *   feeder reads far fewer such items ahead: cpool/pool.py, _BIG_ITEM.)
+ * - Else (apply_async, map...): a view of it, which holds an export of the
+ *   buffer, until the task's send begins; then it is copied (cp_msg_settle).
+ *   So a buffer is read when its task is sent, as multiprocessing's task
+ *   handler pickles a task some time after apply_async() returned, and only
+ *   tasks in the rings hold copies; resizing a buffer while its task waits
+ *   for room raises BufferError (as with any buffer a view holds), instead
+ *   of the ring reading past its end.  A PickleBuffer holds an export too.
+ *
  * Arrays of 1 MiB and more are copied into the arena instead (to_arena).
  */
 static PyObject *
@@ -84,7 +93,11 @@ snapshot(SegWriter *w, PyObject *obj, const Py_buffer *v)
 {
     if (PyBytes_CheckExact(obj) || !w->au.args)
         return Py_NewRef(obj);
-    return PyBytes_FromStringAndSize(v->buf, v->len);
+    if (w->au.snapshot)
+        return PyBytes_FromStringAndSize(v->buf, v->len);
+    if (PyPickleBuffer_Check(obj))
+        return Py_NewRef(obj);
+    return PyMemoryView_FromObject(obj);
 }
 
 static PyObject *
@@ -95,9 +108,6 @@ SegWriter_write(SegWriter *w, PyObject *arg)
         return NULL;
     Py_ssize_t n = v.len;
     if (n >= SEG_MIN && PyList_GET_SIZE(w->segs) < MAX_SEGS) {
-        /* A bytes object cannot change; anything else the parent sends (a
-         * bytearray, an array's memory) is copied now: the caller may
-         * change or resize it before the message is sent (see snapshot). */
         PyObject *seg = snapshot(w, arg, &v);
         PyBuffer_Release(&v);
         int rc = seg == NULL || seg_flush(w) < 0 || PyList_Append(w->segs, seg) < 0;
@@ -392,10 +402,43 @@ cp_msg_size(PyObject *msg)
     return n;
 }
 
+/*
+ * The message (a new reference), its segments that the caller may still
+ * change (views held by an export, PickleBuffers: see snapshot) replaced by
+ * copies.  The parent calls it when a task's send has begun: what went into
+ * the ring and the rest are read at one moment, as multiprocessing reads a
+ * task when it pickles it, and the task keeps that (another worker may take
+ * it over).  Only tasks sent to a worker's ring hold such copies.
+ */
+PyObject *
+cp_msg_settle(PyObject *msg)
+{
+    if (!PyTuple_Check(msg))
+        return Py_NewRef(msg);
+    Py_ssize_t n = PyTuple_GET_SIZE(msg), i;
+    for (i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(msg, i);
+        if (PyMemoryView_Check(o) || PyPickleBuffer_Check(o))
+            break;
+    }
+    if (i == n)
+        return Py_NewRef(msg);
+    PyObject *out = PyTuple_New(n);
+    for (i = 0; out != NULL && i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(msg, i), *c;
+        c = PyMemoryView_Check(o) || PyPickleBuffer_Check(o) ? PyBytes_FromObject(o)
+                                                             : Py_NewRef(o);
+        if (c == NULL)
+            Py_CLEAR(out);
+        else
+            PyTuple_SET_ITEM(out, i, c);
+    }
+    return out;
+}
+
 /* cp_ring_send_iov() for a message.  A segment whose buffer can no longer be
  * had, or has shrunk (a worker's result changed by a thread of the task
- * while it was sent: the parent's messages are immutable), is a hard error:
- * -1 with an exception set. */
+ * while it was sent), is a hard error: -1 with an exception set. */
 int
 cp_msg_send_some(cp_ring *r, const cp_rec *tmpl, PyObject *msg, uint64_t *off,
                  cp_rec **first, uint64_t *first_pos)
@@ -1019,34 +1062,48 @@ own_buffer(PyObject *o, const Py_buffer *v)
  * order ('>f4' here, as FITS files hold them) in native order, a structured
  * one as it was (its byteorder is '|'). */
 static PyObject *
-native_order(PyObject *arr, PyObject *dtype)
+native_order(PyObject *arr)
 {
-    PyObject *bo = PyObject_GetAttr(dtype, cp_state->str_byteorder);
+    PyObject *dtype = PyObject_GetAttr(arr, cp_state->str_dtype);
+    PyObject *bo = dtype ? PyObject_GetAttr(dtype, cp_state->str_byteorder) : NULL;
     int swap = bo != NULL && PyUnicode_Check(bo) &&
                (PyUnicode_CompareWithASCIIString(bo, "<") == 0 ||
                 PyUnicode_CompareWithASCIIString(bo, ">") == 0);
+    PyObject *r = NULL;
+    if (bo == NULL) {
+        Py_DECREF(arr);
+    } else if (!swap) {
+        r = arr;
+    } else {
+        PyObject *nd = PyObject_CallMethodOneArg(dtype, cp_state->str_newbyteorder,
+                                                 cp_state->str_native);
+        r = nd ? PyObject_CallMethodOneArg(arr, cp_state->str_astype, nd) : NULL;
+        Py_XDECREF(nd);
+        Py_DECREF(arr);
+    }
     Py_XDECREF(bo);
-    if (bo == NULL)
-        Py_CLEAR(arr);
-    if (!swap)
-        return arr;
-    PyObject *nd = PyObject_CallMethodOneArg(dtype, cp_state->str_newbyteorder,
-                                             cp_state->str_native);
-    PyObject *r = nd ? PyObject_CallMethodOneArg(arr, cp_state->str_astype, nd) : NULL;
-    Py_XDECREF(nd);
-    Py_DECREF(arr);
+    Py_XDECREF(dtype);
     return r;
 }
 
-/* numpy's _frombuffer(buf, dtype, shape, order) (`real`), making the array
- * protocol 4 would: writable (a writable buffer in place of a read-only
- * one), in native byte order. */
+/*
+ * FromBuffer: what the unpickler hands back for numpy's _frombuffer (`real`,
+ * found in `module`): called, it makes the array protocol 4 would, writable
+ * (a writable buffer in place of a read-only one) and in native byte order.
+ * Pickled, it is numpy's function again (as a message's argument, say).
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *real, *module;
+} FromBuffer;
+
 static PyObject *
-writable_frombuffer(PyObject *real, PyObject *const *args, Py_ssize_t nargs)
+FromBuffer_call(FromBuffer *f, PyObject *args, PyObject *kw)
 {
-    if (nargs != 4)
-        return PyObject_Vectorcall(real, args, (size_t)nargs, NULL);
-    PyObject *buf = args[0], *w = NULL;
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs != 4 || kw != NULL)
+        return PyObject_Call(f->real, args, kw);
+    PyObject *buf = PyTuple_GET_ITEM(args, 0), *w = NULL;
     if (PyBytes_CheckExact(buf)) {
         if ((w = PyByteArray_FromObject(buf)) == NULL)
             return NULL;
@@ -1060,15 +1117,50 @@ writable_frombuffer(PyObject *real, PyObject *const *args, Py_ssize_t nargs)
         if (w == NULL)
             return NULL;
     }
-    PyObject *argv[4] = {w ? w : buf, args[1], args[2], args[3]};
-    PyObject *r = PyObject_Vectorcall(real, argv, 4, NULL);
+    PyObject *argv[4] = {w ? w : buf, PyTuple_GET_ITEM(args, 1),
+                         PyTuple_GET_ITEM(args, 2), PyTuple_GET_ITEM(args, 3)};
+    PyObject *r = PyObject_Vectorcall(f->real, argv, 4, NULL);
     Py_XDECREF(w);
-    return r ? native_order(r, args[1]) : NULL;
+    return r ? native_order(r) : NULL;
 }
 
-static PyMethodDef writable_frombuffer_def = {
-    "_frombuffer", (PyCFunction)(void (*)(void))writable_frombuffer,
-    METH_FASTCALL, NULL};
+static PyObject *
+FromBuffer_reduce(FromBuffer *f, PyObject *Py_UNUSED(unused))
+{
+    PyObject *m = PyImport_ImportModule("cpool._pickling");
+    PyObject *g = m ? PyObject_GetAttrString(m, "named_global") : NULL;
+    Py_XDECREF(m);
+    return g ? Py_BuildValue("N(Os)", g, f->module, "_frombuffer") : NULL;
+}
+
+static void
+FromBuffer_dealloc(FromBuffer *f)
+{
+    PyTypeObject *tp = Py_TYPE(f);
+    Py_XDECREF(f->real);
+    Py_XDECREF(f->module);
+    tp->tp_free(f);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef FromBuffer_methods[] = {
+    {"__reduce__", (PyCFunction)FromBuffer_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot FromBuffer_slots[] = {
+    {Py_tp_call, FromBuffer_call},
+    {Py_tp_dealloc, FromBuffer_dealloc},
+    {Py_tp_methods, FromBuffer_methods},
+    {0, NULL},
+};
+
+static PyType_Spec FromBuffer_spec = {
+    .name = "cpool._core.FromBuffer",
+    .basicsize = sizeof(FromBuffer),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = FromBuffer_slots,
+};
 
 /* find_class(self, module, name) of the unpickler above: the base class's,
  * with numpy's _frombuffer wrapped. */
@@ -1082,16 +1174,122 @@ np_find_class(PyObject *Py_UNUSED(unused), PyObject *const *args, Py_ssize_t nar
         (PyUnicode_CompareWithASCIIString(args[1], "numpy._core.numeric") != 0 &&
          PyUnicode_CompareWithASCIIString(args[1], "numpy.core.numeric") != 0))
         return f;
-    PyObject *w = PyCFunction_NewEx(&writable_frombuffer_def, f, NULL);
-    Py_DECREF(f);
-    return w;
+    FromBuffer *w = PyObject_New(FromBuffer, (PyTypeObject *)cp_state->frombuffer_type);
+    if (w == NULL) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    w->real = f;
+    w->module = Py_NewRef(args[1]);
+    return (PyObject *)w;
 }
 
 static PyMethodDef np_find_class_def = {
     "find_class", (PyCFunction)(void (*)(void))np_find_class, METH_FASTCALL, NULL};
 
+/*
+ * MemReader: the file an Unpickler reads a message from.  io.BytesIO would
+ * copy the message first (into fresh memory, for one of a few hundred KiB:
+ * page faults costing many times the unpickling); read() hands back slices
+ * of the message's memoryview instead, so cp_loads() still sees any view
+ * that outlives the unpickling.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *mv;
+    Py_ssize_t pos, len;
+} MemReader;
+
+static PyObject *
+reader_take(MemReader *r, Py_ssize_t k)
+{
+    if (k < 0 || k > r->len - r->pos)
+        k = r->len - r->pos;
+    PyObject *v = PySequence_GetSlice(r->mv, r->pos, r->pos + k);
+    if (v != NULL)
+        r->pos += k;
+    return v;
+}
+
+static PyObject *
+MemReader_read(MemReader *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t k = -1;
+    if (nargs > 1 || (nargs == 1 && args[0] != Py_None &&
+                      (k = PyNumber_AsSsize_t(args[0], PyExc_OverflowError)) == -1 &&
+                      PyErr_Occurred()))
+        return nargs > 1 ? (PyErr_SetString(PyExc_TypeError, "read(n=-1)"), NULL)
+                         : NULL;
+    return reader_take(r, k);
+}
+
+static PyObject *
+MemReader_readline(MemReader *r, PyObject *Py_UNUSED(unused))
+{
+    const char *base = PyMemoryView_GET_BUFFER(r->mv)->buf;
+    const char *nl = memchr(base + r->pos, '\n', (size_t)(r->len - r->pos));
+    return reader_take(r, nl ? nl - (base + r->pos) + 1 : -1);
+}
+
+static PyObject *
+MemReader_readinto(MemReader *r, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_ssize_t k = b.len < r->len - r->pos ? b.len : r->len - r->pos;
+    memcpy(b.buf, (const char *)PyMemoryView_GET_BUFFER(r->mv)->buf + r->pos,
+           (size_t)k);
+    r->pos += k;
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(k);
+}
+
+static void
+MemReader_dealloc(MemReader *r)
+{
+    PyTypeObject *tp = Py_TYPE(r);
+    Py_XDECREF(r->mv);
+    tp->tp_free(r);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef MemReader_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))MemReader_read, METH_FASTCALL, NULL},
+    {"readline", (PyCFunction)MemReader_readline, METH_NOARGS, NULL},
+    {"readinto", (PyCFunction)MemReader_readinto, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot MemReader_slots[] = {
+    {Py_tp_dealloc, MemReader_dealloc},
+    {Py_tp_methods, MemReader_methods},
+    {0, NULL},
+};
+
+static PyType_Spec MemReader_spec = {
+    .name = "cpool._core.MemReader",
+    .basicsize = sizeof(MemReader),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = MemReader_slots,
+};
+
+/* A MemReader over memoryview mv (a C-contiguous one of bytes). */
+static PyObject *
+mem_reader(PyObject *mv)
+{
+    MemReader *r = PyObject_New(MemReader, (PyTypeObject *)cp_state->mem_reader_type);
+    if (r == NULL)
+        return NULL;
+    r->mv = Py_NewRef(mv);
+    r->pos = 0;
+    r->len = PyMemoryView_GET_BUFFER(mv)->len;
+    return (PyObject *)r;
+}
+
 /* The module's unpickler classes: st->unpickler is set; make
- * st->np_unpickler, its subclass with the find_class() above. */
+ * st->np_unpickler, its subclass with the find_class() above, and the
+ * MemReader type. */
 int
 cp_unpickle_setup(cp_module_state *st)
 {
@@ -1107,7 +1305,12 @@ cp_unpickle_setup(cp_module_state *st)
         (PyObject *)&PyType_Type, "s(O){s()sOss}", "Unpickler", st->unpickler,
         "__slots__", "find_class", meth, "__module__", "cpool._core");
     Py_DECREF(meth);
-    return st->np_unpickler == NULL ? -1 : 0;
+    st->mem_reader_type = PyType_FromSpec(&MemReader_spec);
+    st->frombuffer_type = PyType_FromSpec(&FromBuffer_spec);
+    return st->np_unpickler == NULL || st->mem_reader_type == NULL ||
+                   st->frombuffer_type == NULL
+               ? -1
+               : 0;
 }
 
 /*
@@ -1130,7 +1333,7 @@ cp_unpickle(PyObject *mv, const uint8_t *p, uint64_t n, PyObject *buffers,
         Py_XDECREF(kw);
         return obj;
     }
-    PyObject *file = PyObject_CallOneArg(cp_state->bytesio, mv);
+    PyObject *file = mem_reader(mv);
     PyObject *args = file ? PyTuple_Pack(1, file) : NULL;
     PyObject *u = args ? PyObject_Call(np ? cp_state->np_unpickler : cp_state->unpickler,
                                        args, kw)

@@ -64,22 +64,26 @@ flush_std(void)
  * of the heap (cp_warm_share: 256 MiB in a pool of up to 4 workers, less in
  * larger ones).  What free() keeps is bounded only at the top, though: a
  * freed block under one still in use stays, however large (a task's 1 GiB
- * temporary, allocated before something the worker keeps).  So when the
- * heap is larger than `keep` and tasks ran since the last look, the worker
- * looks at what is free (mallinfo2), and if that is more than `keep` it
- * gives back the pages of every free block (malloc_trim; the top keeps
- * `keep`): at most every HEAP_LOOK_NS, after a task or when it goes idle,
- * so that an idle worker holds no more than a running one needs.
+ * temporary, allocated before something the worker keeps), where
+ * multiprocessing's worker would have had it mmap()ed and given it back.
+ * So once the worker has been idle for HEAP_IDLE_NS, if tasks ran since it
+ * last looked and its heap is larger than `keep`, it looks at what is free
+ * (mallinfo2) and, if that is more than `keep`, gives back the pages of
+ * every free block (malloc_trim; the top keeps `keep`).  Only when idle: a
+ * worker kept busy reuses what its tasks free (giving it back after every
+ * task would make a task that churns through more than `keep` fault it all
+ * in again each time), and a trim, which may take tens of ms, delays a task
+ * only if one comes right then.
  * (This process is ours; the parent's allocator is left alone.)
  */
-#define HEAP_LOOK_NS (UINT64_C(100) * 1000 * 1000)
+#define HEAP_IDLE_NS (UINT64_C(1000) * 1000 * 1000)
 
 static struct {
     uintptr_t base;         /* the program break when the worker started */
     size_t keep;
     unsigned long tasks;    /* tasks done */
     unsigned long seen;     /* ... at the last look */
-    uint64_t next_ns;       /* no look before this */
+    uint64_t idle_ns;       /* when the worker went idle, or 0 */
 } heap;
 
 static void
@@ -101,18 +105,20 @@ heap_free_bytes(void)
 #endif
 }
 
-/* Look at the heap if it is due (see above).  Returns how long until a look
- * is due (ns), or -1 if none is pending.  Needs no GIL. */
+/* The worker is idle (no task to read): look at the heap if that is due
+ * (see above).  Returns how long until it is (ns), or -1 if no look is
+ * pending.  Needs no GIL. */
 static long
-heap_look(void)
+heap_idle(void)
 {
     if (heap.tasks == heap.seen || (uintptr_t)sbrk(0) - heap.base <= heap.keep)
         return -1;
     uint64_t now = cp_now_ns();
-    if (now < heap.next_ns)
-        return (long)(heap.next_ns - now);
+    if (heap.idle_ns == 0)
+        heap.idle_ns = now;
+    if (now - heap.idle_ns < HEAP_IDLE_NS)
+        return (long)(HEAP_IDLE_NS - (now - heap.idle_ns));
     heap.seen = heap.tasks;
-    heap.next_ns = now + HEAP_LOOK_NS;
     if (heap_free_bytes() > heap.keep)
         malloc_trim(heap.keep);
     return -1;
@@ -216,7 +222,7 @@ next_record(wctx *w, cp_rec *hdr, const uint8_t **payload)
          * arguments', then look again. */
         if (a == NULL || !(cp_arena_premap_own(a, w->part) ||
                            cp_arena_premap_args(a, &w->args_mapped)))
-            cp_ring_wait_data(&w->tq, w->spin_ns, heap_look());
+            cp_ring_wait_data(&w->tq, w->spin_ns, heap_idle());
         Py_END_ALLOW_THREADS
     }
 }
@@ -659,7 +665,7 @@ cp_worker_main(void *arg, int slot)
         cp_store_release(&w.ctl->running, 0);
         done++;
         heap.tasks++;
-        heap_look();
+        heap.idle_ns = 0;
         if (c->maxtasks > 0 && done >= (unsigned long)c->maxtasks)
             worker_leave();
     }

@@ -272,3 +272,25 @@ def test_a_queued_bytearray_changed_by_the_caller(monkeypatch, gate, arena,
         assert blocker.get(timeout=T) == 0
         assert r.get(timeout=T) == ("bytearray", nbytes, b"\x01", b"\x01")
         assert p.apply(ends, (bytearray(b"ok"),)) == ("bytearray", 2, b"o", b"k")
+
+
+def test_a_bytearray_whose_task_waits_for_room(gate):
+    # Tasks that do not fit the worker's ring yet hold their large buffers
+    # by reference, read when they are sent, as multiprocessing reads a
+    # task when it pickles it: a change meanwhile is seen, a resize is
+    # refused (a view holds the buffer) instead of read past its end.
+    from cpool import Pool
+    with Pool(1) as p:
+        blocker = p.apply_async(helpers.gated, (0, gate.path))
+        args = [bytearray(b"\x01" * 600_000) for _ in range(4)]
+        rs = [p.apply_async(ends, (a,)) for a in args]
+        last = args[-1]
+        with pytest.raises(BufferError):
+            last.clear()
+        last[0] = 2
+        gate.open()
+        assert blocker.get(timeout=T) == 0
+        got = [r.get(timeout=T) for r in rs]
+        assert got[0] == ("bytearray", 600_000, b"\x01", b"\x01")  # in the ring
+        assert got[-1] == ("bytearray", 600_000, b"\x02", b"\x01")
+        last.clear()                    # its task is done: nothing holds it

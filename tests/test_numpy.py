@@ -196,3 +196,51 @@ def test_byte_order_as_multiprocessing_delivers_it(pool, kind, n):
     expected = describe(as_protocol_4(a))
     assert describe(pool.apply(identity, (a,))) == expected
     assert pool.apply(describe, (a,)) == expected
+
+
+class FromBufferCall:
+    """Pickles as a call of numpy's _frombuffer with a dtype given as a
+    string or a scalar type, not a dtype object."""
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __reduce__(self):
+        from numpy._core.numeric import _frombuffer
+        return _frombuffer, (bytes(16), self.dtype, (2,), "C")
+
+
+@pytest.mark.skipif(not hasattr(np, "_core"), reason="numpy 1.x")
+def test_numpys_frombuffer_called_and_passed_as_it_is(pool):
+    from helpers import identity
+    from numpy._core.numeric import _frombuffer
+    for dtype in (">f8", np.dtype(">f8"), np.float64):
+        out = pool.apply(identity, (FromBufferCall(dtype),))
+        assert out.shape == (2,) and not out.any() and out.flags.writeable
+    assert pool.apply(identity, (_frombuffer,)) is _frombuffer
+
+
+@pytest.mark.cpool_only
+def test_imap_reads_few_large_items_ahead(cpool_Pool, tmp_path):
+    # Each task holds its own copy of a large item until it is done, so the
+    # input is not read far ahead of the workers (multiprocessing's task
+    # handler reads about as far as its pipe holds); small items are read
+    # up to 1024 tasks ahead.
+    import helpers
+    for nbytes, ahead_ok in ((300_000, lambda n: n <= 8),
+                             (1000, lambda n: n >= 999)):
+        read = []
+
+        def items():
+            for i in range(1000):
+                read.append(i)
+                yield bytearray(nbytes)
+
+        gate = helpers.Gate(tmp_path, "gate%d" % nbytes)
+        with cpool_Pool(1) as p:
+            blocker = p.apply_async(helpers.gated, (0, gate.path))
+            it = p.imap(len, items())
+            helpers.time.sleep(0.5)             # the input is read meanwhile
+            ahead = len(read)
+            gate.open()
+            assert list(it) == [nbytes] * 1000 and blocker.get(T) == 0
+        assert ahead_ok(ahead), (nbytes, ahead)
