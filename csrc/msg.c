@@ -1339,9 +1339,15 @@ cp_unpickle(PyObject *mv, const uint8_t *p, uint64_t n, PyObject *buffers,
                                        args, kw)
                        : NULL;
     PyObject *get = u && table ? PyObject_GetAttr(table, cp_state->str_getitem) : NULL;
-    if (u != NULL && (table == NULL ||
-                      (get != NULL &&
-                       PyObject_SetAttr(u, cp_state->str_persistent_load, get) == 0)))
+#if PY_VERSION_HEX >= 0x030D0000
+    /* From 3.13 the class's persistent_load is a slot of its own (module.c),
+     * which load() reads: set it even without persistent ids. */
+    if (u != NULL && table == NULL)
+        get = Py_NewRef(Py_None);
+#endif
+    if (u != NULL && (get == NULL ? table == NULL
+                                  : PyObject_SetAttr(u, cp_state->str_persistent_load,
+                                                     get) == 0))
         obj = PyObject_CallMethodNoArgs(u, cp_state->str_load);
     Py_XDECREF(get);
     Py_XDECREF(u);
