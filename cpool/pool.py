@@ -43,11 +43,6 @@ RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
 #: of the consumer (in tasks, i.e. chunks).
 DEFAULT_IN_FLIGHT = 1024
 MAX_IDLE_FEEDERS = 4     # imap feeder threads kept waiting for the next call
-#: imap/imap_unordered without buffersize, once an input item pickles to
-#: this many bytes or more: the input is read at most 2 tasks per worker,
-#: and 2 more, ahead (each task holds its copy of the item until it is done;
-#: multiprocessing's task handler reads about one ahead).
-BIG_ITEM = 256 << 10
 #: map/starmap without chunksize: at most this many items per chunk.
 DEFAULT_CHUNK_MAX = 4096
 
@@ -302,7 +297,6 @@ class IMapIterator(_mp.IMapIterator):
         self._owner = self._pool._owner
         self._room_cond = threading.Condition(self._lock)
         self._room = n
-        self._bound = n
         self._n_done = 0
         self._n_taken = 0
         self._n_moved = 0       # results moved to _taken (or returned at once)
@@ -321,13 +315,6 @@ class IMapIterator(_mp.IMapIterator):
             n = min(self._room, most)
             self._room -= n
             return n
-
-    def _lower_bound(self, n):
-        """Let at most n tasks be in flight from now on."""
-        with self._lock:
-            if self._bound > n:
-                self._room -= self._bound - n
-                self._bound = n
 
     def _give_room(self, n):
         # self._cond's lock held
@@ -1352,7 +1339,6 @@ class Pool(_core.PoolBase, _mp.Pool):
                 raise ValueError("buffersize must be None or > 0")
         result = cls(self)
         result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
-        result._bounded = buffersize is not None
         job = (result, func, iterable, chunksize)
         with self._feed_lock:
             if self._state != RUN:
@@ -1452,11 +1438,8 @@ class Pool(_core.PoolBase, _mp.Pool):
             if bodies:
                 slow = time.perf_counter() - t0 > 20e-6 * len(bodies)
                 batch = max(1, batch // 2) if slow else min(batch * 2, most)
-                largest = self._submit_batch(result, i, mode, func, bodies)
+                self._submit_batch(result, i, mode, func, bodies)
                 result._n_read = i = i + len(bodies)
-                if largest >= BIG_ITEM and not result._bounded:
-                    result._bounded = True
-                    result._lower_bound(2 * self._processes + 2)
             if failed is not None:
                 # The input iterable raised: the consumer gets it,
                 # unchanged, after the items read before it.
@@ -1472,14 +1455,14 @@ class Pool(_core.PoolBase, _mp.Pool):
         return i
 
     def _submit_batch(self, result, first, mode, func, bodies):
-        """Queue the input's items; returns the largest task's size."""
         try:
-            return self._core.submit_many(result._job, first, mode, func, bodies)
+            self._core.submit_many(result._job, first, mode, func, bodies)
+            return
         except Exception:
             # submit_many() queues all of them or none
             if self._state == TERMINATE:
                 self._fail_unsent(result, first, len(bodies))
-                return 0
+                return
         # Find the item(s) that cannot be sent: as with multiprocessing,
         # they fail and the rest go on.
         for k, body in enumerate(bodies):
@@ -1488,9 +1471,8 @@ class Pool(_core.PoolBase, _mp.Pool):
             except Exception as e:
                 if self._state == TERMINATE:
                     self._fail_unsent(result, first + k, len(bodies) - k)
-                    return 0
+                    return
                 result._set(first + k, (False, e))
-        return 0
 
     @staticmethod
     def _fail_unsent(result, first, n):

@@ -722,15 +722,14 @@ try_send(Core *c, cp_slot *s, cp_task *t)
     }
     s->last_fid = t->fid;
     Py_XDECREF(fkey);
-    /* What went into the ring was read now: so is the rest of the task,
-     * which it keeps until it is done (another worker may take it over).
-     * A failure to copy leaves it as it is: read when sent. */
-    PyObject *settled = cp_msg_settle(t->payload);
-    if (settled == NULL)
-        PyErr_Clear();
-    else
-        Py_SETREF(t->payload, settled);
     if (!done) {
+        /* What went into the ring was read now: so is the rest (a failure
+         * to copy leaves it as it is: read when sent). */
+        PyObject *settled = cp_msg_settle(t->payload);
+        if (settled == NULL)
+            PyErr_Clear();
+        else
+            Py_SETREF(t->payload, settled);
         s->out_buf = Py_NewRef(t->payload);
         s->out_off = off;
         s->out_hdr = hdr;
@@ -2261,11 +2260,10 @@ Core_call(Core *c, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(Core_submit_many_doc,
-"submit_many(job, first_index, mode, func, bodies) -> largest size\n--\n\n"
+"submit_many(job, first_index, mode, func, bodies)\n--\n\n"
 "submit(..., snapshot=True) for each body of the list (an imap input's\n"
 "items), with indexes from first_index.  All are pickled before any is\n"
-"queued: on a pickling error none is queued.  Returns the size in bytes of\n"
-"the largest task.");
+"queued: on a pickling error none is queued.");
 
 static PyObject *
 Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
@@ -2285,14 +2283,10 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (ts == NULL)
         return PyErr_NoMemory();
     Py_ssize_t k;
-    uint64_t largest = 0;
     for (k = 0; k < n; k++) {
         if (make_task(c, &ts[k], job, first + (uint64_t)k, mode, args[3],
                       PyList_GET_ITEM(bodies, k), 1) < 0)
             break;
-        uint64_t size = cp_msg_size(ts[k].payload);
-        if (size > largest)
-            largest = size;
     }
     if (k == n && c->state > CORE_CLOSING) {
         not_running(c);
@@ -2324,7 +2318,7 @@ Core_submit_many(Core *c, PyObject *const *args, Py_ssize_t nargs)
     if (pump(c) < 0)
         PyErr_WriteUnraisable((PyObject *)c);
     wake_if_needed(c);
-    return PyLong_FromUnsignedLongLong(largest);
+    Py_RETURN_NONE;
 }
 
 static PyObject *

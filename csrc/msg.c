@@ -76,15 +76,15 @@ seg_flush(SegWriter *w)
  *   it runs any more of the task's code.
  * - An imap input's items (`snapshot`): a copy, made now.  multiprocessing
  *   pickles each item before it reads the next, and an input that refills
- *   one buffer for every item (readinto() in a loop) relies on that.  (The
- *   feeder reads far fewer such items ahead: cpool/pool.py, _BIG_ITEM.)
+ *   one buffer for every item (readinto() in a loop) relies on that.
  * - Else (apply_async, map...): a view of it, which holds an export of the
- *   buffer, until the task's send begins; then it is copied (cp_msg_settle).
- *   So a buffer is read when its task is sent, as multiprocessing's task
- *   handler pickles a task some time after apply_async() returned, and only
- *   tasks in the rings hold copies; resizing a buffer while its task waits
- *   for room raises BufferError (as with any buffer a view holds), instead
- *   of the ring reading past its end.  A PickleBuffer holds an export too.
+ *   buffer until the task is done, so that resizing it meanwhile raises
+ *   BufferError (as with any buffer a view holds) instead of the ring
+ *   reading past its end.  The buffer is read when the task is sent, as
+ *   multiprocessing's task handler pickles a task some time after
+ *   apply_async() returned; if its send begins but cannot end at once, the
+ *   rest is copied then (cp_msg_settle), so that it is all read at one
+ *   moment.  A PickleBuffer holds an export of its own.
  *
  * Arrays of 1 MiB and more are copied into the arena instead (to_arena).
  */
@@ -405,10 +405,10 @@ cp_msg_size(PyObject *msg)
 /*
  * The message (a new reference), its segments that the caller may still
  * change (views held by an export, PickleBuffers: see snapshot) replaced by
- * copies.  The parent calls it when a task's send has begun: what went into
- * the ring and the rest are read at one moment, as multiprocessing reads a
- * task when it pickles it, and the task keeps that (another worker may take
- * it over).  Only tasks sent to a worker's ring hold such copies.
+ * copies.  The parent calls it when a task's send has begun but could not
+ * end: what went into the ring and the rest are then read at one moment, as
+ * multiprocessing reads a task when it pickles it.  One task per worker at a
+ * time is sent so, so there are at most that many such copies.
  */
 PyObject *
 cp_msg_settle(PyObject *msg)

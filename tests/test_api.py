@@ -2694,3 +2694,26 @@ def test_imap_of_a_generator_that_refills_one_buffer(Pool, nbytes):
         for imap in (p.imap, p.imap_unordered):
             got = sorted(imap(helpers.first_and_last, _refilled(nbytes, 30)))
             assert got == [(i, i) for i in range(30)]
+
+
+@pytest.mark.parametrize("nbytes", [1000, 300_000])
+def test_imap_input_fed_before_the_results_are_read(Pool, nbytes):
+    # The input reads a bounded queue that the calling thread fills in full
+    # before it reads any result: the pool must read the input ahead of the
+    # results taken, as multiprocessing's task handler does.
+    import queue
+    q = queue.Queue(maxsize=4)
+
+    def items():
+        while True:
+            x = q.get(timeout=T)
+            if x is None:
+                return
+            yield x
+
+    with Pool(2) as p:
+        it = p.imap(len, items())
+        for _ in range(40):
+            q.put(bytes(nbytes), timeout=T)
+        q.put(None, timeout=T)
+        assert list(it) == [nbytes] * 40

@@ -252,33 +252,44 @@ def ends(a):
 def test_a_queued_bytearray_changed_by_the_caller(monkeypatch, gate, arena,
                                                    nbytes, change):
     # The task is queued behind a busy worker when the caller changes or
-    # resizes what it passed.  The task gets it as it was at the call (a
-    # resize used to crash the parent or fail the task as malformed).
+    # resizes what it passed (a resize used to crash the parent or fail the
+    # task as malformed).  300 KB goes into the worker's ring at the call:
+    # the task gets it as it was, and a view holds it until the task is
+    # done (a resize raises BufferError, as for any buffer a view holds).
+    # 4 MiB does not fit the ring: what did went at the call, and the rest
+    # was copied then, so the caller may change or resize it.
     monkeypatch.setenv("CPOOL_ARENA", arena)
     from cpool import Pool
     with Pool(1) as p:
         blocker = p.apply_async(helpers.gated, (0, gate.path))
         a = bytearray(b"\x01" * nbytes)
         r = p.apply_async(ends, (a,))
-        if change == "write":
-            a[0] = a[-1] = 2
-        elif change == "clear":
-            a.clear()
-        elif change == "shrink":
-            del a[-100:]
+        held = nbytes < (1 << 20) and change != "write"
+        try:
+            if change == "write":
+                a[0] = a[-1] = 2
+            elif change == "clear":
+                a.clear()
+            elif change == "shrink":
+                del a[-100:]
+            else:
+                a.extend(b"\x02" * (8 << 20))
+        except BufferError:
+            assert held
         else:
-            a.extend(b"\x02" * (8 << 20))
+            assert not held
         gate.open()
         assert blocker.get(timeout=T) == 0
         assert r.get(timeout=T) == ("bytearray", nbytes, b"\x01", b"\x01")
+        a.clear()                       # its task is done: nothing holds it
         assert p.apply(ends, (bytearray(b"ok"),)) == ("bytearray", 2, b"o", b"k")
 
 
 def test_a_bytearray_whose_task_waits_for_room(gate):
     # Tasks that do not fit the worker's ring yet hold their large buffers
-    # by reference, read when they are sent, as multiprocessing reads a
-    # task when it pickles it: a change meanwhile is seen, a resize is
-    # refused (a view holds the buffer) instead of read past its end.
+    # by a view, read when they are sent, as multiprocessing reads a task
+    # when it pickles it: a change meanwhile is seen, a resize is refused
+    # (BufferError) instead of read past its end.
     from cpool import Pool
     with Pool(1) as p:
         blocker = p.apply_async(helpers.gated, (0, gate.path))

@@ -217,30 +217,3 @@ def test_numpys_frombuffer_called_and_passed_as_it_is(pool):
         out = pool.apply(identity, (FromBufferCall(dtype),))
         assert out.shape == (2,) and not out.any() and out.flags.writeable
     assert pool.apply(identity, (_frombuffer,)) is _frombuffer
-
-
-@pytest.mark.cpool_only
-def test_imap_reads_few_large_items_ahead(cpool_Pool, tmp_path):
-    # Each task holds its own copy of a large item until it is done, so the
-    # input is not read far ahead of the workers (multiprocessing's task
-    # handler reads about as far as its pipe holds); small items are read
-    # up to 1024 tasks ahead.
-    import helpers
-    for nbytes, ahead_ok in ((300_000, lambda n: n <= 8),
-                             (1000, lambda n: n >= 999)):
-        read = []
-
-        def items():
-            for i in range(1000):
-                read.append(i)
-                yield bytearray(nbytes)
-
-        gate = helpers.Gate(tmp_path, "gate%d" % nbytes)
-        with cpool_Pool(1) as p:
-            blocker = p.apply_async(helpers.gated, (0, gate.path))
-            it = p.imap(len, items())
-            helpers.time.sleep(0.5)             # the input is read meanwhile
-            ahead = len(read)
-            gate.open()
-            assert list(it) == [nbytes] * 1000 and blocker.get(T) == 0
-        assert ahead_ok(ahead), (nbytes, ahead)
