@@ -643,9 +643,10 @@ continue_send(cp_slot *s)
     int done = cp_msg_send_some(&s->tq, &s->out_hdr, s->out_buf, &s->out_off,
                                 NULL, NULL);
     if (done < 0) {
-        /* Cannot happen: the parent's large buffers are bytes, copies,
-         * arena descriptors or held by an export (msg.c: snapshot).  The
-         * worker would see a truncated message. */
+        /* Cannot happen: a message whose send could not end at once was
+         * settled (try_send: its caller-owned buffers copied), unless that
+         * copy failed for want of memory.  The worker would see a
+         * truncated message and fail the task. */
         PyErr_WriteUnraisable(s->out_buf);
         done = 1;
     }
