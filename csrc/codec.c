@@ -15,7 +15,9 @@
  * encoder refuses such messages (a container, or a str or bytes of 64 or
  * more, met twice: written out each time, it could grow without bound) and
  * they go through pickle too, as do recursive ones, deeper ones than
- * CODEC_MAX_DEPTH and strings with lone surrogates.  Plain data too large for one ring record
+ * CODEC_MAX_DEPTH and strings with lone surrogates.  Short strings repeated
+ * within a message are written each time and decoded once (dec_str).
+ * Plain data too large for one ring record
  * uses the same encoding, in fragments; the receiver gathers it and
  * dispatches on the first byte as for a single record.
  *
@@ -455,9 +457,67 @@ cp_codec_pickle(PyObject *Py_UNUSED(m), PyObject *obj)
 
 /* ------------------------------------------------------------ decoding */
 
+/*
+ * Short ASCII strings met again within one message are decoded once: a
+ * list of records repeats its dict keys in every record, and pickle's memo
+ * gives the receiver one key object for all of them (the encoder wrote each
+ * occurrence).  A small direct-mapped cache of what this message has
+ * decoded so far shares them again, which halves the memory a list of
+ * small dicts takes and spares making and hashing each key.  Equal strings
+ * that were distinct objects in the sender become one object too, which
+ * nothing can tell apart but `is`, as with CPython's own interning.
+ */
+#define STR_CACHE_SLOTS 64          /* a power of two */
+#define STR_CACHE_MAX 32            /* longer strings are not looked up */
+
 typedef struct {
     const uint8_t *p, *end;
+    uint64_t used;                  /* bit i: strs[i] holds a string */
+    PyObject *strs[STR_CACHE_SLOTS];
 } dec;
+
+static void
+dec_release(dec *d)
+{
+    for (uint64_t u = d->used; u; u &= u - 1)
+        Py_DECREF(d->strs[__builtin_ctzll(u)]);
+    d->used = 0;
+}
+
+/* The str of the n UTF-8 bytes at s, from the cache when it has it. */
+static PyObject *
+dec_str(dec *d, const uint8_t *s, uint32_t n)
+{
+    if (n > STR_CACHE_MAX || n == 0)
+        return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+    uint32_t h = 2166136261u, high = 0;     /* FNV-1a */
+    for (uint32_t i = 0; i < n; i++) {
+        high |= s[i];
+        h = (h ^ s[i]) * 16777619u;
+    }
+    if (high & 0x80)
+        return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+    unsigned slot = (h ^ (h >> 16)) & (STR_CACHE_SLOTS - 1);
+    uint64_t bit = (uint64_t)1 << slot;
+    if (d->used & bit) {
+        PyObject *o = d->strs[slot];
+        if ((uint32_t)PyUnicode_GET_LENGTH(o) == n &&
+            memcmp(PyUnicode_DATA(o), s, n) == 0) {
+            Py_INCREF(o);
+            return o;
+        }
+    }
+    PyObject *o = PyUnicode_New(n, 127);
+    if (o == NULL)
+        return NULL;
+    memcpy(PyUnicode_DATA(o), s, n);
+    if (d->used & bit)
+        Py_DECREF(d->strs[slot]);
+    Py_INCREF(o);
+    d->strs[slot] = o;
+    d->used |= bit;
+    return o;
+}
 
 static PyObject *
 malformed(void)
@@ -521,7 +581,7 @@ dec_value(dec *d, int depth)
             return _PyLong_FromByteArray(s, n, 1, 1);
         if (tag == 'b')
             return PyBytes_FromStringAndSize((const char *)s, n);
-        return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+        return dec_str(d, s, n);
     }
     case 't':
     case 'l': {
@@ -579,8 +639,12 @@ cp_codec_decode(const uint8_t *p, uint64_t n)
 {
     if (n < 1 || p[0] != CP_CODEC_MAGIC)
         return malformed();
-    dec d = {p + 1, p + n};
+    dec d;                  /* strs[] is read only where `used` says */
+    d.p = p + 1;
+    d.end = p + n;
+    d.used = 0;
     PyObject *o = dec_value(&d, 0);
+    dec_release(&d);
     if (o != NULL && d.p != d.end) {
         Py_DECREF(o);
         return malformed();

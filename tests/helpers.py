@@ -50,6 +50,10 @@ def identity(x):
     return x
 
 
+def records(n):
+    return [{"name": "item", "value": i, "kind": "a"} for i in range(n)]
+
+
 def echo_args(*args, **kwds):
     return args, kwds
 

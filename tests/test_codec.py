@@ -9,6 +9,7 @@ import pickle
 import pickletools
 import random
 import struct
+import sys
 import weakref
 
 import pytest
@@ -247,6 +248,38 @@ def test_through_a_pool_both_ways(cpool_Pool):
         a, b = p.apply(helpers.identity, ([inner, inner],))
         assert a is b
         assert p.apply(helpers.echo_args, (1, "é"), {"k": [2.5, None]}) == ((1, "é"), {"k": [2.5, None]})
+
+
+def test_repeated_short_strings_decode_to_one_object():
+    """A list of records repeats its keys in every record: the receiver gets
+    one object per key, as pickle's memo gives it, not one per record."""
+    recs = [{"name": "item", "value": i, "kind": "a" if i % 2 else "b"} for i in range(500)]
+    got = _core.loads(_core.encode_plain(recs))
+    assert got == recs
+    assert len({id(k) for r in got for k in r}) == 3
+    assert len({id(r["kind"]) for r in got}) == 2
+    # strings that collide in the decoder's cache, non-ASCII ones and ones
+    # too long to be cached all come back equal and of the same type
+    rng = random.Random(3)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789é€\x00\x7f"
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+             for _ in range(3000)]
+    value = [rng.choice(words) for _ in range(20000)]
+    got = _core.loads(_core.encode_plain(value))
+    assert _same(got, value)
+    # a cached string is not kept alive by the decoder
+    got = _core.loads(_core.encode_plain(["abc" + str(i) for i in range(100)] * 2))
+    refs = sys.getrefcount(got[0])          # the list's two and the call's
+    assert got[0] is got[100] and refs == 3
+
+
+def test_records_through_a_pool_share_their_keys(cpool_Pool):
+    with cpool_Pool(2) as p:
+        got = p.apply(helpers.records, (2000,))
+        assert got == helpers.records(2000)
+        assert len({id(k) for r in got for k in r}) == 3
+        got = p.map(helpers.records, [3000] * 4)
+        assert all(g == helpers.records(3000) for g in got)
 
 
 def test_decoded_tuples_of_atomic_items_are_untracked():
