@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -393,6 +394,24 @@ def run_apply(b, n):
     return (time.perf_counter() - t0) / n, out
 
 
+LOAD_PROCESSES = 3      # CPU-bound processes beside the pool in apply_loaded
+
+
+def run_apply_loaded(b, n):
+    """apply() round trips on a loaded machine: LOAD_PROCESSES processes
+    that are not the pool's spin on the CPUs meanwhile (the mean, which a
+    few very slow calls move)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(LOAD_PROCESSES)]
+    try:
+        time.sleep(0.05)
+        return run_apply(b, n)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 def run_apply_async(b, n):
     t0 = time.perf_counter()
     getters = [b.submit(T.square, i) for i in range(n)]
@@ -509,6 +528,9 @@ WORKLOADS = [
              isolated=True),
     Workload("apply", "apply() round trip, tiny task", run_apply,
              lambda out, n: out == _squares(n), 2000, 50, "apply",
+             unit="µs/call", scale=1e6),
+    Workload("apply_loaded", "apply() round trip, 3 CPU-bound processes beside",
+             run_apply_loaded, lambda out, n: out == _squares(n), 2000, 50, "apply",
              unit="µs/call", scale=1e6),
     Workload("apply_async", "apply_async x 2*10^4 tiny tasks", run_apply_async,
              lambda out, n: out == _squares(n), 20000, 500, "submit"),

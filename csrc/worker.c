@@ -568,6 +568,7 @@ cp_worker_main(void *arg, int slot)
      * of a pool would keep its own. */
     cp_arena_carry_default(0);
     w.spin_ns = c->spin_ns;
+    cp_ring_set_spin_yields(c->nslots);
     /* The worker wakes the parent through the eventfd, never a futex: the
      * parent's collector sleeps in poll() on it. */
     if (cp_ring_attach(&w.tq, cp_shm_task_ring(&c->shm, slot), c->efd) < 0 ||
