@@ -39,9 +39,10 @@ TERMINATE = "TERMINATE"
 
 #: Bytes per ring (one task ring and one result ring per worker).
 RING_BYTES = int(os.environ.get("CPOOL_RING_BYTES", 1 << 20))
-#: imap/imap_unordered without buffersize: how far the input is read ahead
-#: of the consumer (in tasks, i.e. chunks).
-DEFAULT_IN_FLIGHT = 1024
+#: imap/imap_unordered without buffersize read their whole input ahead of the
+#: consumer, as multiprocessing's do (its task handler feeds every task, so
+#: the work runs in the background whether or not results are read yet).
+UNBOUNDED = sys.maxsize
 MAX_IDLE_FEEDERS = 4     # imap feeder threads kept waiting for the next call
 #: map/starmap without chunksize: at most this many items per chunk.
 DEFAULT_CHUNK_MAX = 4096
@@ -1311,9 +1312,10 @@ class Pool(_core.PoolBase, _mp.Pool):
 
     def imap(self, func, iterable, chunksize=1, buffersize=None):
         """Lazy `map()`: results in order, each as soon as it and those
-        before it are done.  The input is read lazily with a bounded number
-        of tasks in flight (`buffersize`: at most that many results not yet
-        taken by the consumer)."""
+        before it are done.  The whole input is read and run in the
+        background, as with multiprocessing, unless `buffersize` bounds the
+        tasks in flight (at most that many results not yet taken by the
+        consumer), as in Python 3.14's multiprocessing."""
         self._check_running()
         if chunksize != 1 and chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
@@ -1338,7 +1340,7 @@ class Pool(_core.PoolBase, _mp.Pool):
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         result = cls(self)
-        result._init_bound(buffersize or DEFAULT_IN_FLIGHT)
+        result._init_bound(buffersize or UNBOUNDED)
         job = (result, func, iterable, chunksize)
         with self._feed_lock:
             if self._state != RUN:

@@ -50,6 +50,21 @@ def identity(x):
     return x
 
 
+_counter = None
+
+
+def set_counter(value):
+    """Initializer: the multiprocessing.Value that counted_square counts in."""
+    global _counter
+    _counter = value
+
+
+def counted_square(x):
+    with _counter.get_lock():
+        _counter.value += 1
+    return x * x
+
+
 def records(n):
     return [{"name": "item", "value": i, "kind": "a"} for i in range(n)]
 

@@ -1791,6 +1791,24 @@ def test_abandoned_imap_keeps_nothing(cpool_Pool, method):
         assert sorted(first + list(it)) == list(range(3000))
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [1, 10])
+def test_imap_runs_its_whole_input_before_results_are_read(Pool, method, chunksize):
+    # Without buffersize, every task runs in the background whether or not
+    # the consumer reads yet (multiprocessing's task handler feeds them
+    # all): a program may wait for the tasks' side effects first.
+    n = 1100 * chunksize + 7
+    done = multiprocessing.Value("i", 0)
+    with Pool(2, initializer=helpers.set_counter, initargs=(done,)) as p:
+        it = getattr(p, method)(helpers.counted_square, (i for i in range(n)), chunksize)
+        deadline = time.monotonic() + T
+        while done.value < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done.value == n
+        got = list(it)
+    assert (got if method == "imap" else sorted(got)) == [i * i for i in range(n)]
+
+
 @pytest.mark.cpool_only
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 @pytest.mark.parametrize("buffersize", [64, 1024])

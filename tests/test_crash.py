@@ -467,13 +467,12 @@ def test_imap_reads_an_endless_input_lazily(pool):
     assert src.n <= 200 + 8 + 1
 
 
-def test_imap_default_bound_keeps_memory_constant(pool):
+def test_imap_buffersize_keeps_memory_constant(pool):
     src = Counter()
-    it = pool.imap_unordered(T.square, src)
+    it = pool.imap_unordered(T.square, src, buffersize=1024)
     got = [next(it) for _ in range(3000)]
     assert len(set(got)) == 3000
-    from cpool.pool import DEFAULT_IN_FLIGHT
-    assert src.n <= 3000 + DEFAULT_IN_FLIGHT + 1
+    assert src.n <= 3000 + 1024 + 1
 
 
 def _run(code, timeout=30, **kw):
