@@ -15,8 +15,9 @@
  * encoder refuses such messages (a container, or a str or bytes of 64 or
  * more, met twice: written out each time, it could grow without bound) and
  * they go through pickle too, as do recursive ones, deeper ones than
- * CODEC_MAX_DEPTH and strings with lone surrogates.  Short strings repeated
- * within a message are written each time and decoded once (dec_str).
+ * CODEC_MAX_DEPTH and strings with lone surrogates.  Short strings and bytes
+ * repeated within a message are written each time and decoded once
+ * (dec_atom_get).
  * Plain data too large for one ring record
  * uses the same encoding, in fragments; the receiver gathers it and
  * dispatches on the first byte as for a single record.
@@ -458,64 +459,123 @@ cp_codec_pickle(PyObject *Py_UNUSED(m), PyObject *obj)
 /* ------------------------------------------------------------ decoding */
 
 /*
- * Short ASCII strings met again within one message are decoded once: a
+ * Short strings and bytes met again within one message are decoded once: a
  * list of records repeats its dict keys in every record, and pickle's memo
  * gives the receiver one key object for all of them (the encoder wrote each
  * occurrence).  A small direct-mapped cache of what this message has
- * decoded so far shares them again, which halves the memory a list of
- * small dicts takes and spares making and hashing each key.  Equal strings
- * that were distinct objects in the sender become one object too, which
- * nothing can tell apart but `is`, as with CPython's own interning.
+ * decoded so far, keyed by the value's bytes in the message, shares them
+ * again, which halves the memory a list of small dicts takes and spares
+ * making and hashing each key.  Longer ones met twice never get here (the
+ * encoder sends such messages as pickles).  Equal values that were distinct
+ * objects in the sender become one object too, which nothing can tell
+ * apart but `is`, as with CPython's own interning.
  */
-#define STR_CACHE_SLOTS 64          /* a power of two */
-#define STR_CACHE_MAX 32            /* longer strings are not looked up */
+#define ATOM_SLOTS 128              /* a power of two */
+#define ATOM_PROBE 4                /* slots looked at from a value's own */
+#define ATOM_TRIAL 512              /* lookups before the hits are judged */
+
+typedef struct {
+    PyObject *obj;
+    const uint8_t *src;             /* its bytes in the message */
+    uint64_t hash;
+    int hot;                        /* met again since it was decoded */
+} dec_atom;
 
 typedef struct {
     const uint8_t *p, *end;
-    uint64_t used;                  /* bit i: strs[i] holds a string */
-    PyObject *strs[STR_CACHE_SLOTS];
+    uint64_t used[ATOM_SLOTS / 64]; /* bit i: atoms[i] holds a value */
+    unsigned evict;                 /* which of a full run of slots goes */
+    uint32_t lookups, hits;         /* few hits: the cache is left alone */
+    dec_atom atoms[ATOM_SLOTS];
 } dec;
+
+#define ATOM_USED(d, i) ((d)->used[(i) / 64] >> ((i) % 64) & 1)
 
 static void
 dec_release(dec *d)
 {
-    for (uint64_t u = d->used; u; u &= u - 1)
-        Py_DECREF(d->strs[__builtin_ctzll(u)]);
-    d->used = 0;
+    for (unsigned w = 0; w < ATOM_SLOTS / 64; w++) {
+        for (uint64_t u = d->used[w]; u; u &= u - 1)
+            Py_DECREF(d->atoms[w * 64 + (unsigned)__builtin_ctzll(u)].obj);
+        d->used[w] = 0;
+    }
 }
 
-/* The str of the n UTF-8 bytes at s, from the cache when it has it. */
+/* ascii: the caller saw that every byte is below 0x80 */
 static PyObject *
-dec_str(dec *d, const uint8_t *s, uint32_t n)
+make_atom(uint8_t tag, const uint8_t *s, uint32_t n, int ascii)
 {
-    if (n > STR_CACHE_MAX || n == 0)
+    if (tag == 'b')
+        return PyBytes_FromStringAndSize((const char *)s, n);
+    if (!ascii)
         return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
-    uint32_t h = 2166136261u, high = 0;     /* FNV-1a */
-    for (uint32_t i = 0; i < n; i++) {
-        high |= s[i];
-        h = (h ^ s[i]) * 16777619u;
+    PyObject *o = PyUnicode_New(n, 127);
+    if (o != NULL)
+        memcpy(PyUnicode_DATA(o), s, n);
+    return o;
+}
+
+/* The str ('s') or bytes ('b') of the n bytes at s, from the cache when it
+ * has it. */
+static PyObject *
+dec_atom_get(dec *d, uint8_t tag, const uint8_t *s, uint32_t n)
+{
+    /* The encoder counts a str's length in characters, of up to 4 bytes. */
+    if (n == 0 || n >= (tag == 's' ? 4 : 1) * CODEC_SHARED_ATOM)
+        return make_atom(tag, s, n, 0);
+    /* A hash of the length, the tag and the first and last 8 bytes (which
+     * overlap, or are one short run, for shorter values). */
+    uint64_t lo = 0, hi = 0;
+    if (n >= 8) {
+        memcpy(&lo, s, 8);
+        memcpy(&hi, s + n - 8, 8);
+    } else {
+        memcpy(&lo, s, n);
     }
-    if (high & 0x80)
-        return PyUnicode_DecodeUTF8((const char *)s, n, NULL);
-    unsigned slot = (h ^ (h >> 16)) & (STR_CACHE_SLOTS - 1);
-    uint64_t bit = (uint64_t)1 << slot;
-    if (d->used & bit) {
-        PyObject *o = d->strs[slot];
-        if ((uint32_t)PyUnicode_GET_LENGTH(o) == n &&
-            memcmp(PyUnicode_DATA(o), s, n) == 0) {
-            Py_INCREF(o);
-            return o;
+    int ascii = n <= 16 && ((lo | hi) & UINT64_C(0x8080808080808080)) == 0;
+    /* A message of mostly distinct values (a list of words) would pay for
+     * looking up and replacing every one of them. */
+    if (d->lookups >= ATOM_TRIAL && d->hits < d->lookups / 8)
+        return make_atom(tag, s, n, ascii);
+    d->lookups++;
+    uint64_t h = (lo * UINT64_C(0x9E3779B97F4A7C15)) ^
+                 ((hi ^ ((uint64_t)n << 8 | tag)) * UINT64_C(0xC2B2AE3D27D4EB4F));
+    unsigned home = (unsigned)(h >> 57), slot = ATOM_SLOTS;
+    for (unsigned j = 0; j < ATOM_PROBE; j++) {
+        unsigned i = (home + j) & (ATOM_SLOTS - 1);
+        if (!ATOM_USED(d, i)) {
+            slot = i;
+            break;
+        }
+        dec_atom *a = &d->atoms[i];
+        /* In the message, the tag and the length are the 5 bytes before
+         * the value's own: the same tag, length and bytes. */
+        if (a->hash == h && a->src[-1 - 4] == tag &&
+            memcmp(a->src - 4, s - 4, 4) == 0 && memcmp(a->src, s, n) == 0) {
+            d->hits++;
+            a->hot = 1;
+            return Py_NewRef(a->obj);
         }
     }
-    PyObject *o = PyUnicode_New(n, 127);
+    PyObject *o = make_atom(tag, s, n, ascii);
     if (o == NULL)
         return NULL;
-    memcpy(PyUnicode_DATA(o), s, n);
-    if (d->used & bit)
-        Py_DECREF(d->strs[slot]);
-    Py_INCREF(o);
-    d->strs[slot] = o;
-    d->used |= bit;
+    if (slot == ATOM_SLOTS) {
+        /* A full run: one that was not met again goes (the keys of
+         * records stay, their distinct values come and go); if all were,
+         * this one is not kept. */
+        d->evict++;
+        for (unsigned j = 0; j < ATOM_PROBE && slot == ATOM_SLOTS; j++) {
+            unsigned i = (home + (d->evict + j) % ATOM_PROBE) & (ATOM_SLOTS - 1);
+            if (!d->atoms[i].hot)
+                slot = i;
+        }
+        if (slot == ATOM_SLOTS)
+            return o;
+        Py_DECREF(d->atoms[slot].obj);
+    }
+    d->atoms[slot] = (dec_atom){Py_NewRef(o), s, h, 0};
+    d->used[slot / 64] |= (uint64_t)1 << (slot % 64);
     return o;
 }
 
@@ -579,9 +639,7 @@ dec_value(dec *d, int depth)
         d->p += n;
         if (tag == 'I')
             return _PyLong_FromByteArray(s, n, 1, 1);
-        if (tag == 'b')
-            return PyBytes_FromStringAndSize((const char *)s, n);
-        return dec_str(d, s, n);
+        return dec_atom_get(d, tag, s, n);
     }
     case 't':
     case 'l': {
@@ -639,10 +697,11 @@ cp_codec_decode(const uint8_t *p, uint64_t n)
 {
     if (n < 1 || p[0] != CP_CODEC_MAGIC)
         return malformed();
-    dec d;                  /* strs[] is read only where `used` says */
+    dec d;                  /* atoms[] is read only where `used` says */
     d.p = p + 1;
     d.end = p + n;
-    d.used = 0;
+    memset(d.used, 0, sizeof d.used);
+    d.evict = d.lookups = d.hits = 0;
     PyObject *o = dec_value(&d, 0);
     dec_release(&d);
     if (o != NULL && d.p != d.end) {

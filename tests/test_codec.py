@@ -258,19 +258,39 @@ def test_repeated_short_strings_decode_to_one_object():
     assert got == recs
     assert len({id(k) for r in got for k in r}) == 3
     assert len({id(r["kind"]) for r in got}) == 2
-    # strings that collide in the decoder's cache, non-ASCII ones and ones
-    # too long to be cached all come back equal and of the same type
+    # up to 63 characters, any of them, and bytes too (longer ones met
+    # twice go through pickle, whose memo keeps them shared)
+    for key in ["k" * 40, "ключ", "€" * 63, b"k" * 40, b"\xff\x00"]:
+        got = _core.loads(_core.encode_plain([{key: i} for i in range(100)] + [key] * 100))
+        assert all(type(k) is type(key) and k == key for r in got[:100] for k in r)
+        assert len({id(k) for r in got[:100] for k in r} | {id(x) for x in got[100:]}) == 1
+    # the same bytes as a str and as bytes stay apart
+    got = _core.loads(_core.encode_plain(["abc", b"abc"] * 3))
+    assert [type(x) for x in got] == [str, bytes] * 3 and got == ["abc", b"abc"] * 3
+    # strings that collide in the decoder's cache and ones too long to be
+    # cached all come back equal and of the same type
     rng = random.Random(3)
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789é€\x00\x7f"
-    words = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 64)))
              for _ in range(3000)]
+    words += [w.encode()[:63] for w in words[:1000]]
     value = [rng.choice(words) for _ in range(20000)]
+    value += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(64, 200)))
+              for _ in range(300)]
     got = _core.loads(_core.encode_plain(value))
     assert _same(got, value)
+    # records whose values are all distinct still share their keys; a
+    # message of mostly distinct strings is decoded without the cache
+    recs = [{"a": "x%d" % i, "b": "y%d" % i, "c": "z%d" % i} for i in range(2000)]
+    got = _core.loads(_core.encode_plain(recs))
+    assert got == recs and len({id(k) for r in got for k in r}) == 3
+    value = ["w%d" % i for i in range(2000)] + ["k" * 10 for _ in range(100)]
+    assert _same(_core.loads(_core.encode_plain(value)), value)
     # a cached string is not kept alive by the decoder
-    got = _core.loads(_core.encode_plain(["abc" + str(i) for i in range(100)] * 2))
+    s = "abc" + str(rng.random())
+    got = _core.loads(_core.encode_plain([s, s]))
     refs = sys.getrefcount(got[0])          # the list's two and the call's
-    assert got[0] is got[100] and refs == 3
+    assert got[0] is got[1] and refs == 3
 
 
 def test_records_through_a_pool_share_their_keys(cpool_Pool):
