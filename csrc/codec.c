@@ -462,8 +462,8 @@ cp_codec_pickle(PyObject *Py_UNUSED(m), PyObject *obj)
  * Short strings and bytes met again within one message are decoded once: a
  * list of records repeats its dict keys in every record, and pickle's memo
  * gives the receiver one key object for all of them (the encoder wrote each
- * occurrence).  A small direct-mapped cache of what this message has
- * decoded so far, keyed by the value's bytes in the message, shares them
+ * occurrence).  A small cache of what this message has decoded so far,
+ * keyed by the value's bytes in the message (see dec_atom_get), shares them
  * again, which halves the memory a list of small dicts takes and spares
  * making and hashing each key.  Longer ones met twice never get here (the
  * encoder sends such messages as pickles).  Equal values that were distinct
@@ -550,7 +550,7 @@ dec_atom_get(dec *d, uint8_t tag, const uint8_t *s, uint32_t n)
         dec_atom *a = &d->atoms[i];
         /* In the message, the tag and the length are the 5 bytes before
          * the value's own: the same tag, length and bytes. */
-        if (a->hash == h && a->src[-1 - 4] == tag &&
+        if (a->hash == h && a->src[-5] == tag &&
             memcmp(a->src - 4, s - 4, 4) == 0 && memcmp(a->src, s, n) == 0) {
             d->hits++;
             a->hot = 1;

@@ -156,7 +156,6 @@ int cp_ring_send_iov(cp_ring *r, const cp_rec *tmpl, const struct iovec *iov,
                      uint64_t *first_pos);
 uint64_t cp_ring_next_need(cp_ring *r, uint64_t left);
 
-extern int cp_ring_spin_yields;
 void cp_ring_set_spin_yields(int workers);
 int cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns);
 int cp_ring_wait_space(cp_ring *r, uint64_t need, long spin_ns, long timeout_ns);

@@ -272,28 +272,27 @@ elapsed(uint64_t start)
 }
 
 /*
- * Whether a spinning waiter yields the CPU between looks.  Only where a
- * pool has more workers than the CPUs it may run on, or only one CPU: the
- * process a worker waits for then most likely shares its core, and a yield
- * hands it over
- * (Pool(8) on 2 cores: 2*10^4 apply_async() took 42-55 ms yielding, 108-141
- * ms not).  Elsewhere a yield helps little (the other process is most
- * likely on another core) and can cost a great deal: when a process that
- * is not ours waits for this core (a loaded
- * machine), the scheduler gives it a whole slice, our waiter stays
- * runnable, so the task sent to it meanwhile wakes nobody, and it sees
- * the task only when the slice ends.  Measured with three CPU-bound
- * processes beside a pool of 2 on 2 cores: apply() took 0.85-1.26 ms on
- * average (a tenth of the calls ~4 ms) yielding, 0.03-0.26 ms not.
+ * Whether a spinning waiter yields the CPU between looks.  Only where a pool
+ * has more workers than the CPUs it may run on, or only one CPU: the process
+ * a worker waits for then most likely shares its core, and a yield hands it
+ * over (Pool(8) on 2 cores: 2*10^4 apply_async() took 42-55 ms yielding,
+ * 108-141 ms not).  Elsewhere a yield helps little (the other process is
+ * most likely on another core) and can cost a great deal: when a process
+ * that is not ours waits for this core (a loaded machine), the scheduler
+ * gives it a whole slice, our waiter stays runnable, so the task sent to it
+ * meanwhile wakes nobody, and it sees the task only when the slice ends.
+ * Measured with three CPU-bound processes beside a pool of 2 on 2 cores:
+ * apply() took 0.85-1.26 ms on average (a tenth of the calls ~4 ms)
+ * yielding, 0.03-0.26 ms not.
  */
-int cp_ring_spin_yields;
+static int spin_yields;
 
 void
 cp_ring_set_spin_yields(int workers)
 {
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0)
-        cp_ring_spin_yields = workers > CPU_COUNT(&set) || CPU_COUNT(&set) == 1;
+        spin_yields = workers > CPU_COUNT(&set) || CPU_COUNT(&set) == 1;
 }
 
 /*
@@ -318,7 +317,7 @@ cp_ring_wait_data(cp_ring *r, long spin_ns, long timeout_ns)
         if ((++i & 63) == 0) {
             if (elapsed(start) > spin_ns)
                 break;
-            if (cp_ring_spin_yields)
+            if (spin_yields)
                 sched_yield();
         }
     }
