@@ -630,15 +630,40 @@ _core.set_result_type(ApplyResult, _mp.job_counter, threading.Lock,
                       TimeoutError)
 
 
-def _sliced(seq, size):
+def _sliced(seq, size, n):
     """Chunks of a sized input.  A range is cut into ranges and a list or
     tuple into slices (C speed, and a range chunk pickles in a few bytes);
     the worker iterates each chunk the same way, so the function sees the
     same items as with multiprocessing's tuples.  Anything else, subclasses
-    included, is iterated, as multiprocessing iterates it."""
+    included, is iterated, as multiprocessing iterates it, and checked
+    against its len(): see _counted_chunks."""
     if type(seq) in (range, list, tuple):
-        return (seq[k:k + size] for k in range(0, len(seq), size))
-    return _chunks(seq, size)
+        return (seq[k:k + size] for k in range(0, n, size))
+    return _counted_chunks(seq, size, n)
+
+
+def _counted_chunks(iterable, size, n):
+    """Chunks of an input whose len() said n, as tuples.  map() cuts its
+    result into len()'s chunks before reading the input, so an input with
+    more or fewer items cannot be mapped: the chunk that shows it, at the
+    latest the last one, raises ValueError instead of being sent
+    (multiprocessing waits forever for the missing items, or returns a list
+    of the wrong length)."""
+    it = iter(iterable)
+    for start in range(0, n, size):
+        want = min(size, n - start)
+        chunk = tuple(itertools.islice(it, want))
+        if len(chunk) < want:
+            raise ValueError(
+                "map() input has %d items where its len() is %d"
+                % (start + len(chunk), n))
+        if start + want == n and next(it, _NO_ITEM) is not _NO_ITEM:
+            raise ValueError(
+                "map() input has more items than its len(), %d" % n)
+        yield chunk
+
+
+_NO_ITEM = object()
 
 
 # Iterators whose length hint is exact (and runs no user code).
@@ -1266,9 +1291,10 @@ class Pool(_core.PoolBase, _mp.Pool):
                     error_callback):
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
+        n = len(iterable)
         if chunksize is None:
-            chunksize = self._default_chunksize(len(iterable))
-        if len(iterable) == 0:
+            chunksize = self._default_chunksize(n)
+        if n == 0:
             chunksize = 0
         elif chunksize < 1:
             # multiprocessing returns [None] * len(iterable) without running
@@ -1276,21 +1302,21 @@ class Pool(_core.PoolBase, _mp.Pool):
             raise ValueError("Chunksize must be 1+, not {0!r}".format(chunksize))
         elif type(chunksize) is not int and hasattr(chunksize, "__index__"):
             chunksize = operator.index(chunksize)      # numpy's integers
-        if chunksize > len(iterable):
-            chunksize = len(iterable)   # the same chunks, in a machine word
-        result = MapResult(self, chunksize, len(iterable), callback,
+        if chunksize > n:
+            chunksize = n               # the same chunks, in a machine word
+        result = MapResult(self, chunksize, n, callback,
                            error_callback=error_callback)
         if chunksize > 0:
             nchunks = result._number_left
             sent = 0
             try:
                 if type(iterable) is list or type(iterable) is tuple:
-                    for i, k in enumerate(range(0, len(iterable), chunksize)):
+                    for i, k in enumerate(range(0, n, chunksize)):
                         self._submit(result, i, mode, func, iterable, k,
                                      k + chunksize)
                         sent = i + 1
                 else:
-                    for i, chunk in enumerate(_sliced(iterable, chunksize)):
+                    for i, chunk in enumerate(_sliced(iterable, chunksize, n)):
                         self._submit(result, i, mode, func, chunk)
                         sent = i + 1
             except Exception as e:

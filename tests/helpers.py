@@ -11,6 +11,7 @@ a "long enough" time.  Every gated task has a fallback deadline
 the run.
 """
 import functools
+import itertools
 import multiprocessing
 import os
 import sys
@@ -234,6 +235,23 @@ class SizedRaisingIterable:
             if i == self.when:
                 raise SayWhenError("sized iterable said when", i)
             yield i
+
+
+class MisSized:
+    """An iterable whose __len__ says `length` while it yields `items` items
+    (0, 1, 2, ...; endless if items is None), as pairs if `pairs`."""
+
+    def __init__(self, length, items, pairs=False):
+        self.length = length
+        self.items = items
+        self.pairs = pairs
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        it = itertools.count() if self.items is None else range(self.items)
+        return ((i, i) for i in it) if self.pairs else iter(it)
 
 
 class TwoArgError(Exception):

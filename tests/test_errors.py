@@ -311,6 +311,44 @@ def test_map_sized_iterable_exception_midway(cpool_Pool, length, when, chunksize
     _check_sized_iterable_exception(cpool_Pool, length, when, chunksize)
 
 
+@pytest.mark.cpool_only
+@pytest.mark.parametrize("length,items,chunksize", [
+    (10, 8, 3),         # a chunk before the last comes out short
+    (9, 8, 3),          # the last chunk comes out short
+    (10, 6, 3),         # whole chunks, too few of them
+    (10, 0, 2),         # nothing at all
+    (10, 9, 1),
+    (10, 7, None),      # the default chunk size
+    (10, 11, 3),        # one item too many
+    (9, 10, 3),
+    (5, None, 2),       # endless
+])
+def test_map_input_whose_len_is_wrong_fails(cpool_Pool, length, items, chunksize):
+    # map() cuts its result by len() before reading the input: with more or
+    # fewer items than that, multiprocessing waits forever for the missing
+    # chunks, or returns a list of the wrong length.  cpool reads at most one
+    # item past len() and fails the call.
+    def check(call):
+        with pytest.raises(ValueError, match=r"its len\(\)") as ei:
+            call()
+        assert type(ei.value) is ValueError
+        assert ei.value.__cause__ is None
+    with cpool_Pool(2) as p:
+        for _ in range(2):  # the pool goes on after each
+            check(lambda: p.map(helpers.square, helpers.MisSized(length, items),
+                                chunksize))
+            check(lambda: p.map_async(
+                helpers.square, helpers.MisSized(length, items),
+                chunksize).get(timeout=T))
+            check(lambda: p.starmap(helpers.mul,
+                                    helpers.MisSized(length, items, pairs=True),
+                                    chunksize))
+        assert p.map(helpers.square, helpers.MisSized(length, length),
+                     chunksize) == [i * i for i in range(length)]
+        assert p.starmap(helpers.mul, helpers.MisSized(length, length, True),
+                         chunksize) == [i * i for i in range(length)]
+
+
 def test_imap_iterable_exception(Pool):
     with Pool(2) as p:
         for _ in range(2):  # re-entrant
