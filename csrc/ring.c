@@ -283,7 +283,12 @@ elapsed(uint64_t start)
  * meanwhile wakes nobody, and it sees the task only when the slice ends.
  * Measured with three CPU-bound processes beside a pool of 2 on 2 cores:
  * apply() took 0.85-1.26 ms on average (a tenth of the calls ~4 ms)
- * yielding, 0.03-0.26 ms not.
+ * yielding, 0.03-0.26 ms not.  The price, on an otherwise idle machine: a
+ * worker that does not yield keeps its core from the parent's threads when
+ * they share it, and 2*10^4 apply_async() of a Pool(2) on 2 cores took 15%
+ * longer (medians of 10: 37 ms against 33).  Neither a yield-free first
+ * phase of the spin (3 or 10 us) nor a yield that times itself told the two
+ * cases apart well enough.
  */
 static int spin_yields;
 
