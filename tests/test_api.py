@@ -1750,8 +1750,10 @@ def test_iterator_dropped_while_its_lock_is_held_does_not_deadlock(cpool_Pool):
         results = it._results
         with results._lock:
             del it              # finalized here, with the lock held
+        # The finalizer's thread waits for the lock, then drops the results;
+        # meanwhile the rest of the call may complete: wait for both.
         deadline = time.monotonic() + T
-        while p._cache and time.monotonic() < deadline:
+        while (p._cache or results._items) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert p._cache == {} and len(results._items) == 0
 
