@@ -8,8 +8,9 @@
  *
  *     None, bool, int, float, str, bytes, and tuple, list, dict of them
  *
- * exact types only: a subclass (an IntEnum, a namedtuple, an OrderedDict)
- * goes through pickle, as does anything else, so the receiver always gets
+ * exact types only, and namedtuples and instances of plain classes (see
+ * enc_object): a subclass (an IntEnum, an OrderedDict) goes through
+ * pickle, as does anything else, so the receiver always gets
  * equal values of the very same types.  Pickle keeps shared references
  * within a message (the same list twice is one list after loads()); the
  * encoder refuses such messages (a container, or a str or bytes of 64 or
@@ -32,6 +33,10 @@
  *     's' u32 n, n bytes of UTF-8     'b' u32 n, n bytes
  *     't' u32 n, n values (tuple)     'l' u32 n, n values (list)
  *     'D' u32 n, n key/value pairs (dict, in order)
+ *     'K' value module, value name, then as 'k': an object of a class named
+ *         here for the first time (its index: the number of 'K' before it)
+ *     'k' u8 class index, u32 n, n values (arguments of cls.__new__ after
+ *         cls), a value: None or a dict (its state)
  *
  * Integers are in native (little-endian) order: both ends are the same
  * machine.  The decoder checks every length against the message and rejects
@@ -59,6 +64,7 @@
 #define CODEC_MAX_DEPTH 32
 #define CODEC_SHARED_ATOM 64     /* str/bytes this long met twice: pickle */
 #define STACK_BYTES 512
+#define CODEC_MAX_CLASSES 32     /* classes of objects in one message */
 
 /* ------------------------------------------------------------ encoding */
 
@@ -83,6 +89,11 @@ typedef struct {
     PyObject **seen;
     size_t nseen, seen_cap;
     PyObject *seen_small[32];
+    /* Classes of the objects written so far ('K' gave each its index). */
+    PyObject *reducers;     /* ForkingPickler's, by type (NULL: none known) */
+    int nclasses;
+    PyTypeObject *classes[CODEC_MAX_CLASSES];
+    uint8_t kinds[CODEC_MAX_CLASSES];
 } enc;
 
 enum { ENC_OK = 0, ENC_NO = 1, ENC_ERR = -1 };   /* ERR: exception set */
@@ -279,6 +290,8 @@ enc_str(enc *e, PyObject *o)
 }
 
 static int enc_value(enc *e, PyObject *o, int depth);
+static int enc_dict(enc *e, PyObject *o, int depth);
+static int enc_object(enc *e, PyObject *o, int depth);
 
 /* A tuple or list.  Pickle: EMPTY_TUPLE, items TUPLE1-3, MARK items TUPLE;
  * EMPTY_LIST [MARK items APPENDS]. */
@@ -380,7 +393,246 @@ enc_value(enc *e, PyObject *o, int depth)
             return rc;
         return tp == &PyDict_Type ? enc_dict(e, o, depth) : enc_seq(e, o, depth);
     }
-    return ENC_NO;
+    return enc_object(e, o, depth);
+}
+
+/* ------------------------------------------------------------ objects */
+
+/*
+ * Instances of classes that pickle rebuilds in one of two plain ways:
+ *
+ *   OBJ_TUPLE  a namedtuple: cls.__new__(cls, *fields), no state;
+ *   OBJ_DICT   an instance of a class of plain Python classes (a dataclass,
+ *              a record class): cls.__new__(cls) with no arguments, then its
+ *              __dict__ (pickle's BUILD).
+ *
+ * Pickle spends microseconds on each (__reduce_ex__ and its lookups, a
+ * Python-level __getnewargs__, the memo); here the class is looked at once
+ * per message and each instance costs about what a tuple or a dict does.
+ * The receiver rebuilds it as pickle's NEWOBJ and BUILD do, so whatever
+ * the class does there (its own __new__, a __setstate__) happens as with
+ * pickle.  Anything else pickle would treat otherwise goes through pickle:
+ * a reducer registered with copyreg or ForkingPickler, __reduce__,
+ * __reduce_ex__, __getstate__, __getnewargs__ of its own, __slots__, a
+ * __getattr__ or __getattribute__, a metaclass, a builtin base, a class
+ * not found under its module and name (pickle would refuse it), an
+ * instance dict holding special names, an instance met twice.
+ */
+enum { OBJ_NO = 0, OBJ_TUPLE, OBJ_DICT };
+
+static struct {
+    PyObject *reduce_ex, *reduce, *getstate, *cls;   /* object's own */
+    PyObject *object_new;       /* object.__new__ */
+    PyObject *nt_getnewargs;    /* the code of namedtuple's __getnewargs__ */
+    PyObject *copyreg_table;    /* copyreg.dispatch_table */
+    PyObject *s_reduce_ex, *s_reduce, *s_getstate, *s_getnewargs,
+             *s_getnewargs_ex, *s_slots, *s_module, *s_class, *s_setstate,
+             *s_new, *s_dict;
+} K;
+
+int
+cp_codec_setup(void)
+{
+    static const struct { PyObject **p; const char *s; } names[] = {
+        {&K.s_reduce_ex, "__reduce_ex__"}, {&K.s_reduce, "__reduce__"},
+        {&K.s_getstate, "__getstate__"}, {&K.s_getnewargs, "__getnewargs__"},
+        {&K.s_getnewargs_ex, "__getnewargs_ex__"}, {&K.s_slots, "__slots__"},
+        {&K.s_module, "__module__"}, {&K.s_class, "__class__"},
+        {&K.s_setstate, "__setstate__"}, {&K.s_new, "__new__"},
+        {&K.s_dict, "__dict__"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
+            return -1;
+    PyTypeObject *ob = &PyBaseObject_Type;
+    K.reduce_ex = Py_XNewRef(_PyType_Lookup(ob, K.s_reduce_ex));
+    K.reduce = Py_XNewRef(_PyType_Lookup(ob, K.s_reduce));
+    K.getstate = Py_XNewRef(_PyType_Lookup(ob, K.s_getstate)); /* 3.11+ */
+    K.cls = Py_XNewRef(_PyType_Lookup(ob, K.s_class));
+    K.object_new = PyObject_GetAttr((PyObject *)ob, K.s_new);
+    PyObject *copyreg = PyImport_ImportModule("copyreg");
+    K.copyreg_table = copyreg ? PyObject_GetAttrString(copyreg, "dispatch_table") : NULL;
+    Py_XDECREF(copyreg);
+    PyObject *coll = PyImport_ImportModule("collections");
+    PyObject *nt = coll ? PyObject_CallMethod(coll, "namedtuple", "ss", "T", "a") : NULL;
+    PyObject *gna = nt ? PyObject_GetAttr(nt, K.s_getnewargs) : NULL;
+    K.nt_getnewargs = gna ? PyObject_GetAttrString(gna, "__code__") : NULL;
+    Py_XDECREF(gna);
+    Py_XDECREF(nt);
+    Py_XDECREF(coll);
+    if (K.reduce_ex == NULL || K.reduce == NULL || K.cls == NULL ||
+        K.object_new == NULL || K.nt_getnewargs == NULL ||
+        K.copyreg_table == NULL || !PyDict_Check(K.copyreg_table)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "cpool: codec set-up failed");
+        return -1;
+    }
+    return 0;
+}
+
+void
+cp_codec_clear(void)
+{
+    PyObject **all[] = {
+        &K.reduce_ex, &K.reduce, &K.getstate, &K.cls, &K.object_new,
+        &K.nt_getnewargs, &K.copyreg_table, &K.s_reduce_ex, &K.s_reduce,
+        &K.s_getstate, &K.s_getnewargs, &K.s_getnewargs_ex, &K.s_slots,
+        &K.s_module, &K.s_class, &K.s_setstate, &K.s_new, &K.s_dict,
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        Py_CLEAR(*all[i]);
+}
+
+static int
+has_dict(PyTypeObject *tp)
+{
+#ifdef Py_TPFLAGS_MANAGED_DICT
+    if (tp->tp_flags & Py_TPFLAGS_MANAGED_DICT)
+        return 1;
+#endif
+    return tp->tp_dictoffset != 0;
+}
+
+/* A dict lookup that cannot fail but for memory: found or not. */
+static int
+in_dict(PyObject *dict, PyObject *key)
+{
+    PyObject *v = PyDict_GetItemWithError(dict, key);
+    PyErr_Clear();
+    return v != NULL;
+}
+
+/* How pickle rebuilds an instance of tp, if one of the two ways above.
+ * Reads type dictionaries only: runs no Python code. */
+static int
+obj_kind(PyTypeObject *tp, PyObject *reducers)
+{
+    if (!(tp->tp_flags & Py_TPFLAGS_HEAPTYPE) || Py_TYPE(tp) != &PyType_Type ||
+        tp->tp_getattro != PyObject_GenericGetAttr ||
+        PyType_IsSubtype(tp, &PyType_Type))
+        return OBJ_NO;
+    if (in_dict(K.copyreg_table, (PyObject *)tp) ||
+        (reducers != NULL && in_dict(reducers, (PyObject *)tp)))
+        return OBJ_NO;
+    if (_PyType_Lookup(tp, K.s_reduce_ex) != K.reduce_ex ||
+        _PyType_Lookup(tp, K.s_reduce) != K.reduce ||
+        _PyType_Lookup(tp, K.s_getstate) != K.getstate ||
+        _PyType_Lookup(tp, K.s_class) != K.cls ||
+        _PyType_Lookup(tp, K.s_getnewargs_ex) != NULL)
+        return OBJ_NO;
+    PyObject *gna = _PyType_Lookup(tp, K.s_getnewargs);
+    if (PyType_IsSubtype(tp, &PyTuple_Type))
+        return gna != NULL && PyFunction_Check(gna) &&
+               PyFunction_GET_CODE(gna) == K.nt_getnewargs && !has_dict(tp)
+               ? OBJ_TUPLE : OBJ_NO;
+    if (gna != NULL || _PyType_Lookup(tp, K.s_slots) != NULL || !has_dict(tp) ||
+        tp->tp_new != PyBaseObject_Type.tp_new || tp->tp_itemsize != 0)
+        return OBJ_NO;
+    for (PyTypeObject *b = tp; b != &PyBaseObject_Type; b = b->tp_base)
+        if (b == NULL || !(b->tp_flags & Py_TPFLAGS_HEAPTYPE))
+            return OBJ_NO;
+    return OBJ_DICT;
+}
+
+/* tp's module and name (borrowed) if looking them up as pickle names a
+ * class finds tp itself: a class at the top level of a module. */
+static int
+class_name(PyTypeObject *tp, PyObject **mod, PyObject **name)
+{
+    PyObject *m = PyDict_GetItemWithError(tp->tp_dict, K.s_module);
+    PyObject *q = ((PyHeapTypeObject *)tp)->ht_qualname;
+    PyErr_Clear();
+    if (m == NULL || !PyUnicode_CheckExact(m) || q == NULL ||
+        !PyUnicode_CheckExact(q) ||
+        PyUnicode_FindChar(q, '.', 0, PyUnicode_GET_LENGTH(q), 1) != -1)
+        return 0;
+    PyObject *module = PyDict_GetItemWithError(PyImport_GetModuleDict(), m);
+    PyErr_Clear();
+    if (module == NULL || !PyModule_CheckExact(module))
+        return 0;
+    PyObject *found = PyDict_GetItemWithError(PyModule_GetDict(module), q);
+    PyErr_Clear();
+    if (found != (PyObject *)tp)
+        return 0;
+    *mod = m;
+    *name = q;
+    return 1;
+}
+
+/* A name pickle would look up on the instance before its class's own. */
+static int
+special_name(PyObject *k)
+{
+    if (!PyUnicode_CheckExact(k) || !PyUnicode_IS_ASCII(k))
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(k);
+    const char *c = (const char *)PyUnicode_DATA(k);
+    return n >= 4 && c[0] == '_' && c[1] == '_' && c[n - 1] == '_' && c[n - 2] == '_';
+}
+
+/* An instance: 'K' module name (a class first met, index nclasses) or
+ * 'k' u8 index, then u32 n, n arguments for cls.__new__ after cls, then
+ * the state: None, or a dict for its __dict__. */
+static int
+enc_object(enc *e, PyObject *o, int depth)
+{
+    PyTypeObject *tp = Py_TYPE(o);
+    int i = 0, rc;
+    if (e->pk)
+        return ENC_NO;
+    while (i < e->nclasses && e->classes[i] != tp)
+        i++;
+    if (i == e->nclasses) {
+        PyObject *mod, *name;
+        int kind;
+        if (i == CODEC_MAX_CLASSES || (kind = obj_kind(tp, e->reducers)) == OBJ_NO ||
+            !class_name(tp, &mod, &name))
+            return ENC_NO;
+        if ((rc = enc_op(e, 'K')) != ENC_OK || (rc = enc_str(e, mod)) != ENC_OK ||
+            (rc = enc_str(e, name)) != ENC_OK)
+            return rc;
+        e->classes[i] = tp;
+        e->kinds[i] = (uint8_t)kind;
+        e->nclasses++;
+    } else {
+        uint8_t h[2] = {'k', (uint8_t)i};
+        if ((rc = enc_put(e, h, 2)) != ENC_OK)
+            return rc;
+    }
+    /* Pickle gives one object for an instance met twice. */
+    if (Py_REFCNT(o) > 1 && (rc = enc_seen(e, o)) != ENC_OK)
+        return rc;
+    if (e->kinds[i] == OBJ_TUPLE) {
+        Py_ssize_t n = PyTuple_GET_SIZE(o);
+        uint32_t n32 = (uint32_t)n;
+        if (n > UINT32_MAX)
+            return ENC_NO;
+        rc = enc_put(e, &n32, 4);
+        for (Py_ssize_t j = 0; rc == ENC_OK && j < n; j++)
+            rc = enc_value(e, PyTuple_GET_ITEM(o, j), depth + 1);
+        return rc == ENC_OK ? enc_op(e, 'N') : rc;
+    }
+    static const uint32_t none = 0;
+    if ((rc = enc_put(e, &none, 4)) != ENC_OK)
+        return rc;
+    PyObject *dict = PyObject_GenericGetDict(o, NULL);
+    if (dict == NULL)
+        return ENC_ERR;
+    if (!PyDict_CheckExact(dict)) {
+        rc = ENC_NO;
+    } else if (PyDict_GET_SIZE(dict) == 0) {
+        rc = enc_op(e, 'N');
+    } else {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (rc == ENC_OK && PyDict_Next(dict, &pos, &k, &v))
+            if (special_name(k))
+                rc = ENC_NO;
+        if (rc == ENC_OK)
+            rc = enc_dict(e, dict, depth + 1);
+    }
+    Py_DECREF(dict);
+    return rc;
 }
 
 /* The items of a list being sent as n items[]: a list message, as if
@@ -418,6 +670,9 @@ encode_any(PyObject *obj, PyObject *const *items, Py_ssize_t n,
              .seen_cap = 32};
     e.seen = e.seen_small;
     memset(e.seen_small, 0, sizeof e.seen_small);
+    /* Imported once, before the walk (which must run no Python code). */
+    if (!pk)
+        e.reducers = cp_fp_reducers();
     static const uint8_t proto[2] = {PK_PROTO, 5};
     int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
     if (rc == ENC_OK)
@@ -487,6 +742,11 @@ typedef struct {
     unsigned evict;                 /* which of a full run of slots goes */
     uint32_t lookups, hits;         /* few hits: the cache is left alone */
     dec_atom atoms[ATOM_SLOTS];
+    int nclasses;                   /* the classes of objects ('K') */
+    struct dec_class {
+        PyObject *cls, *new;        /* new: cls.__new__ */
+        int plain;                  /* no __setstate__, generic attributes */
+    } classes[CODEC_MAX_CLASSES];
 } dec;
 
 #define ATOM_USED(d, i) ((d)->used[(i) / 64] >> ((i) % 64) & 1)
@@ -499,6 +759,11 @@ dec_release(dec *d)
             Py_DECREF(d->atoms[w * 64 + (unsigned)__builtin_ctzll(u)].obj);
         d->used[w] = 0;
     }
+    for (int i = 0; i < d->nclasses; i++) {
+        Py_DECREF(d->classes[i].cls);
+        Py_DECREF(d->classes[i].new);
+    }
+    d->nclasses = 0;
 }
 
 /* ascii: the caller saw that every byte is below 0x80 */
@@ -603,6 +868,115 @@ dec_u32(dec *d, uint32_t *n)
     return dec_take(d, n, 4);
 }
 
+static PyObject *dec_value(dec *d, int depth);
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define lookup_attr PyObject_GetOptionalAttr
+#else
+#define lookup_attr _PyObject_LookupAttr
+#endif
+
+/* 'K': find the class as pickle's find_class() does (importing its module
+ * if need be) and make it the message's next one. */
+static int
+dec_class(dec *d, int depth)
+{
+    if (d->nclasses == CODEC_MAX_CLASSES)
+        return malformed(), -1;
+    PyObject *mod = dec_value(d, depth + 1);
+    PyObject *name = mod ? dec_value(d, depth + 1) : NULL;
+    PyObject *m = NULL, *cls = NULL, *new = NULL;
+    if (name != NULL && (!PyUnicode_CheckExact(mod) || !PyUnicode_CheckExact(name)))
+        malformed();
+    else if (name != NULL && (m = PyImport_Import(mod)) != NULL &&
+             (cls = PyObject_GetAttr(m, name)) != NULL) {
+        if (PyType_Check(cls))
+            new = PyObject_GetAttr(cls, K.s_new);
+        else
+            PyErr_Format(PyExc_TypeError, "cpool: %U.%U is not a class here",
+                         mod, name);
+    }
+    Py_XDECREF(mod);
+    Py_XDECREF(name);
+    Py_XDECREF(m);
+    if (new == NULL) {
+        Py_XDECREF(cls);
+        return -1;
+    }
+    PyTypeObject *tp = (PyTypeObject *)cls;
+    d->classes[d->nclasses++] = (struct dec_class){
+        cls, new,
+        tp->tp_getattro == PyObject_GenericGetAttr &&
+            _PyType_Lookup(tp, K.s_setstate) == NULL};
+    return 0;
+}
+
+/* pickle's BUILD with a dict: o.__setstate__(state) if it has one, else
+ * the items go into o.__dict__, string keys interned. */
+static int
+dec_build(PyObject *o, PyObject *state, const struct dec_class *c)
+{
+    PyObject *f = NULL;
+    if (!c->plain && lookup_attr(o, K.s_setstate, &f) < 0)
+        return -1;
+    if (f != NULL) {
+        PyObject *r = PyObject_CallOneArg(f, state);
+        Py_DECREF(f);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    PyObject *dict = PyObject_GetAttr(o, K.s_dict);
+    if (dict == NULL)
+        return -1;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    int rc = 0;
+    while (rc == 0 && PyDict_Next(state, &pos, &k, &v)) {
+        Py_INCREF(k);
+        if (PyUnicode_CheckExact(k))
+            PyUnicode_InternInPlace(&k);
+        rc = PyObject_SetItem(dict, k, v);
+        Py_DECREF(k);
+    }
+    Py_DECREF(dict);
+    return rc;
+}
+
+/* An instance of class c (see enc_object): cls.__new__(cls, *args), then
+ * its state, as pickle's NEWOBJ and BUILD. */
+static PyObject *
+dec_object(dec *d, const struct dec_class *c, int depth)
+{
+    uint32_t n;
+    if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n)
+        return malformed();
+    PyObject *small[8], **args = small;
+    if (n + 1 > sizeof small / sizeof small[0] &&
+        (args = PyMem_Malloc(((size_t)n + 1) * sizeof *args)) == NULL)
+        return PyErr_NoMemory();
+    args[0] = c->cls;
+    uint32_t got = 0;
+    while (got < n && (args[got + 1] = dec_value(d, depth + 1)) != NULL)
+        got++;
+    PyObject *o = got == n ? PyObject_Vectorcall(c->new, args, n + 1, NULL) : NULL;
+    for (uint32_t i = 0; i < got; i++)
+        Py_DECREF(args[i + 1]);
+    if (args != small)
+        PyMem_Free(args);
+    PyObject *state = o ? dec_value(d, depth + 1) : NULL;
+    if (state == NULL || (state != Py_None && !PyDict_CheckExact(state))) {
+        if (state != NULL)
+            malformed();
+        Py_XDECREF(state);
+        Py_XDECREF(o);
+        return NULL;
+    }
+    if (state != Py_None && dec_build(o, state, c) < 0)
+        Py_CLEAR(o);
+    Py_DECREF(state);
+    return o;
+}
+
 static PyObject *
 dec_value(dec *d, int depth)
 {
@@ -687,6 +1061,16 @@ dec_value(dec *d, int depth)
         }
         return o;
     }
+    case 'K':
+        if (dec_class(d, depth) < 0)
+            return NULL;
+        return dec_object(d, &d->classes[d->nclasses - 1], depth);
+    case 'k': {
+        uint8_t i;
+        if (dec_take(d, &i, 1) < 0 || i >= d->nclasses)
+            return malformed();
+        return dec_object(d, &d->classes[i], depth);
+    }
     default:
         return malformed();
     }
@@ -702,6 +1086,7 @@ cp_codec_decode(const uint8_t *p, uint64_t n)
     d.end = p + n;
     memset(d.used, 0, sizeof d.used);
     d.evict = d.lookups = d.hits = 0;
+    d.nclasses = 0;
     PyObject *o = dec_value(&d, 0);
     dec_release(&d);
     if (o != NULL && d.p != d.end) {

@@ -631,6 +631,9 @@ void cp_msg_fork_hooks(void);
  * A message in this encoding starts with CP_CODEC_MAGIC (a pickle of
  * protocol 2 or later starts with 0x80). */
 #define CP_CODEC_MAGIC 0xCB
+int cp_codec_setup(void);
+void cp_codec_clear(void);
+PyObject *cp_fp_reducers(void);
 PyObject *cp_codec_encode(PyObject *obj, uint64_t max_bytes);
 PyObject *cp_codec_pickle(PyObject *m, PyObject *obj);
 PyObject *cp_codec_decode(const uint8_t *p, uint64_t n);

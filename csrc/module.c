@@ -353,7 +353,7 @@ module_exec(PyObject *m)
     st->unpickler = subclass_with_slot(st->unpickler, "Unpickler",
                                        "persistent_load");
 #endif
-    if (st->unpickler == NULL || cp_unpickle_setup(st) < 0)
+    if (st->unpickler == NULL || cp_unpickle_setup(st) < 0 || cp_codec_setup() < 0)
         return -1;
     st->protocol = PyLong_FromLong(5);
     st->str_set = PyUnicode_InternFromString("_set");
@@ -506,6 +506,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->result_base);
     Py_CLEAR(st->pool_base);
     cp_result_clear_types();
+    cp_codec_clear();
     return 0;
 }
 

@@ -251,6 +251,14 @@ fp_ready(void)
     return 1;
 }
 
+/* ForkingPickler's reducers by type (a dict, borrowed), or NULL if they
+ * cannot be had (no exception left set).  Imports them the first time. */
+PyObject *
+cp_fp_reducers(void)
+{
+    return fp_ready() ? cp_state->fp_reducers : NULL;
+}
+
 PyObject *
 cp_msg_dumps(PyObject *obj, int big_hint, int *oob, const cp_arena_use *au)
 {

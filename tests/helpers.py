@@ -10,6 +10,9 @@ a "long enough" time.  Every gated task has a fallback deadline
 (GATE_TIMEOUT) so a broken implementation fails a test instead of hanging
 the run.
 """
+import collections
+import copyreg
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -235,6 +238,105 @@ class SizedRaisingIterable:
             if i == self.when:
                 raise SayWhenError("sized iterable said when", i)
             yield i
+
+
+# Objects the plain-data encoding carries (csrc/codec.c: enc_object), and
+# look-alikes it must leave to pickle.  Module level, so that both pickle
+# and the encoding find them by name in a worker too.
+Pair = collections.namedtuple("Pair", "a b")
+
+
+@dataclasses.dataclass
+class Rec:
+    name: str
+    value: float
+    tags: list
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenRec:
+    x: int
+    y: object = None
+
+
+class Plain:
+    """A plain class: pickle rebuilds it with object.__new__ and its dict."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None
+
+
+class Restored(Plain):
+    """Rebuilt through its __setstate__, which marks what it rebuilt."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, restored=True)
+
+
+class TenfoldPair(Pair):
+    """A namedtuple whose __new__ is its own: pickle calls it on loading."""
+    __slots__ = ()
+
+    def __new__(cls, a, b):
+        return super().__new__(cls, a, b * 10)
+
+
+class Slotted:
+    __slots__ = ("a",)
+
+    def __init__(self, a=1):
+        self.a = a
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.a == self.a
+
+
+class Reduced(Plain):
+    def __reduce__(self):
+        return (Reduced, (), {"via": "reduce"})
+
+
+class WithGetstate(Plain):
+    def __getstate__(self):
+        return {"via": "getstate"}
+
+
+class Lazy(Plain):
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+class InCopyreg(Plain):
+    pass
+
+
+copyreg.pickle(InCopyreg, lambda o: (InCopyreg, (), {"via": "copyreg"}))
+
+
+class WithNew(Plain):
+    def __new__(cls, *args, **kw):
+        return super().__new__(cls)
+
+
+class Outer:
+    class Inner(Plain):
+        pass
+
+
+class ErrorRecord(Exception):
+    pass
+
+
+def make_objects(i):
+    """One of each kind the encoding carries, nested."""
+    return [Pair(i, -i), Rec("r%d" % i, i / 2, [i, Pair(1, 2)]),
+            FrozenRec(i, (i, "y")), Plain(n=i, inner=Plain(s="x"), d={"k": [i]}),
+            TenfoldPair(i, 1), Restored(v=i), Plain()]
 
 
 class MisSized:

@@ -106,6 +106,14 @@ def _batch(p, kind, n):
             v = (i, -i * 2**70, 1.5, "é" * (i % 3), b"x", None, True, [i, (i,)], {"k": [i]})
             assert p.apply(helpers.identity, (v,)) == v
             assert p.apply_async(helpers.identity, (v,)).get(timeout=T) == v
+    elif kind == "objects":
+        # instances the plain-data encoding carries (namedtuples,
+        # dataclasses, plain classes), both ways
+        for i in range(n // 4):
+            v = helpers.make_objects(i)
+            got = p.apply(helpers.identity, (v,))
+            assert got[0] == v[0] and got[1] == v[1] and got[3] == v[3]
+            assert p.apply(helpers.make_objects, (i,))[2] == v[2]
     elif kind == "plain_data_large":
         # plain data too large for one record: the memo-less pickle writer
         pairs = [(x, -x) for x in range(30000)]
@@ -160,7 +168,7 @@ def _settle():
 
 KINDS = ["apply", "apply_async", "apply_async_callback", "map", "map_cs1", "starmap",
          "imap", "imap_cs4", "imap_unordered", "imap_error", "apply_error", "apply_async_fail",
-         "plain_data", "plain_data_large", "large_payload", "arena_arrays", "read_only_arrays", "pool_list"]
+         "plain_data", "objects", "plain_data_large", "large_payload", "arena_arrays", "read_only_arrays", "pool_list"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
