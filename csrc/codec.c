@@ -423,6 +423,7 @@ enum { OBJ_NO = 0, OBJ_TUPLE, OBJ_DICT };
 static struct {
     PyObject *reduce_ex, *reduce, *getstate, *cls;   /* object's own */
     PyObject *object_new;       /* object.__new__ */
+    PyObject *empty;            /* () */
     PyObject *nt_getnewargs;    /* the code of namedtuple's __getnewargs__ */
     PyObject *copyreg_table;    /* copyreg.dispatch_table */
     PyObject *s_reduce_ex, *s_reduce, *s_getstate, *s_getnewargs,
@@ -450,6 +451,7 @@ cp_codec_setup(void)
     K.getstate = Py_XNewRef(_PyType_Lookup(ob, K.s_getstate)); /* 3.11+ */
     K.cls = Py_XNewRef(_PyType_Lookup(ob, K.s_class));
     K.object_new = PyObject_GetAttr((PyObject *)ob, K.s_new);
+    K.empty = PyTuple_New(0);
     PyObject *copyreg = PyImport_ImportModule("copyreg");
     K.copyreg_table = copyreg ? PyObject_GetAttrString(copyreg, "dispatch_table") : NULL;
     Py_XDECREF(copyreg);
@@ -461,7 +463,7 @@ cp_codec_setup(void)
     Py_XDECREF(nt);
     Py_XDECREF(coll);
     if (K.reduce_ex == NULL || K.reduce == NULL || K.cls == NULL ||
-        K.object_new == NULL || K.nt_getnewargs == NULL ||
+        K.object_new == NULL || K.empty == NULL || K.nt_getnewargs == NULL ||
         K.copyreg_table == NULL || !PyDict_Check(K.copyreg_table)) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "cpool: codec set-up failed");
@@ -474,7 +476,7 @@ void
 cp_codec_clear(void)
 {
     PyObject **all[] = {
-        &K.reduce_ex, &K.reduce, &K.getstate, &K.cls, &K.object_new,
+        &K.reduce_ex, &K.reduce, &K.getstate, &K.cls, &K.object_new, &K.empty,
         &K.nt_getnewargs, &K.copyreg_table, &K.s_reduce_ex, &K.s_reduce,
         &K.s_getstate, &K.s_getnewargs, &K.s_getnewargs_ex, &K.s_slots,
         &K.s_module, &K.s_class, &K.s_setstate, &K.s_new, &K.s_dict,
@@ -746,6 +748,7 @@ typedef struct {
     struct dec_class {
         PyObject *cls, *new;        /* new: cls.__new__ */
         int plain;                  /* no __setstate__, generic attributes */
+        int object_new;             /* new is object.__new__, tp_new its */
     } classes[CODEC_MAX_CLASSES];
 } dec;
 
@@ -907,8 +910,20 @@ dec_class(dec *d, int depth)
     d->classes[d->nclasses++] = (struct dec_class){
         cls, new,
         tp->tp_getattro == PyObject_GenericGetAttr &&
-            _PyType_Lookup(tp, K.s_setstate) == NULL};
+            _PyType_Lookup(tp, K.s_setstate) == NULL,
+        new == K.object_new && tp->tp_new == PyBaseObject_Type.tp_new};
     return 0;
+}
+
+/* dict[k] = v as pickle's BUILD sets it, a str key interned; k stolen. */
+static int
+set_state_item(PyObject *dict, PyObject *k, PyObject *v)
+{
+    if (PyUnicode_CheckExact(k))
+        PyUnicode_InternInPlace(&k);
+    int rc = PyObject_SetItem(dict, k, v);
+    Py_DECREF(k);
+    return rc;
 }
 
 /* pickle's BUILD with a dict: o.__setstate__(state) if it has one, else
@@ -931,15 +946,62 @@ dec_build(PyObject *o, PyObject *state, const struct dec_class *c)
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     int rc = 0;
-    while (rc == 0 && PyDict_Next(state, &pos, &k, &v)) {
-        Py_INCREF(k);
-        if (PyUnicode_CheckExact(k))
-            PyUnicode_InternInPlace(&k);
-        rc = PyObject_SetItem(dict, k, v);
-        Py_DECREF(k);
+    while (rc == 0 && PyDict_Next(state, &pos, &k, &v))
+        rc = set_state_item(dict, Py_NewRef(k), v);
+    Py_DECREF(dict);
+    return rc;
+}
+
+/* The same for a class without __setstate__, from the message: its 'D'
+ * pairs go into o.__dict__ as they are decoded. */
+static int
+dec_build_plain(dec *d, PyObject *o, int depth)
+{
+    uint32_t n;
+    d->p++;
+    if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) / 2 < n)
+        return malformed(), -1;
+    PyObject *dict = PyObject_GetAttr(o, K.s_dict);
+    if (dict == NULL)
+        return -1;
+    int rc = 0;
+    for (uint32_t i = 0; rc == 0 && i < n; i++) {
+        PyObject *k = dec_value(d, depth + 1);
+        PyObject *v = k ? dec_value(d, depth + 1) : NULL;
+        if (v == NULL) {
+            Py_XDECREF(k);
+            rc = -1;
+        } else {
+            rc = set_state_item(dict, k, v);
+            Py_DECREF(v);
+        }
     }
     Py_DECREF(dict);
     return rc;
+}
+
+/* The state of o, just made: None or a dict (pickle's BUILD).  Returns o,
+ * or NULL (o released). */
+static PyObject *
+dec_state(dec *d, PyObject *o, const struct dec_class *c, int depth)
+{
+    if (c->plain && d->p < d->end && *d->p == 'D') {
+        if (dec_build_plain(d, o, depth) < 0)
+            Py_CLEAR(o);
+        return o;
+    }
+    PyObject *state = dec_value(d, depth + 1);
+    if (state == NULL || (state != Py_None && !PyDict_CheckExact(state))) {
+        if (state != NULL)
+            malformed();
+        Py_XDECREF(state);
+        Py_DECREF(o);
+        return NULL;
+    }
+    if (state != Py_None && dec_build(o, state, c) < 0)
+        Py_CLEAR(o);
+    Py_DECREF(state);
+    return o;
 }
 
 /* An instance of class c (see enc_object): cls.__new__(cls, *args), then
@@ -950,6 +1012,13 @@ dec_object(dec *d, const struct dec_class *c, int depth)
     uint32_t n;
     if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n)
         return malformed();
+    PyObject *o;
+    if (n == 0 && c->object_new) {
+        /* object.__new__(cls), without its wrapper's argument tuple */
+        PyTypeObject *tp = (PyTypeObject *)c->cls;
+        o = tp->tp_new(tp, K.empty, NULL);
+        return o ? dec_state(d, o, c, depth) : NULL;
+    }
     PyObject *small[8], **args = small;
     if (n + 1 > sizeof small / sizeof small[0] &&
         (args = PyMem_Malloc(((size_t)n + 1) * sizeof *args)) == NULL)
@@ -958,23 +1027,12 @@ dec_object(dec *d, const struct dec_class *c, int depth)
     uint32_t got = 0;
     while (got < n && (args[got + 1] = dec_value(d, depth + 1)) != NULL)
         got++;
-    PyObject *o = got == n ? PyObject_Vectorcall(c->new, args, n + 1, NULL) : NULL;
+    o = got == n ? PyObject_Vectorcall(c->new, args, n + 1, NULL) : NULL;
     for (uint32_t i = 0; i < got; i++)
         Py_DECREF(args[i + 1]);
     if (args != small)
         PyMem_Free(args);
-    PyObject *state = o ? dec_value(d, depth + 1) : NULL;
-    if (state == NULL || (state != Py_None && !PyDict_CheckExact(state))) {
-        if (state != NULL)
-            malformed();
-        Py_XDECREF(state);
-        Py_XDECREF(o);
-        return NULL;
-    }
-    if (state != Py_None && dec_build(o, state, c) < 0)
-        Py_CLEAR(o);
-    Py_DECREF(state);
-    return o;
+    return o ? dec_state(d, o, c, depth) : NULL;
 }
 
 static PyObject *

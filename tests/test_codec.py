@@ -368,6 +368,25 @@ def test_malformed_input_raises_and_never_crashes():
             _core.loads(bytes(data))
         except (RuntimeError, UnicodeDecodeError, TypeError):
             pass
+    # objects: a damaged class name fails to import or to be found
+    good = [_core.encode_plain(o) for o in OBJECTS]
+    for data in good:
+        for cut in range(1, len(data)):
+            with pytest.raises(RuntimeError):
+                _core.loads(data[:cut])
+    for _ in range(3000):
+        data = bytearray(rng.choice(good))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.getrandbits(8)
+        data[0] = MAGIC
+        try:
+            _core.loads(bytes(data))
+        except (RuntimeError, UnicodeDecodeError, TypeError, ImportError,
+                AttributeError, ValueError):
+            pass
+    for head in (b"k\x00", b"k\x05", b"K" + b"s\x01\x00\x00\x00x" * 2):
+        with pytest.raises((RuntimeError, ImportError)):
+            _core.loads(bytes([MAGIC]) + head + b"\x00\x00\x00\x00N")
     # huge counts and lengths
     for tag in b"tlDsbI":
         with pytest.raises(RuntimeError):
