@@ -5,8 +5,22 @@ reference (module name + function name).
 """
 
 
+import dataclasses
+
+
 def square(x):
     return x * x
+
+
+@dataclasses.dataclass
+class Record:
+    key: int
+    name: str
+    score: float
+
+
+def make_record(i):
+    return Record(i, "item", i / 4)
 
 
 def add(a, b):

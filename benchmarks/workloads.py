@@ -437,6 +437,12 @@ def run_map(b, n):
     return time.perf_counter() - t0, out
 
 
+def run_records(b, n):
+    t0 = time.perf_counter()
+    out = b.map(T.make_record, range(n))
+    return time.perf_counter() - t0, out
+
+
 def run_starmap(b, n):
     pairs = _pairs(n)
     t0 = time.perf_counter()
@@ -540,6 +546,9 @@ WORKLOADS = [
              lambda out, n: out == _squares(n), 10000, 300, "imap_unordered"),
     Workload("map", "map 10^6 ints, default chunksize", run_map,
              lambda out, n: list(out) == _squares(n), 10**6, 10**4, "map"),
+    Workload("records", "map 10^5 ints to dataclass records", run_records,
+             lambda out, n: list(out) == [T.make_record(i) for i in range(n)],
+             10**5, 10**3, "map"),
     Workload("starmap", "starmap 2*10^5 pairs", run_starmap,
              lambda out, n: list(out) == [3 * i for i in range(n)], 200000, 2000, "starmap"),
     Workload("bytes_arg", "64 MiB bytes argument", run_bytes_arg,
