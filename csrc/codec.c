@@ -90,7 +90,7 @@ typedef struct {
     size_t nseen, seen_cap;
     PyObject *seen_small[32];
     /* Classes of the objects written so far ('K' gave each its index). */
-    PyObject *reducers;     /* ForkingPickler's, by type (NULL: none known) */
+    PyObject *reducers;     /* ForkingPickler's, by type (NULL: not yet) */
     int nclasses;
     PyTypeObject *classes[CODEC_MAX_CLASSES];
     uint8_t kinds[CODEC_MAX_CLASSES];
@@ -455,12 +455,23 @@ cp_codec_setup(void)
     PyObject *copyreg = PyImport_ImportModule("copyreg");
     K.copyreg_table = copyreg ? PyObject_GetAttrString(copyreg, "dispatch_table") : NULL;
     Py_XDECREF(copyreg);
+    /* Every namedtuple's __getnewargs__ is made from one code object, a
+     * constant of namedtuple()'s own code. */
     PyObject *coll = PyImport_ImportModule("collections");
-    PyObject *nt = coll ? PyObject_CallMethod(coll, "namedtuple", "ss", "T", "a") : NULL;
-    PyObject *gna = nt ? PyObject_GetAttr(nt, K.s_getnewargs) : NULL;
-    K.nt_getnewargs = gna ? PyObject_GetAttrString(gna, "__code__") : NULL;
-    Py_XDECREF(gna);
-    Py_XDECREF(nt);
+    PyObject *f = coll ? PyObject_GetAttrString(coll, "namedtuple") : NULL;
+    PyObject *code = f ? PyObject_GetAttrString(f, "__code__") : NULL;
+    PyObject *consts = code ? PyObject_GetAttrString(code, "co_consts") : NULL;
+    for (Py_ssize_t i = 0; consts != NULL && PyTuple_Check(consts) &&
+                           i < PyTuple_GET_SIZE(consts) && K.nt_getnewargs == NULL; i++) {
+        PyObject *c = PyTuple_GET_ITEM(consts, i);
+        if (PyCode_Check(c) &&
+            PyUnicode_CompareWithASCIIString(((PyCodeObject *)c)->co_name,
+                                             "__getnewargs__") == 0)
+            K.nt_getnewargs = Py_NewRef(c);
+    }
+    Py_XDECREF(consts);
+    Py_XDECREF(code);
+    Py_XDECREF(f);
     Py_XDECREF(coll);
     if (K.reduce_ex == NULL || K.reduce == NULL || K.cls == NULL ||
         K.object_new == NULL || K.empty == NULL || K.nt_getnewargs == NULL ||
@@ -513,8 +524,7 @@ obj_kind(PyTypeObject *tp, PyObject *reducers)
         tp->tp_getattro != PyObject_GenericGetAttr ||
         PyType_IsSubtype(tp, &PyType_Type))
         return OBJ_NO;
-    if (in_dict(K.copyreg_table, (PyObject *)tp) ||
-        (reducers != NULL && in_dict(reducers, (PyObject *)tp)))
+    if (in_dict(K.copyreg_table, (PyObject *)tp) || in_dict(reducers, (PyObject *)tp))
         return OBJ_NO;
     if (_PyType_Lookup(tp, K.s_reduce_ex) != K.reduce_ex ||
         _PyType_Lookup(tp, K.s_reduce) != K.reduce ||
@@ -580,7 +590,7 @@ enc_object(enc *e, PyObject *o, int depth)
 {
     PyTypeObject *tp = Py_TYPE(o);
     int i = 0, rc;
-    if (e->pk)
+    if (e->pk || e->reducers == NULL)
         return ENC_NO;
     while (i < e->nclasses && e->classes[i] != tp)
         i++;
@@ -672,9 +682,11 @@ encode_any(PyObject *obj, PyObject *const *items, Py_ssize_t n,
              .seen_cap = 32};
     e.seen = e.seen_small;
     memset(e.seen_small, 0, sizeof e.seen_small);
-    /* Imported once, before the walk (which must run no Python code). */
-    if (!pk)
-        e.reducers = cp_fp_reducers();
+    /* ForkingPickler's reducers, which the first pickled message imports
+     * (msg.c: cp_fp_reducers): until then, objects go through pickle.
+     * Importing them here, for every process's first message of plain
+     * data, would cost each worker memory it may never need. */
+    e.reducers = cp_state->fp_reducers;
     static const uint8_t proto[2] = {PK_PROTO, 5};
     int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
     if (rc == ENC_OK)
@@ -1242,6 +1254,7 @@ cp_codec_encode_plain_py(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize
             PyErr_SetString(PyExc_TypeError, "encode_plain(obj, max_bytes=2**20)");
         return NULL;
     }
+    cp_fp_reducers();       /* as a message pickled before would have */
     return cp_codec_encode(args[0], max);
 }
 
