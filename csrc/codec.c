@@ -927,12 +927,16 @@ dec_class(dec *d, int depth)
     return 0;
 }
 
-/* dict[k] = v as pickle's BUILD sets it, a str key interned; k stolen. */
+/* dict[k] = v as pickle's BUILD sets it, a str key interned (before 3.13:
+ * from 3.13, PyUnicode_InternInPlace() makes a string immortal, and every
+ * distinct key of every message would stay for good); k stolen. */
 static int
 set_state_item(PyObject *dict, PyObject *k, PyObject *v)
 {
+#if PY_VERSION_HEX < 0x030D0000
     if (PyUnicode_CheckExact(k))
         PyUnicode_InternInPlace(&k);
+#endif
     int rc = PyObject_SetItem(dict, k, v);
     Py_DECREF(k);
     return rc;

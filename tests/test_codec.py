@@ -183,6 +183,8 @@ def test_what_the_classes_own_code_does_on_loading_happens_as_with_pickle():
     assert _core.loads(_core.encode_plain(helpers.FrozenRec(1))) == helpers.FrozenRec(1)
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 13),
+                    reason="3.13's C interning makes strings immortal: not used")
 def test_rebuilt_instances_have_interned_keys():
     got = _core.loads(_core.encode_plain([helpers.Plain(**{"k%d" % i: i}) for i in range(3)]))
     for o in got:
