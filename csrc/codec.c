@@ -632,6 +632,9 @@ enc_object(enc *e, PyObject *o, int depth)
         return ENC_ERR;
     if (!PyDict_CheckExact(dict)) {
         rc = ENC_NO;
+    } else if (Py_REFCNT(dict) > 2 && (rc = enc_seen(e, dict)) != ENC_OK) {
+        /* held by more than o and us: one dict given to two instances
+         * (b.__dict__ = a.__dict__), whose values pickle would share */
     } else if (PyDict_GET_SIZE(dict) == 0) {
         rc = enc_op(e, 'N');
     } else {

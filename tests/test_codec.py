@@ -255,6 +255,12 @@ def test_an_instance_met_twice_or_in_itself_is_refused():
     assert got[0] is got[1]
     a.me = a
     assert _core.encode_plain(a) is None
+    # two instances given one dict: its list is one list for pickle
+    b, c = helpers.Plain(), helpers.Plain(items=[1])
+    b.__dict__ = c.__dict__
+    assert _core.encode_plain([b, c]) is None
+    got = _via_pickle([b, c])
+    assert got[0].items is got[1].items
 
 
 def test_a_class_not_found_on_loading_fails_as_with_pickle(monkeypatch):
