@@ -37,7 +37,7 @@ setup(
         Extension(
             "cpool._core",
             sources=[f"csrc/{n}.c" for n in
-                     ("ring", "shm", "arena", "npalloc", "proc", "msg", "codec", "result", "worker",
+                     ("ring", "shm", "arena", "npalloc", "pyheap", "proc", "msg", "codec", "result", "worker",
                       "core", "module")],
             depends=["csrc/cpool.h", "csrc/atomics.h"],
             extra_compile_args=cflags,

@@ -247,14 +247,7 @@ cp_arena_carry_default(uint64_t bytes)
 static uint64_t
 carry_budget(void)
 {
-    /* Bytes, in decimal digits; anything else is ignored. */
-    const char *env = getenv("CPOOL_ARENA_CARRY");
-    if (env == NULL || *env < '0' || *env > '9')
-        return carry_default;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(env, &end, 10);
-    return errno == 0 && *end == '\0' ? (uint64_t)v : carry_default;
+    return cp_env_bytes("CPOOL_ARENA_CARRY", carry_default);
 }
 
 /* Drop a reference; the last one unmaps, or parks a closed arena that

@@ -9,6 +9,8 @@
  *   arena.c   shared memory for large out-of-band buffers (numpy arrays):
  *             blocks one side fills and the other wraps in place.  No Python.
  *   npalloc.c a worker's large numpy arrays, made in its arena partition.
+ *   pyheap.c  Python's freed object arenas, kept for reuse while a pool
+ *             exists.
  *   proc.c    the zygote (fork server) and how it forks workers.
  *   worker.c  the worker loop: take a task record, run it, publish a result.
  *   core.c    the parent side: dispatch, the collector loop, crash handling.
@@ -19,8 +21,10 @@
 #ifndef CPOOL_H
 #define CPOOL_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 
@@ -96,6 +100,20 @@ enum { CP_T_QUEUED = 0, CP_T_CLAIMED = 1, CP_T_STOLEN = 2 };
 
 #define CP_REC_ALIGN(n) (((n) + 7u) & ~(uint64_t)7u)
 
+/* A byte count from environment variable `name`, in decimal digits, or
+ * `dflt` if it is unset or anything else. */
+static inline uint64_t
+cp_env_bytes(const char *name, uint64_t dflt)
+{
+    const char *env = getenv(name);
+    if (env == NULL || *env < '0' || *env > '9')
+        return dflt;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(env, &end, 10);
+    return errno == 0 && *end == '\0' ? (uint64_t)v : dflt;
+}
+
 /* Warm memory (first-touch page faults are slow here): what a process keeps
  * for reuse of each kind (a worker's free heap, a gather buffer for messages
  * in several fragments, kept if the message was no larger, an arena
@@ -114,6 +132,19 @@ cp_warm_share(int nworkers)
         share = UINT64_C(32) << 20;
     return share;
 }
+
+/* ---------------------------------------------------------------- pyheap */
+
+/* Freed pymalloc arenas a process keeps for reuse while it has a pool
+ * (pyheap.c; CPOOL_PYHEAP_KEEP overrides, 0 turns it off). */
+#define CP_PYHEAP_KEEP ((size_t)64 << 20)
+
+void cp_pyheap_hold(void);
+void cp_pyheap_release(void);
+void cp_pyheap_limit(size_t limit);
+#ifdef Py_PYTHON_H
+PyObject *cp_pyheap_info(PyObject *m, PyObject *noargs);
+#endif
 
 /*
  * One process's end of a ring: a pointer to the shared header plus private
@@ -454,6 +485,7 @@ typedef struct Core {
     int zpidfd;
     pid_t zpid;
     int all_reaped;        /* the zygote exited 0: every worker was reaped */
+    int pyheap_held;       /* cp_pyheap_hold() was called for it */
     uint32_t zreaping;     /* a thread is reaping the zygote (reap_zygote) */
     int state;             /* CORE_* */
     int broken;            /* it went through CORE_BROKEN */

@@ -74,7 +74,8 @@ flush_std(void)
  * task would make a task that churns through more than `keep` fault it all
  * in again each time), and a trim, which may take tens of ms, delays a task
  * only if one comes right then.
- * (This process is ours; the parent's allocator is left alone.)
+ * (This process is ours; the parent's malloc is left alone.  Python's
+ * freed object arenas are kept in both, while a pool exists: pyheap.c.)
  */
 #define HEAP_IDLE_NS (UINT64_C(1000) * 1000 * 1000)
 
@@ -90,6 +91,7 @@ static void
 heap_setup(int nworkers)
 {
     heap.keep = (size_t)cp_warm_share(nworkers);
+    cp_pyheap_limit(heap.keep);
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, (int)heap.keep);
     heap.base = (uintptr_t)sbrk(0);

@@ -762,3 +762,13 @@ def fork_to_check_later(check):
         return seen == b"1" and status == 0
     return go
 
+
+
+def pyheap_after_churn(n):
+    """In a worker: make and free n ints, then say what the worker keeps of
+    the freed object arenas (cpool._core.pyheap_info())."""
+    from cpool import _core
+    xs = list(range(10**9, 10**9 + n))
+    assert len(xs) == n
+    del xs
+    return _core.pyheap_info()
