@@ -6,7 +6,9 @@
  * them (a Pickler or Unpickler object, its memo, a Python-level call); this
  * encoding costs a tenth of that.  It covers exactly these types:
  *
- *     None, bool, int, float, str, bytes, and tuple, list, dict of them
+ *     None, bool, int, float, str, bytes, and tuple, list, dict, set,
+ *     frozenset of them; date, time, datetime (naive, or in UTC),
+ *     timedelta
  *
  * exact types only, and namedtuples and instances of plain classes (see
  * enc_object): a subclass (an IntEnum, an OrderedDict) goes through
@@ -33,6 +35,12 @@
  *     's' u32 n, n bytes of UTF-8     'b' u32 n, n bytes
  *     't' u32 n, n values (tuple)     'l' u32 n, n values (list)
  *     'D' u32 n, n key/value pairs (dict, in order)
+ *     'S' u32 n, n values (set)       'R' u32 n, n values (frozenset)
+ *     'Y' u16 year, u8 month, u8 day (date)
+ *     'V' u8 hour, minute, second, flags, u32 microsecond (time)
+ *     'W' u16 year, u8 month, day, hour, minute, second, flags,
+ *         u32 microsecond (datetime); flags: 1 fold, 2 tzinfo is UTC
+ *     'Q' i32 days, seconds, microseconds (timedelta)
  *     'K' value module, value name, then as 'k': an object of a class named
  *         here for the first time (its index: the number of 'K' before it)
  *     'k' u8 class index, u32 n, n values (arguments of cls.__new__ after
@@ -49,6 +57,7 @@
 
 #include <string.h>
 
+#include "datetime.h"
 #include "cpool.h"
 
 /* C-API that moved between the supported versions (3.10 to 3.13). */
@@ -94,6 +103,7 @@ typedef struct {
     int nclasses;
     PyTypeObject *classes[CODEC_MAX_CLASSES];
     uint8_t kinds[CODEC_MAX_CLASSES];
+    unsigned dt_ok, dt_no;  /* date and time types judged (bit: DT_*) */
 } enc;
 
 enum { ENC_OK = 0, ENC_NO = 1, ENC_ERR = -1 };   /* ERR: exception set */
@@ -107,6 +117,7 @@ enum {
     PK_SHORT_BINBYTES = 'C', PK_BINBYTES = 'B', PK_BINBYTES8 = 0x8e,
     PK_EMPTY_TUPLE = ')', PK_TUPLE1 = 0x85, PK_TUPLE = 't', PK_EMPTY_LIST = ']',
     PK_APPENDS = 'e', PK_EMPTY_DICT = '}', PK_SETITEMS = 'u', PK_PROTO = 0x80,
+    PK_EMPTY_SET = 0x8f, PK_ADDITEMS = 0x90, PK_FROZENSET = 0x91,
 };
 
 static int
@@ -292,6 +303,7 @@ enc_str(enc *e, PyObject *o)
 static int enc_value(enc *e, PyObject *o, int depth);
 static int enc_dict(enc *e, PyObject *o, int depth);
 static int enc_object(enc *e, PyObject *o, int depth);
+static int enc_datetime(enc *e, PyObject *o, PyTypeObject *tp);
 
 /* A tuple or list.  Pickle: EMPTY_TUPLE, items TUPLE1-3, MARK items TUPLE;
  * EMPTY_LIST [MARK items APPENDS]. */
@@ -349,6 +361,44 @@ enc_dict(enc *e, PyObject *o, int depth)
     return rc;
 }
 
+/* A set or frozenset, in iteration order (pickle's too); the receiver adds
+ * the items in that order.  Pickle: EMPTY_SET [MARK items ADDITEMS];
+ * MARK items FROZENSET. */
+static int
+enc_set(enc *e, PyObject *o, int depth)
+{
+    int frozen = Py_IS_TYPE(o, &PyFrozenSet_Type);
+    Py_ssize_t n = PySet_GET_SIZE(o);
+    int rc;
+    if (!e->pk) {
+        rc = enc_len(e, frozen ? 'R' : 'S', 0, 0, 0, (size_t)n);
+        if (rc == ENC_OK && e->len + (size_t)n > e->max) {
+            e->too_big = 1;
+            rc = ENC_NO;
+        }
+    } else if (frozen) {
+        rc = enc_op(e, PK_MARK);
+    } else {
+        rc = enc_op(e, PK_EMPTY_SET);
+        if (rc == ENC_OK && n > 0)
+            rc = enc_op(e, PK_MARK);
+    }
+    /* The iterator of an exact set runs no Python code. */
+    PyObject *it = rc == ENC_OK ? PyObject_GetIter(o) : NULL, *x;
+    if (rc == ENC_OK && it == NULL)
+        rc = ENC_ERR;
+    while (rc == ENC_OK && (x = PyIter_Next(it)) != NULL) {
+        rc = enc_value(e, x, depth + 1);
+        Py_DECREF(x);
+    }
+    if (rc == ENC_OK && PyErr_Occurred())
+        rc = ENC_ERR;
+    Py_XDECREF(it);
+    if (rc == ENC_OK && e->pk && (frozen || n > 0))
+        rc = enc_op(e, frozen ? PK_FROZENSET : PK_ADDITEMS);
+    return rc;
+}
+
 static int
 enc_value(enc *e, PyObject *o, int depth)
 {
@@ -393,6 +443,15 @@ enc_value(enc *e, PyObject *o, int depth)
             return rc;
         return tp == &PyDict_Type ? enc_dict(e, o, depth) : enc_seq(e, o, depth);
     }
+    if (tp == &PySet_Type || tp == &PyFrozenSet_Type) {
+        if (Py_REFCNT(o) > 1 && (rc = enc_seen(e, o)) != ENC_OK)
+            return rc;
+        return enc_set(e, o, depth);
+    }
+    const PyDateTime_CAPI *api = PyDateTimeAPI;
+    if (api != NULL && (tp == api->DateTimeType || tp == api->DateType ||
+                        tp == api->DeltaType || tp == api->TimeType))
+        return enc_datetime(e, o, tp);
     return enc_object(e, o, depth);
 }
 
@@ -428,7 +487,7 @@ static struct {
     PyObject *copyreg_table;    /* copyreg.dispatch_table */
     PyObject *s_reduce_ex, *s_reduce, *s_getstate, *s_getnewargs,
              *s_getnewargs_ex, *s_slots, *s_module, *s_class, *s_setstate,
-             *s_new, *s_dict;
+             *s_new, *s_dict, *s_datetime_mod;
 } K;
 
 int
@@ -440,7 +499,7 @@ cp_codec_setup(void)
         {&K.s_getnewargs_ex, "__getnewargs_ex__"}, {&K.s_slots, "__slots__"},
         {&K.s_module, "__module__"}, {&K.s_class, "__class__"},
         {&K.s_setstate, "__setstate__"}, {&K.s_new, "__new__"},
-        {&K.s_dict, "__dict__"},
+        {&K.s_dict, "__dict__"}, {&K.s_datetime_mod, "_datetime"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
@@ -491,6 +550,7 @@ cp_codec_clear(void)
         &K.nt_getnewargs, &K.copyreg_table, &K.s_reduce_ex, &K.s_reduce,
         &K.s_getstate, &K.s_getnewargs, &K.s_getnewargs_ex, &K.s_slots,
         &K.s_module, &K.s_class, &K.s_setstate, &K.s_new, &K.s_dict,
+        &K.s_datetime_mod,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         Py_CLEAR(*all[i]);
@@ -650,6 +710,139 @@ enc_object(enc *e, PyObject *o, int depth)
     return rc;
 }
 
+/* ------------------------------------------------------- dates and times */
+
+/*
+ * date, time, datetime and timedelta, exact types, and of tzinfos only
+ * None and timezone.utc (which pickle rebuilds as timezone(timedelta(0)),
+ * that is timezone.utc again).  Pickle memoizes them, so one met twice is
+ * one object after loads(); here, as for an int or a float, it is written
+ * each time and arrives as equal objects.  These types go through the
+ * pickler's dispatch table, so one a copyreg or ForkingPickler reducer is
+ * registered for goes through pickle, judged once per message; objects of
+ * these types can only exist once the datetime module is loaded, and the
+ * encoder takes its C API then (encode_any).
+ */
+enum { DT_DATE, DT_TIME, DT_DATETIME, DT_DELTA, DT_TZ };
+
+/* Whether this message may carry values of kind (of type tp). */
+static int
+dt_allowed(enc *e, int kind, PyTypeObject *tp)
+{
+    unsigned bit = 1u << kind;
+    if (e->dt_ok & bit)
+        return 1;
+    if ((e->dt_no & bit) || e->reducers == NULL ||
+        in_dict(K.copyreg_table, (PyObject *)tp) ||
+        in_dict(e->reducers, (PyObject *)tp)) {
+        e->dt_no |= bit;
+        return 0;
+    }
+    e->dt_ok |= bit;
+    return 1;
+}
+
+/* The flags byte of a time or datetime: its fold, and whether its tzinfo
+ * is UTC; -1 for another tzinfo (pickle). */
+static int
+dt_flags(enc *e, int fold, PyObject *tz)
+{
+    if (tz == Py_None)
+        return fold;
+    if (tz != PyDateTimeAPI->TimeZone_UTC || !dt_allowed(e, DT_TZ, Py_TYPE(tz)))
+        return -1;
+    return fold | 2;
+}
+
+/* A date's (or datetime's) u16 year, u8 month, u8 day at p. */
+static void
+put_date(uint8_t *p, PyObject *o)
+{
+    uint16_t y = (uint16_t)PyDateTime_GET_YEAR(o);
+    memcpy(p, &y, 2);
+    p[2] = (uint8_t)PyDateTime_GET_MONTH(o);
+    p[3] = (uint8_t)PyDateTime_GET_DAY(o);
+}
+
+/* A time's u8 hour, minute, second, flags and u32 microsecond at p. */
+static void
+put_clock(uint8_t *p, int hour, int minute, int second, int flags, int us)
+{
+    uint32_t us32 = (uint32_t)us;
+    p[0] = (uint8_t)hour;
+    p[1] = (uint8_t)minute;
+    p[2] = (uint8_t)second;
+    p[3] = (uint8_t)flags;
+    memcpy(p + 4, &us32, 4);
+}
+
+static int
+enc_datetime(enc *e, PyObject *o, PyTypeObject *tp)
+{
+    const PyDateTime_CAPI *api = PyDateTimeAPI;
+    int kind = tp == api->DateTimeType ? DT_DATETIME : tp == api->DateType ? DT_DATE
+               : tp == api->TimeType ? DT_TIME : DT_DELTA;
+    if (e->pk || !dt_allowed(e, kind, tp))
+        return ENC_NO;
+    uint8_t h[13];
+    int32_t dsu[3];
+    int flags;
+    switch (kind) {
+    case DT_DATE:
+        h[0] = 'Y';
+        put_date(h + 1, o);
+        return enc_put(e, h, 5);
+    case DT_DELTA:
+        h[0] = 'Q';
+        dsu[0] = PyDateTime_DELTA_GET_DAYS(o);
+        dsu[1] = PyDateTime_DELTA_GET_SECONDS(o);
+        dsu[2] = PyDateTime_DELTA_GET_MICROSECONDS(o);
+        memcpy(h + 1, dsu, 12);
+        return enc_put(e, h, 13);
+    case DT_TIME:
+        flags = dt_flags(e, PyDateTime_TIME_GET_FOLD(o), PyDateTime_TIME_GET_TZINFO(o));
+        if (flags < 0)
+            return ENC_NO;
+        h[0] = 'V';
+        put_clock(h + 1, PyDateTime_TIME_GET_HOUR(o), PyDateTime_TIME_GET_MINUTE(o),
+                  PyDateTime_TIME_GET_SECOND(o), flags,
+                  PyDateTime_TIME_GET_MICROSECOND(o));
+        return enc_put(e, h, 9);
+    default:
+        flags = dt_flags(e, PyDateTime_DATE_GET_FOLD(o), PyDateTime_DATE_GET_TZINFO(o));
+        if (flags < 0)
+            return ENC_NO;
+        h[0] = 'W';
+        put_date(h + 1, o);
+        put_clock(h + 5, PyDateTime_DATE_GET_HOUR(o), PyDateTime_DATE_GET_MINUTE(o),
+                  PyDateTime_DATE_GET_SECOND(o), flags,
+                  PyDateTime_DATE_GET_MICROSECOND(o));
+        return enc_put(e, h, 13);
+    }
+}
+
+/* The datetime C API, taken once the module is loaded (by anyone: until
+ * then no date or time object exists to be sent).  Called before a walk,
+ * which must run no Python code, never during one. */
+static void
+dt_take_api(void)
+{
+    static int failed;
+    if (failed)
+        return;
+    PyObject *m = PyDict_GetItemWithError(PyImport_GetModuleDict(),
+                                          K.s_datetime_mod);
+    if (m == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) {
+        PyErr_Clear();
+        failed = 1;
+    }
+}
+
 /* The items of a list being sent as n items[]: a list message, as if
  * items were a list of their own.  Only the container they are in
  * references an item of refcount 1, so that item is met once: the shared
@@ -690,6 +883,8 @@ encode_any(PyObject *obj, PyObject *const *items, Py_ssize_t n,
      * Importing them here, for every process's first message of plain
      * data, would cost each worker memory it may never need. */
     e.reducers = cp_state->fp_reducers;
+    if (!pk && PyDateTimeAPI == NULL)
+        dt_take_api();
     static const uint8_t proto[2] = {PK_PROTO, 5};
     int rc = pk ? enc_put(&e, proto, 2) : enc_op(&e, CP_CODEC_MAGIC);
     if (rc == ENC_OK)
@@ -1054,6 +1249,77 @@ dec_object(dec *d, const struct dec_class *c, int depth)
     return o ? dec_state(d, o, c, depth) : NULL;
 }
 
+/* 'S' or 'R': a set or frozenset of n values. */
+static PyObject *
+dec_set(dec *d, uint8_t tag, int depth)
+{
+    uint32_t n;
+    if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n)
+        return malformed();
+    /* A new frozenset is filled as a new set is, before anyone sees it. */
+    PyObject *o = tag == 'S' ? PySet_New(NULL) : PyFrozenSet_New(NULL);
+    for (uint32_t i = 0; o != NULL && i < n; i++) {
+        PyObject *v = dec_value(d, depth + 1);
+        if (v == NULL || PySet_Add(o, v) < 0)
+            Py_CLEAR(o);
+        Py_XDECREF(v);
+    }
+    return o;
+}
+
+/* 'Y', 'V', 'W', 'Q': a date, time, datetime or timedelta (enc_datetime),
+ * made as pickle makes it (its C constructor).  Values no such object can
+ * have make the message malformed. */
+static PyObject *
+dec_datetime(dec *d, uint8_t tag)
+{
+    uint8_t b[12];
+    if (dec_take(d, b, tag == 'Y' ? 4 : tag == 'V' ? 8 : 12) < 0)
+        return malformed();
+    if (PyDateTimeAPI == NULL) {
+        PyDateTime_IMPORT;              /* as pickle would import it */
+        if (PyDateTimeAPI == NULL)
+            return NULL;
+    }
+    const PyDateTime_CAPI *api = PyDateTimeAPI;
+    uint16_t y;
+    uint32_t us;
+    int32_t dsu[3];
+    int flags = tag == 'V' ? b[3] : tag == 'W' ? b[7] : 0;
+    PyObject *o, *tz = flags & 2 ? api->TimeZone_UTC : Py_None;
+    if (flags > 3)
+        return malformed();
+    switch (tag) {
+    case 'Y':
+        memcpy(&y, b, 2);
+        o = api->Date_FromDate(y, b[2], b[3], api->DateType);
+        break;
+    case 'Q':
+        memcpy(dsu, b, 12);
+        o = api->Delta_FromDelta(dsu[0], dsu[1], dsu[2], 1, api->DeltaType);
+        break;
+    case 'V':
+        memcpy(&us, b + 4, 4);
+        o = us > 999999 ? malformed()
+                        : api->Time_FromTimeAndFold(b[0], b[1], b[2], (int)us, tz,
+                                                    flags & 1, api->TimeType);
+        break;
+    default:
+        memcpy(&y, b, 2);
+        memcpy(&us, b + 8, 4);
+        o = us > 999999 ? malformed()
+                        : api->DateTime_FromDateAndTimeAndFold(
+                              y, b[2], b[3], b[4], b[5], b[6], (int)us, tz,
+                              flags & 1, api->DateTimeType);
+    }
+    if (o == NULL && (PyErr_ExceptionMatches(PyExc_ValueError) ||
+                      PyErr_ExceptionMatches(PyExc_OverflowError))) {
+        PyErr_Clear();
+        return malformed();
+    }
+    return o;
+}
+
 static PyObject *
 dec_value(dec *d, int depth)
 {
@@ -1138,6 +1404,14 @@ dec_value(dec *d, int depth)
         }
         return o;
     }
+    case 'S':
+    case 'R':
+        return dec_set(d, tag, depth);
+    case 'Y':
+    case 'V':
+    case 'W':
+    case 'Q':
+        return dec_datetime(d, tag);
     case 'K':
         if (dec_class(d, depth) < 0)
             return NULL;

@@ -659,8 +659,9 @@ extern PyType_Spec cp_arenaref_spec;
 void cp_msg_fork_hooks(void);
 
 /* codec.c: plain data (None, bool, int, float, str, bytes, and tuples,
- * lists and dicts of them, exact types; namedtuples and instances of plain
- * classes, rebuilt as pickle rebuilds them) without pickle.
+ * lists, dicts, sets and frozensets of them, exact types; dates and times;
+ * namedtuples and instances of plain classes, rebuilt as pickle rebuilds
+ * them) without pickle.
  * A message in this encoding starts with CP_CODEC_MAGIC (a pickle of
  * protocol 2 or later starts with 0x80). */
 #define CP_CODEC_MAGIC 0xCB

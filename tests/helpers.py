@@ -13,6 +13,7 @@ the run.
 import collections
 import copyreg
 import dataclasses
+import datetime
 import functools
 import itertools
 import multiprocessing
@@ -333,10 +334,15 @@ class ErrorRecord(Exception):
 
 
 def make_objects(i):
-    """One of each kind the encoding carries, nested."""
+    """One of each kind of object the encoding carries, nested, and dates,
+    times and sets."""
     return [Pair(i, -i), Rec("r%d" % i, i / 2, [i, Pair(1, 2)]),
             FrozenRec(i, (i, "y")), Plain(n=i, inner=Plain(s="x"), d={"k": [i]}),
-            TenfoldPair(i, 1), Restored(v=i), Plain()]
+            TenfoldPair(i, 1), Restored(v=i), Plain(),
+            {"at": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+                   + datetime.timedelta(seconds=i),
+             "day": datetime.date(2026, 1, 1 + i % 28), "t": datetime.time(i % 24),
+             "tags": {i, "t"}, "frozen": frozenset({(i, i)})}]
 
 
 class MisSized:

@@ -2,6 +2,8 @@
 trips of the types it covers, everything else through pickle, and no crash
 on malformed input.  Also end to end through a pool, both directions."""
 import collections
+import copyreg
+import datetime as dt
 import enum
 import gc
 import math
@@ -61,6 +63,10 @@ PLAIN = [
     [[1, 2], [3, 4], [], [[]]],
     ((5,), {}), ((1, "a", 2.0), {"kw": [1, 2]}),
     list(range(1000)), tuple("abc" * 100),
+    set(), {1, 2}, frozenset(), frozenset({"a", (1, 2), None}),
+    {None, 1.5, "x", b"y", (1, "a"), 2**70, frozenset({3})},
+    [{1}, frozenset([frozenset([1]), 2]), {"k": {4, 5}}],
+    set(range(500)),
 ]
 
 
@@ -75,6 +81,8 @@ def _same(a, b):
     if isinstance(a, dict):
         return list(a) == list(b) and all(_same(k1, k2) and _same(a[k1], b[k2])
                                           for k1, k2 in zip(a, b))
+    if isinstance(a, (set, frozenset)):
+        return len(a) == len(b) and all(any(_same(x, y) for y in b) for x in a)
     return a == b
 
 
@@ -123,8 +131,8 @@ def test_dict_order_is_kept():
 
 NOT_PLAIN = [
     Color.RED, MyInt(3), MyStr("x"), MyTuple((1,)), MyList([1]), MyDict(a=1),
-    collections.OrderedDict(a=1), bytearray(b"x"), 1j, {1, 2},
-    frozenset(), range(3), object, helpers.square, ValueError("x"),
+    collections.OrderedDict(a=1), bytearray(b"x"), 1j,
+    range(3), object, helpers.square, ValueError("x"),
     [1, Color.RED], ({"a": MyInt(1)},), "\udc80",   # a lone surrogate
 ]
 
@@ -141,7 +149,8 @@ def _via_pickle(obj):
 def _same_deep(got, want):
     """Equal, of the same types, with the same instance dicts, all the way
     down (dataclasses and Plain compare their fields; this also compares
-    types, and the dicts of classes that do not compare)."""
+    types, and the dicts of classes that do not compare), and for times the
+    same fold and, if None or UTC, the very same tzinfo."""
     assert type(got) is type(want)
     if isinstance(want, (list, tuple)):
         assert len(got) == len(want)
@@ -151,6 +160,12 @@ def _same_deep(got, want):
         assert list(got) == list(want)
         for k in want:
             _same_deep(got[k], want[k])
+    elif isinstance(want, (dt.datetime, dt.time)):
+        assert got == want and got.fold == want.fold
+        if want.tzinfo is None or want.tzinfo is UTC:
+            assert got.tzinfo is want.tzinfo
+        else:       # pickled: a copy
+            assert type(got.tzinfo) is type(want.tzinfo)
     elif hasattr(want, "__dict__"):
         _same_deep(vars(got), vars(want))
     else:
@@ -295,6 +310,137 @@ def test_objects_through_a_pool_both_ways(cpool_Pool):
         assert list(p.imap(helpers.identity, rows[:50])) == rows[:50]
 
 
+UTC = dt.timezone.utc
+T0 = dt.datetime(2026, 11, 28, 4, 30, 15, 123456)
+
+DATES = [
+    dt.date(2026, 11, 28), dt.date(1, 1, 1), dt.date(9999, 12, 31),
+    dt.time(), dt.time(23, 59, 59, 999999), dt.time(1, 2, 3, 4, tzinfo=UTC),
+    dt.time(1, 2, fold=1), T0, dt.datetime.min, dt.datetime.max,
+    T0.replace(tzinfo=UTC), T0.replace(fold=1), T0.replace(tzinfo=UTC, fold=1),
+    dt.timedelta(0), dt.timedelta(microseconds=-1), dt.timedelta.min,
+    dt.timedelta.max, dt.timedelta(days=3, seconds=7, microseconds=9),
+    [T0, T0, {"when": T0, "span": dt.timedelta(hours=1)}],
+    helpers.Rec("r", 1.0, [T0.date(), T0.time()]),
+    {dt.date(2020, 2, 29): {T0, T0 + dt.timedelta(1)}},
+]
+
+
+@pytest.mark.parametrize("obj", DATES, ids=range(len(DATES)))
+def test_dates_and_times_are_rebuilt_as_pickle_rebuilds_them(obj):
+    data = _core.encode_plain(obj)
+    assert data is not None and data[0] == MAGIC
+    _same_deep(_core.loads(data), obj)
+    _same_deep(_core.loads(data), _via_pickle(obj))
+    # written out, not pickled: no class names in the message
+    assert b"datetime" not in data
+
+
+class MyDatetime(dt.datetime):
+    pass
+
+
+class Paris(dt.tzinfo):
+    def utcoffset(self, when):
+        return dt.timedelta(hours=1)
+
+
+REFUSED_DATES = [
+    T0.replace(tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    T0.replace(tzinfo=dt.timezone(dt.timedelta(0), "Z")),
+    T0.replace(tzinfo=Paris()), dt.time(tzinfo=Paris()),
+    MyDatetime(2026, 1, 1), [T0, MyDatetime(2026, 1, 1)],
+    UTC,                                # a tzinfo on its own
+]
+
+
+@pytest.mark.parametrize("obj", REFUSED_DATES, ids=range(len(REFUSED_DATES)))
+def test_other_tzinfos_and_subclasses_go_through_pickle(obj):
+    assert _core.encode_plain(obj) is None
+
+
+def test_no_pickle_writer_for_dates():
+    assert _core.pickle_plain(T0) is None
+    assert _core.pickle_plain([1, dt.timedelta(1)]) is None
+
+
+@pytest.mark.parametrize("kind, value", [
+    (dt.date, dt.date(2026, 1, 2)), (dt.timedelta, dt.timedelta(5)),
+    (dt.datetime, T0), (dt.time, dt.time(3)),
+    (dt.timezone, T0.replace(tzinfo=UTC))])
+def test_a_date_type_with_a_reducer_goes_through_pickle(kind, value):
+    """pickle consults its dispatch table for these types (not for ints or
+    lists): a reducer in copyreg's or ForkingPickler's makes the message a
+    pickle, which then applies it."""
+    from multiprocessing.reduction import ForkingPickler
+    assert _core.encode_plain([value]) is not None
+    copyreg.pickle(kind, lambda o: (str, ("reduced",)))
+    try:
+        assert _core.encode_plain([value]) is None
+        assert b"reduced" in pickle.dumps(value)      # pickle applies it
+    finally:
+        del copyreg.dispatch_table[kind]
+    assert _core.encode_plain([value]) is not None
+    ForkingPickler.register(kind, lambda o: (str, ("reduced",)))
+    try:
+        assert _core.encode_plain([value]) is None
+    finally:
+        del ForkingPickler._extra_reducers[kind]
+    assert _core.encode_plain([value]) is not None
+
+
+def test_malformed_dates_and_sets_raise():
+    rng = random.Random(11)
+    _cut_damage_and_load([_core.encode_plain(o) for o in DATES], rng)
+    date = _core.encode_plain(dt.date(2026, 1, 31))
+    stamp = _core.encode_plain(T0)
+    clock = _core.encode_plain(dt.time(1))
+    bad = [
+        date[:4] + b"\x0d" + date[5:],               # month 13
+        date[:5] + b"\x20",                          # day 32
+        date[:2] + b"\x00\x00" + date[4:],            # year 0
+        stamp[:6] + b"\x18" + stamp[7:],             # hour 24
+        stamp[:9] + b"\x04" + stamp[10:],            # an unknown flag
+        stamp[:10] + struct.pack("<I", 10**6),       # microsecond 10**6
+        clock[:5] + b"\x07" + clock[6:],
+        clock[:6] + struct.pack("<I", 2**32 - 1),
+        bytes([MAGIC]) + b"Q" + struct.pack("<iii", 10**9, 0, 0),   # days
+        bytes([MAGIC]) + b"S" + struct.pack("<I", 0xFFFFFFFF),
+        bytes([MAGIC]) + b"R\x02\x00\x00\x00N",      # one item of two
+    ]
+    for data in bad:
+        with pytest.raises(RuntimeError):
+            _core.loads(data)
+    with pytest.raises(TypeError):                   # an unhashable item
+        _core.loads(bytes([MAGIC]) + b"S\x01\x00\x00\x00l\x00\x00\x00\x00")
+
+
+def test_dates_decode_where_datetime_was_never_imported():
+    import subprocess
+    data = _core.encode_plain([T0.replace(tzinfo=UTC), dt.timedelta(2)])
+    code = ("import sys, cpool._core as c; assert 'datetime' not in sys.modules; "
+            "v = c.loads(%r); print(repr(v), v[0].tzinfo is sys.modules['datetime'].timezone.utc)"
+            % data)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "[datetime.datetime(2026,", "11,", "28,", "4,", "30,", "15,", "123456,",
+        "tzinfo=datetime.timezone.utc),", "datetime.timedelta(days=2)]", "True"]
+
+
+def test_dates_and_sets_through_a_pool_both_ways(cpool_Pool):
+    with cpool_Pool(2) as p:
+        for obj in DATES + REFUSED_DATES[:-1]:
+            _same_deep(p.apply(helpers.identity, (obj,)), _via_pickle(obj))
+        rows = [helpers.Rec("r", i, [T0 + dt.timedelta(seconds=i), {i, -i}])
+                for i in range(3000)]
+        assert p.map(helpers.identity, rows) == rows
+        got = p.map(helpers.identity, [frozenset({i, str(i)}) for i in range(100)])
+        assert got == [frozenset({i, str(i)}) for i in range(100)]
+        assert all(type(x) is frozenset for x in got)
+
+
 def test_no_reference_is_left_on_a_class():
     # a leaked reference to a class (or to its __new__) would not show as a
     # new object: count the references themselves
@@ -375,6 +521,17 @@ def _damage_and_load(good, rng, errors, rounds=3000):
             pass
 
 
+def _cut_damage_and_load(good, rng):
+    """Every truncation of each message in `good` is malformed; damaged
+    ones load or fail as a message naming classes may."""
+    for data in good:
+        for cut in range(1, len(data)):
+            with pytest.raises(RuntimeError):
+                _core.loads(data[:cut])
+    _damage_and_load(good, rng, (RuntimeError, UnicodeDecodeError, TypeError,
+                                 ImportError, AttributeError, ValueError))
+
+
 def test_malformed_input_raises_and_never_crashes():
     good = [_core.encode_plain(o) for o in PLAIN]
     rng = random.Random(7)
@@ -386,13 +543,7 @@ def test_malformed_input_raises_and_never_crashes():
             _core.loads(data + b"N")           # trailing bytes
     _damage_and_load(good, rng, (RuntimeError, UnicodeDecodeError, TypeError))
     # objects: a damaged class name fails to import or to be found
-    good = [_core.encode_plain(o) for o in OBJECTS]
-    for data in good:
-        for cut in range(1, len(data)):
-            with pytest.raises(RuntimeError):
-                _core.loads(data[:cut])
-    _damage_and_load(good, rng, (RuntimeError, UnicodeDecodeError, TypeError,
-                                 ImportError, AttributeError, ValueError))
+    _cut_damage_and_load([_core.encode_plain(o) for o in OBJECTS], rng)
     for head in (b"k\x00", b"k\x05", b"K" + b"s\x01\x00\x00\x00x" * 2):
         with pytest.raises((RuntimeError, ImportError)):
             _core.loads(bytes([MAGIC]) + head + b"\x00\x00\x00\x00N")
