@@ -10,8 +10,8 @@
  *     frozenset of them; date, time, datetime (naive, or in UTC),
  *     timedelta
  *
- * exact types only, and namedtuples and instances of plain classes (see
- * enc_object): a subclass (an IntEnum, an OrderedDict) goes through
+ * exact types only, and namedtuples, enum members and instances of plain
+ * classes (see enc_object): a subclass (an OrderedDict) goes through
  * pickle, as does anything else, so the receiver always gets
  * equal values of the very same types.  Pickle keeps shared references
  * within a message (the same list twice is one list after loads()); the
@@ -44,7 +44,8 @@
  *     'K' value module, value name, then as 'k': an object of a class named
  *         here for the first time (its index: the number of 'K' before it)
  *     'k' u8 class index, u32 n, n values (arguments of cls.__new__ after
- *         cls), a value: None or a dict (its state)
+ *         cls; of an Enum class, 1: its value, for cls(value)), a value:
+ *         None or a dict (its state; None for an Enum member)
  *
  * Integers are in native (little-endian) order: both ends are the same
  * machine.  The decoder checks every length against the message and rejects
@@ -458,12 +459,16 @@ enc_value(enc *e, PyObject *o, int depth)
 /* ------------------------------------------------------------ objects */
 
 /*
- * Instances of classes that pickle rebuilds in one of two plain ways:
+ * Instances of classes that pickle rebuilds in one of three plain ways:
  *
  *   OBJ_TUPLE  a namedtuple: cls.__new__(cls, *fields), no state;
  *   OBJ_DICT   an instance of a class of plain Python classes (a dataclass,
  *              a record class): cls.__new__(cls) with no arguments, then its
- *              __dict__ (pickle's BUILD).
+ *              __dict__ (pickle's BUILD);
+ *   OBJ_ENUM   an Enum member (IntEnum, Flag...: any class whose metaclass
+ *              is EnumType itself and whose __reduce_ex__ is Enum's):
+ *              cls(member._value_), no state, which finds the member.  A
+ *              member met twice is written twice: it is found again.
  *
  * Pickle spends microseconds on each (__reduce_ex__ and its lookups, a
  * Python-level __getnewargs__, the memo); here the class is looked at once
@@ -477,7 +482,7 @@ enc_value(enc *e, PyObject *o, int depth)
  * not found under its module and name (pickle would refuse it), an
  * instance dict holding special names, an instance met twice.
  */
-enum { OBJ_NO = 0, OBJ_TUPLE, OBJ_DICT };
+enum { OBJ_NO = 0, OBJ_TUPLE, OBJ_DICT, OBJ_ENUM };
 
 static struct {
     PyObject *reduce_ex, *reduce, *getstate, *cls;   /* object's own */
@@ -485,9 +490,11 @@ static struct {
     PyObject *empty;            /* () */
     PyObject *nt_getnewargs;    /* the code of namedtuple's __getnewargs__ */
     PyObject *copyreg_table;    /* copyreg.dispatch_table */
+    PyObject *enum_meta;        /* enum.EnumType */
+    PyObject *enum_reduce_ex;   /* enum.Enum.__reduce_ex__ */
     PyObject *s_reduce_ex, *s_reduce, *s_getstate, *s_getnewargs,
              *s_getnewargs_ex, *s_slots, *s_module, *s_class, *s_setstate,
-             *s_new, *s_dict, *s_datetime_mod;
+             *s_new, *s_dict, *s_datetime_mod, *s_value_;
 } K;
 
 int
@@ -500,6 +507,7 @@ cp_codec_setup(void)
         {&K.s_module, "__module__"}, {&K.s_class, "__class__"},
         {&K.s_setstate, "__setstate__"}, {&K.s_new, "__new__"},
         {&K.s_dict, "__dict__"}, {&K.s_datetime_mod, "_datetime"},
+        {&K.s_value_, "_value_"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].p = PyUnicode_InternFromString(names[i].s)) == NULL)
@@ -532,9 +540,20 @@ cp_codec_setup(void)
     Py_XDECREF(code);
     Py_XDECREF(f);
     Py_XDECREF(coll);
+    /* Enum members pickle as cls(value) through Enum.__reduce_ex__ (enum
+     * is loaded already: multiprocessing imports it). */
+    PyObject *enum_mod = PyImport_ImportModule("enum");
+    PyObject *enum_cls = enum_mod ? PyObject_GetAttrString(enum_mod, "Enum") : NULL;
+    K.enum_meta = enum_mod ? PyObject_GetAttrString(enum_mod, "EnumMeta") : NULL;
+    if (enum_cls != NULL && PyType_Check(enum_cls))
+        K.enum_reduce_ex = Py_XNewRef(_PyType_Lookup((PyTypeObject *)enum_cls,
+                                                     K.s_reduce_ex));
+    Py_XDECREF(enum_cls);
+    Py_XDECREF(enum_mod);
     if (K.reduce_ex == NULL || K.reduce == NULL || K.cls == NULL ||
         K.object_new == NULL || K.empty == NULL || K.nt_getnewargs == NULL ||
-        K.copyreg_table == NULL || !PyDict_Check(K.copyreg_table)) {
+        K.copyreg_table == NULL || !PyDict_Check(K.copyreg_table) ||
+        K.enum_meta == NULL || !PyType_Check(K.enum_meta) || K.enum_reduce_ex == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "cpool: codec set-up failed");
         return -1;
@@ -550,7 +569,7 @@ cp_codec_clear(void)
         &K.nt_getnewargs, &K.copyreg_table, &K.s_reduce_ex, &K.s_reduce,
         &K.s_getstate, &K.s_getnewargs, &K.s_getnewargs_ex, &K.s_slots,
         &K.s_module, &K.s_class, &K.s_setstate, &K.s_new, &K.s_dict,
-        &K.s_datetime_mod,
+        &K.s_datetime_mod, &K.s_value_, &K.enum_meta, &K.enum_reduce_ex,
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         Py_CLEAR(*all[i]);
@@ -580,12 +599,18 @@ in_dict(PyObject *dict, PyObject *key)
 static int
 obj_kind(PyTypeObject *tp, PyObject *reducers)
 {
-    if (!(tp->tp_flags & Py_TPFLAGS_HEAPTYPE) || Py_TYPE(tp) != &PyType_Type ||
+    int meta_enum = (PyObject *)Py_TYPE(tp) == K.enum_meta;
+    if (!(tp->tp_flags & Py_TPFLAGS_HEAPTYPE) ||
+        (Py_TYPE(tp) != &PyType_Type && !meta_enum) ||
         tp->tp_getattro != PyObject_GenericGetAttr ||
         PyType_IsSubtype(tp, &PyType_Type))
         return OBJ_NO;
     if (in_dict(K.copyreg_table, (PyObject *)tp) || in_dict(reducers, (PyObject *)tp))
         return OBJ_NO;
+    if (meta_enum)
+        return _PyType_Lookup(tp, K.s_reduce_ex) == K.enum_reduce_ex &&
+               _PyType_Lookup(tp, K.s_reduce) == K.reduce && has_dict(tp)
+               ? OBJ_ENUM : OBJ_NO;
     if (_PyType_Lookup(tp, K.s_reduce_ex) != K.reduce_ex ||
         _PyType_Lookup(tp, K.s_reduce) != K.reduce ||
         _PyType_Lookup(tp, K.s_getstate) != K.getstate ||
@@ -671,6 +696,20 @@ enc_object(enc *e, PyObject *o, int depth)
         if ((rc = enc_put(e, h, 2)) != ENC_OK)
             return rc;
     }
+    static const uint32_t none = 0, one = 1;
+    if (e->kinds[i] == OBJ_ENUM) {
+        PyObject *dict = PyObject_GenericGetDict(o, NULL);
+        if (dict == NULL)
+            return ENC_ERR;
+        PyObject *v = PyDict_CheckExact(dict)
+                      ? PyDict_GetItemWithError(dict, K.s_value_) : NULL;
+        PyErr_Clear();
+        rc = v == NULL ? ENC_NO : enc_put(e, &one, 4);
+        if (rc == ENC_OK)
+            rc = enc_value(e, v, depth + 1);
+        Py_DECREF(dict);
+        return rc == ENC_OK ? enc_op(e, 'N') : rc;
+    }
     /* Pickle gives one object for an instance met twice. */
     if (Py_REFCNT(o) > 1 && (rc = enc_seen(e, o)) != ENC_OK)
         return rc;
@@ -684,7 +723,6 @@ enc_object(enc *e, PyObject *o, int depth)
             rc = enc_value(e, PyTuple_GET_ITEM(o, j), depth + 1);
         return rc == ENC_OK ? enc_op(e, 'N') : rc;
     }
-    static const uint32_t none = 0;
     if ((rc = enc_put(e, &none, 4)) != ENC_OK)
         return rc;
     PyObject *dict = PyObject_GenericGetDict(o, NULL);
@@ -959,6 +997,7 @@ typedef struct {
         PyObject *cls, *new;        /* new: cls.__new__ */
         int plain;                  /* no __setstate__, generic attributes */
         int object_new;             /* new is object.__new__, tp_new its */
+        int is_enum;                /* an Enum: cls(value) finds a member */
     } classes[CODEC_MAX_CLASSES];
 } dec;
 
@@ -1121,7 +1160,8 @@ dec_class(dec *d, int depth)
         cls, new,
         tp->tp_getattro == PyObject_GenericGetAttr &&
             _PyType_Lookup(tp, K.s_setstate) == NULL,
-        new == K.object_new && tp->tp_new == PyBaseObject_Type.tp_new};
+        new == K.object_new && tp->tp_new == PyBaseObject_Type.tp_new,
+        (PyObject *)Py_TYPE(cls) == K.enum_meta};
     return 0;
 }
 
@@ -1227,6 +1267,18 @@ dec_object(dec *d, const struct dec_class *c, int depth)
     if (dec_u32(d, &n) < 0 || (size_t)(d->end - d->p) < n)
         return malformed();
     PyObject *o;
+    if (c->is_enum) {
+        /* cls(value), as pickle's REDUCE of what Enum.__reduce_ex__ gave;
+         * no state (a member's attributes are not the message's to set) */
+        PyObject *v = n == 1 ? dec_value(d, depth + 1) : malformed();
+        o = v ? PyObject_CallOneArg(c->cls, v) : NULL;
+        Py_XDECREF(v);
+        if (o != NULL && (d->p >= d->end || *d->p++ != 'N')) {
+            Py_DECREF(o);
+            return malformed();
+        }
+        return o;
+    }
     if (n == 0 && c->object_new) {
         /* object.__new__(cls), without its wrapper's argument tuple */
         PyTypeObject *tp = (PyTypeObject *)c->cls;

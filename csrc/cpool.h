@@ -660,8 +660,8 @@ void cp_msg_fork_hooks(void);
 
 /* codec.c: plain data (None, bool, int, float, str, bytes, and tuples,
  * lists, dicts, sets and frozensets of them, exact types; dates and times;
- * namedtuples and instances of plain classes, rebuilt as pickle rebuilds
- * them) without pickle.
+ * namedtuples, enum members and instances of plain classes, rebuilt as
+ * pickle rebuilds them) without pickle.
  * A message in this encoding starts with CP_CODEC_MAGIC (a pickle of
  * protocol 2 or later starts with 0x80). */
 #define CP_CODEC_MAGIC 0xCB

@@ -14,6 +14,7 @@ import collections
 import copyreg
 import dataclasses
 import datetime
+import enum
 import functools
 import itertools
 import multiprocessing
@@ -335,14 +336,15 @@ class ErrorRecord(Exception):
 
 def make_objects(i):
     """One of each kind of object the encoding carries, nested, and dates,
-    times and sets."""
+    times, sets and enum members."""
     return [Pair(i, -i), Rec("r%d" % i, i / 2, [i, Pair(1, 2)]),
             FrozenRec(i, (i, "y")), Plain(n=i, inner=Plain(s="x"), d={"k": [i]}),
             TenfoldPair(i, 1), Restored(v=i), Plain(),
             {"at": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
                    + datetime.timedelta(seconds=i),
              "day": datetime.date(2026, 1, 1 + i % 28), "t": datetime.time(i % 24),
-             "tags": {i, "t"}, "frozen": frozenset({(i, i)})}]
+             "tags": {i, "t"}, "frozen": frozenset({(i, i)}),
+             "enums": [Color.GREEN, Level.HIGH, Perm.R | Perm.X]}]
 
 
 class MisSized:
@@ -778,3 +780,30 @@ def pyheap_after_churn(n):
     assert len(xs) == n
     del xs
     return _core.pyheap_info()
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = "green"
+    TUPLE = (1, "a")
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Perm(enum.Flag):
+    R = 4
+    W = 2
+    X = 1
+
+
+def _reduce_by_name(member, proto):
+    return getattr, (type(member), member._name_)
+
+
+class ByName(enum.Enum):
+    """Pickled by name (a __reduce_ex__ of its own): through pickle."""
+    __reduce_ex__ = _reduce_by_name
+    A = 1

@@ -130,10 +130,10 @@ def test_dict_order_is_kept():
 
 
 NOT_PLAIN = [
-    Color.RED, MyInt(3), MyStr("x"), MyTuple((1,)), MyList([1]), MyDict(a=1),
+    helpers.ByName.A, MyInt(3), MyStr("x"), MyTuple((1,)), MyList([1]), MyDict(a=1),
     collections.OrderedDict(a=1), bytearray(b"x"), 1j,
     range(3), object, helpers.square, ValueError("x"),
-    [1, Color.RED], ({"a": MyInt(1)},), "\udc80",   # a lone surrogate
+    [1, helpers.ByName.A], ({"a": MyInt(1)},), "\udc80",   # a lone surrogate
 ]
 
 
@@ -308,6 +308,75 @@ def test_objects_through_a_pool_both_ways(cpool_Pool):
         rows = [helpers.Rec("r", i, [i]) for i in range(2000)]
         assert p.map(helpers.identity, rows) == rows
         assert list(p.imap(helpers.identity, rows[:50])) == rows[:50]
+
+
+class OwnMeta(type(enum.Enum)):
+    pass
+
+
+class Metered(enum.Enum, metaclass=OwnMeta):
+    ONE = 1
+
+
+class Registered(enum.Enum):
+    ONE = 1
+
+
+ENUMS = [helpers.Color.RED, helpers.Color.GREEN, helpers.Color.TUPLE,
+         helpers.Level.HIGH, helpers.Perm.R | helpers.Perm.W, helpers.Perm(0),
+         Color.RED]
+
+
+def test_enum_members_arrive_as_themselves():
+    for member in ENUMS:
+        data = _core.encode_plain(member)
+        assert data is not None and data[0] == MAGIC, member
+        assert _core.loads(data) is member
+        assert _via_pickle(member) is member
+    many = [helpers.Color.RED] * 3 + [{"lvl": helpers.Level.LOW}, (helpers.Perm.X,)]
+    data = _core.encode_plain(many)
+    assert data.count(b"Color") == 1          # the class named once
+    got = _core.loads(data)
+    assert got == many and all(g is m for g, m in zip(got[:3], many[:3]))
+    assert got[3]["lvl"] is helpers.Level.LOW and got[4][0] is helpers.Perm.X
+
+
+def test_enums_pickle_treats_otherwise_are_refused():
+    from multiprocessing.reduction import ForkingPickler
+    assert _core.encode_plain(helpers.ByName.A) is None     # own __reduce_ex__
+    assert _core.encode_plain(Metered.ONE) is None          # own metaclass
+    assert _core.encode_plain(Registered.ONE) is not None
+    copyreg.pickle(Registered, lambda m: (str, ("x",)))
+    try:
+        assert _core.encode_plain([Registered.ONE]) is None
+    finally:
+        del copyreg.dispatch_table[Registered]
+    ForkingPickler.register(Registered, lambda m: (str, ("x",)))
+    try:
+        assert _core.encode_plain([Registered.ONE]) is None
+    finally:
+        del ForkingPickler._extra_reducers[Registered]
+    assert _core.encode_plain([Registered.ONE]) is not None
+
+
+def test_malformed_enum_messages_raise():
+    data = _core.encode_plain(helpers.Level.HIGH)
+    assert data.endswith(b"j\x02\x00\x00\x00N")
+    with pytest.raises(ValueError):             # as pickle: no such member
+        _core.loads(data[:-6] + b"j\x07\x00\x00\x00N")
+    with pytest.raises(RuntimeError):           # a state: not for a member
+        _core.loads(data[:-1] + b"D\x00\x00\x00\x00")
+    with pytest.raises(RuntimeError):           # two arguments
+        _core.loads(data[:-10] + b"\x02\x00\x00\x00j\x02\x00\x00\x00NN")
+    _cut_damage_and_load([_core.encode_plain(m) for m in ENUMS],
+                         random.Random(5))
+
+
+def test_enums_through_a_pool(cpool_Pool):
+    with cpool_Pool(2) as p:
+        got = p.map(helpers.identity, ENUMS * 200)
+        assert all(g is m for g, m in zip(got, ENUMS * 200))
+        assert p.apply(helpers.identity, (helpers.ByName.A,)) is helpers.ByName.A
 
 
 UTC = dt.timezone.utc
