@@ -6,6 +6,8 @@ reference (module name + function name).
 
 
 import dataclasses
+import datetime
+import enum
 
 
 def square(x):
@@ -21,6 +23,44 @@ class Record:
 
 def make_record(i):
     return Record(i, "item", i / 4)
+
+
+# Records of other field kinds (benchmarks/records.py).
+EPOCH = datetime.datetime(2026, 1, 1)
+
+
+class Colour(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+
+@dataclasses.dataclass
+class StampedRecord:
+    key: int
+    name: str
+    at: datetime.datetime
+
+
+@dataclasses.dataclass
+class ColouredRecord:
+    key: int
+    colour: Colour
+
+
+def make_stamped_record(i):
+    return StampedRecord(i, "item", EPOCH + datetime.timedelta(seconds=i))
+
+
+def make_coloured_record(i):
+    return ColouredRecord(i, Colour.RED if i & 1 else Colour.GREEN)
+
+
+def make_set(i):
+    return {i, i + 1, i + 2}
+
+
+def make_datetime(i):
+    return EPOCH + datetime.timedelta(seconds=i)
 
 
 def add(a, b):

@@ -34,3 +34,14 @@ def test_workload(workload, pool):
     assert ok, f"{pool} returned a wrong result for {workload.name}"
     assert value >= 0
 
+
+
+def test_records_script():
+    """benchmarks/records.py runs both pools over every kind, small."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records.py")
+    out = subprocess.run([sys.executable, script, "--repeat", "1", "--items", "300"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.endswith("x |")]
+    assert len(rows) == 5, out.stdout
