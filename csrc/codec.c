@@ -594,7 +594,15 @@ in_dict(PyObject *dict, PyObject *key)
     return v != NULL;
 }
 
-/* How pickle rebuilds an instance of tp, if one of the two ways above.
+/* Whether a reducer is registered for tp with copyreg or ForkingPickler
+ * (`reducers`): pickle then uses it rather than anything of tp's own. */
+static int
+has_reducer(PyTypeObject *tp, PyObject *reducers)
+{
+    return in_dict(K.copyreg_table, (PyObject *)tp) || in_dict(reducers, (PyObject *)tp);
+}
+
+/* How pickle rebuilds an instance of tp, if one of the ways above.
  * Reads type dictionaries only: runs no Python code. */
 static int
 obj_kind(PyTypeObject *tp, PyObject *reducers)
@@ -605,7 +613,7 @@ obj_kind(PyTypeObject *tp, PyObject *reducers)
         tp->tp_getattro != PyObject_GenericGetAttr ||
         PyType_IsSubtype(tp, &PyType_Type))
         return OBJ_NO;
-    if (in_dict(K.copyreg_table, (PyObject *)tp) || in_dict(reducers, (PyObject *)tp))
+    if (has_reducer(tp, reducers))
         return OBJ_NO;
     if (meta_enum)
         return _PyType_Lookup(tp, K.s_reduce_ex) == K.enum_reduce_ex &&
@@ -770,9 +778,7 @@ dt_allowed(enc *e, int kind, PyTypeObject *tp)
     unsigned bit = 1u << kind;
     if (e->dt_ok & bit)
         return 1;
-    if ((e->dt_no & bit) || e->reducers == NULL ||
-        in_dict(K.copyreg_table, (PyObject *)tp) ||
-        in_dict(e->reducers, (PyObject *)tp)) {
+    if ((e->dt_no & bit) || e->reducers == NULL || has_reducer(tp, e->reducers)) {
         e->dt_no |= bit;
         return 0;
     }
