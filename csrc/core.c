@@ -2711,8 +2711,7 @@ Core_init(Core *c, PyObject *args, PyObject *kwds)
     }
     arena_setup(c);
     /* Before the zygote's fork: it and the workers inherit the cache. */
-    cp_pyheap_hold();
-    c->pyheap_held = 1;
+    cp_pyheap_install();
     for (int i = 0; i < n; i++) {
         c->slots[i].ctl = cp_shm_ctl(&c->shm, i);
         c->slots[i].part = -1;
@@ -2847,8 +2846,6 @@ Core_dealloc(Core *c)
         c->arena = NULL;
     }
     Core_clear(c);
-    if (c->pyheap_held)
-        cp_pyheap_release();
     tp->tp_free(c);
     Py_DECREF(tp);
 }

@@ -9,8 +9,8 @@
  *   arena.c   shared memory for large out-of-band buffers (numpy arrays):
  *             blocks one side fills and the other wraps in place.  No Python.
  *   npalloc.c a worker's large numpy arrays, made in its arena partition.
- *   pyheap.c  Python's freed object arenas, kept for reuse while a pool
- *             exists.
+ *   pyheap.c  Python's freed object arenas, kept for reuse once the process
+ *             has made a pool.
  *   proc.c    the zygote (fork server) and how it forks workers.
  *   worker.c  the worker loop: take a task record, run it, publish a result.
  *   core.c    the parent side: dispatch, the collector loop, crash handling.
@@ -135,12 +135,11 @@ cp_warm_share(int nworkers)
 
 /* ---------------------------------------------------------------- pyheap */
 
-/* Freed pymalloc arenas a process keeps for reuse while it has a pool
+/* Freed pymalloc arenas a process keeps for reuse once it has made a pool
  * (pyheap.c; CPOOL_PYHEAP_KEEP overrides, 0 turns it off). */
 #define CP_PYHEAP_KEEP ((size_t)64 << 20)
 
-void cp_pyheap_hold(void);
-void cp_pyheap_release(void);
+void cp_pyheap_install(void);
 void cp_pyheap_limit(size_t limit);
 #ifdef Py_PYTHON_H
 PyObject *cp_pyheap_info(PyObject *m, PyObject *noargs);
@@ -485,7 +484,6 @@ typedef struct Core {
     int zpidfd;
     pid_t zpid;
     int all_reaped;        /* the zygote exited 0: every worker was reaped */
-    int pyheap_held;       /* cp_pyheap_hold() was called for it */
     uint32_t zreaping;     /* a thread is reaping the zygote (reap_zygote) */
     int state;             /* CORE_* */
     int broken;            /* it went through CORE_BROKEN */

@@ -543,7 +543,7 @@ static PyMethodDef module_methods[] = {
      "populated for the next pool of this process (0: none)."},
     {"pyheap_info", cp_pyheap_info, METH_NOARGS,
      "pyheap_info() -> {installed, active, keep, kept, arenas}: the freed object\n"
-     "arenas this process keeps for reuse while it has a pool (csrc/pyheap.c)."},
+     "arenas this process keeps for reuse once it has made a pool (csrc/pyheap.c)."},
     {"encode_plain", (PyCFunction)(void (*)(void))cp_codec_encode_plain_py, METH_FASTCALL,
      "encode_plain(obj, max_bytes=2**20) -> bytes, or None if obj is not plain data\n"
      "(or its encoding exceeds max_bytes)."},

@@ -1,6 +1,6 @@
 /*
- * pyheap.c - Python's freed object arenas, kept for reuse while a pool
- * exists.
+ * pyheap.c - Python's freed object arenas, kept for reuse once the process
+ * has made a pool.
  *
  * Python's small-object allocator (pymalloc) takes its memory from the
  * system in arenas (1 MiB since 3.10), and gives an arena back (munmap) as
@@ -10,18 +10,27 @@
  * 25 ms, against 4.5 ms to write the same pages once they exist, and it is
  * paid by the thread that decodes results, beside the workers.
  *
- * So while a pool exists, the process's arena allocator
+ * So from its first pool on, the process's arena allocator
  * (PyObject_SetArenaAllocator) is this file's: it keeps up to `keep` bytes
  * of freed arenas (CP_PYHEAP_KEEP, or CPOOL_PYHEAP_KEEP bytes; 0 turns it
- * off) and hands them out again before asking the allocator it replaced.  A
- * kept arena is madvise(MADV_FREE)d first: its pages stay mapped and cost
- * nothing to reuse, but the kernel may take them back under memory pressure
- * (they then read as zeros, which pymalloc does not mind: it formats an
- * arena as it hands out its pools).  Everything else goes to the allocator
- * that was there before, which also serves every arena the cache cannot.
- * When the last pool of the process is deallocated, that allocator is put
- * back (unless another has been set on top of this one since: this one
- * then passes everything through) and the kept arenas are given back.
+ * off) and hands them out again before asking the allocator it replaced,
+ * which serves everything else.  It stays when the pools are gone, as the
+ * shared arena is carried over (arena.c), since the usual way to use a pool
+ * is to make one per batch (`with Pool() as p:`), and a result is mostly
+ * dropped after its pool.
+ *
+ * A kept arena is, first,
+ *  - madvise(MADV_FREE)d: its pages stay mapped and cost nothing to reuse,
+ *    but the kernel may take them back under memory pressure (they then
+ *    read as zeros, which pymalloc does not mind: it formats an arena as it
+ *    hands out its pools);
+ *  - madvise(MADV_DONTFORK)ed: the next pool forks its zygote from this
+ *    process, and every page both then map is copy-on-write, so the first
+ *    write to a kept page would cost a fault and a copy (a new pool's first
+ *    map of 10^6 ints took 11,400 faults in the parent, and 3,900 with
+ *    this).  A child has none of them, so it forgets the list at the fork;
+ *    an arena handed out again is MADV_DOFORK first (or, should that fail,
+ *    given back rather than used).
  *
  * The zygote and the workers are forked after the install and keep it: a
  * worker's tasks reuse what earlier tasks freed, the way its malloc heap
@@ -49,17 +58,16 @@
 static struct {
     pthread_mutex_t lock;
     PyObjectArenaAllocator prev;  /* the allocator this one replaced */
-    int installed;              /* ours is (or was last) set */
-    int active;                 /* keeping arenas (installed, users > 0) */
-    int users;                  /* pools holding it (cp_pyheap_hold) */
+    int installed;              /* ours is set (or under one set since) */
+    int active;                 /* keeping arenas (keep > 0) */
     int atfork;                 /* the fork handlers are registered */
     int free_works;             /* MADV_FREE known to work, until it fails */
     size_t keep, kept;          /* bytes: at most, now (written under the
                                    lock, also read without it) */
     int n;
     struct { void *p; size_t size; } a[MAX_KEPT];
-} heap = {PTHREAD_MUTEX_INITIALIZER, {NULL, NULL, NULL}, 0, 0, 0, 0, 1, 0, 0,
-          0, {{NULL, 0}}};
+} heap = {PTHREAD_MUTEX_INITIALIZER, {NULL, NULL, NULL}, 0, 0, 0, 1, 0, 0, 0,
+          {{NULL, 0}}};
 
 static void *
 arena_alloc(void *ctx, size_t size)
@@ -76,7 +84,12 @@ arena_alloc(void *ctx, size_t size)
         }
     }
     pthread_mutex_unlock(&heap.lock);
-    return p != NULL ? p : heap.prev.alloc(heap.prev.ctx, size);
+    if (p != NULL) {
+        if (madvise(p, size, MADV_DOFORK) == 0)
+            return p;
+        heap.prev.free(heap.prev.ctx, p, size);  /* a child would lack it */
+    }
+    return heap.prev.alloc(heap.prev.ctx, size);
 }
 
 static void
@@ -92,6 +105,8 @@ arena_free(void *ctx, void *p, size_t size)
         if (cp_load_relaxed(&heap.free_works) &&
             madvise(p, size, MADV_FREE) != 0)
             cp_store_relaxed(&heap.free_works, 0);   /* kept, pinned */
+        /* (if this fails, a child shares the pages: slower, not wrong) */
+        (void)madvise(p, size, MADV_DONTFORK);
         pthread_mutex_lock(&heap.lock);
         int kept = heap.active && heap.kept + size <= heap.keep &&
                    heap.n < MAX_KEPT;
@@ -107,28 +122,17 @@ arena_free(void *ctx, void *p, size_t size)
     heap.prev.free(heap.prev.ctx, p, size);
 }
 
-/* Give every kept arena back to the previous allocator.  GIL held. */
-static void
-release_kept(void)
-{
-    for (;;) {
-        pthread_mutex_lock(&heap.lock);
-        void *p = NULL;
-        size_t size = 0;
-        if (heap.n > 0) {
-            p = heap.a[--heap.n].p;
-            size = heap.a[heap.n].size;
-            cp_store_relaxed(&heap.kept, heap.kept - size);
-        }
-        pthread_mutex_unlock(&heap.lock);
-        if (p == NULL)
-            return;
-        heap.prev.free(heap.prev.ctx, p, size);
-    }
-}
-
 static void lock_for_fork(void) { pthread_mutex_lock(&heap.lock); }
 static void unlock_after_fork(void) { pthread_mutex_unlock(&heap.lock); }
+
+/* The kept arenas are not mapped in a child (MADV_DONTFORK). */
+static void
+child_after_fork(void)
+{
+    heap.n = 0;
+    heap.kept = 0;
+    pthread_mutex_unlock(&heap.lock);
+}
 
 /* CPOOL_PYHEAP_KEEP: bytes (0: off), or the default; at most MAX_KEPT MiB. */
 static size_t
@@ -138,52 +142,27 @@ keep_setting(void)
     return v > (uint64_t)MAX_KEPT << 20 ? (size_t)MAX_KEPT << 20 : (size_t)v;
 }
 
-/* A pool is being made: install the cache if it is not yet.  GIL held. */
+/* A pool is being made: install the cache if it is not yet, for the rest
+ * of the process's life.  GIL held. */
 void
-cp_pyheap_hold(void)
+cp_pyheap_install(void)
 {
-    if (heap.users++ > 0)
-        return;
-    size_t keep = keep_setting();
-    if (keep == 0)
+    if (heap.installed || keep_setting() == 0)
         return;
     if (!heap.atfork) {
         if (pthread_atfork(lock_for_fork, unlock_after_fork,
-                           unlock_after_fork) != 0)
+                           child_after_fork) != 0)
             return;
         heap.atfork = 1;
     }
-    if (!heap.installed) {
-        PyObjectArenaAllocator ours = {NULL, arena_alloc, arena_free};
-        PyObject_GetArenaAllocator(&heap.prev);
-        PyObject_SetArenaAllocator(&ours);
-        heap.installed = 1;
-    }
-    /* else still there, under another allocator set on top of it since
-     * (which calls it): it only has to keep arenas again */
+    PyObjectArenaAllocator ours = {NULL, arena_alloc, arena_free};
+    PyObject_GetArenaAllocator(&heap.prev);
+    PyObject_SetArenaAllocator(&ours);
+    heap.installed = 1;
     pthread_mutex_lock(&heap.lock);
-    cp_store_relaxed(&heap.keep, keep);
+    cp_store_relaxed(&heap.keep, keep_setting());
     cp_store_relaxed(&heap.active, 1);
     pthread_mutex_unlock(&heap.lock);
-}
-
-/* A pool made with cp_pyheap_hold() is gone: on the last one, put the
- * previous allocator back and give back what is kept.  GIL held. */
-void
-cp_pyheap_release(void)
-{
-    if (heap.users <= 0 || --heap.users > 0 || !heap.installed)
-        return;
-    pthread_mutex_lock(&heap.lock);
-    cp_store_relaxed(&heap.active, 0);
-    pthread_mutex_unlock(&heap.lock);
-    PyObjectArenaAllocator cur;
-    PyObject_GetArenaAllocator(&cur);
-    if (cur.alloc == arena_alloc) {
-        PyObject_SetArenaAllocator(&heap.prev);
-        heap.installed = 0;
-    }
-    release_kept();
 }
 
 /* A worker keeps at most `limit` bytes (its warm share), if that is less.

@@ -75,7 +75,7 @@ flush_std(void)
  * in again each time), and a trim, which may take tens of ms, delays a task
  * only if one comes right then.
  * (This process is ours; the parent's malloc is left alone.  Python's
- * freed object arenas are kept in both, while a pool exists: pyheap.c.)
+ * freed object arenas are kept in both: pyheap.c.)
  */
 #define HEAP_IDLE_NS (UINT64_C(1000) * 1000 * 1000)
 
