@@ -146,6 +146,29 @@ def machine_info():
     }
 
 
+def cpu_ticks():
+    """(stolen, total) CPU ticks of the machine so far (/proc/stat), or None.
+
+    Steal is time the hypervisor ran something else while this guest had
+    work: on a shared VM, the one reading that says how quiet a run was."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    ticks = [int(x) for x in fields[1:9]]     # user .. steal (guest is in user)
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before, after):
+    """Percentage of CPU time stolen between two cpu_ticks() readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def versions(pool_names):
     out = []
     for dist in ["numpy", "loky", "mpire"]:
@@ -163,8 +186,13 @@ def command_line():
     return env + "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def write_markdown(path, header, rows, pool_names, skipped, repeat):
+def write_markdown(path, header, rows, pool_names, skipped, repeat, steal):
     info = machine_info()
+    if steal["all"] is not None:
+        worst = max(((v, k) for k, v in steal.items() if k != "all" and v is not None),
+                    default=None)
+        info["CPU steal"] = f"{steal['all']:.1f}% of CPU time over the run" + (
+            f" (most: {worst[0]:.1f}% during {worst[1]})" if worst else "")
     info.update({
         "command": f"`{command_line()}`",
         "workers": str(W.WORKERS),
@@ -275,19 +303,27 @@ def main(argv=None):
         f"{W.WORKERS} workers, {args.repeat} repetitions")
 
     results = []
+    start = cpu_ticks()
+    steal = {}
     for wl in selected:
         log(f"  {wl.name} ...")
         pools = backends + [W.make_backend(name) for name, wanted in
                             (("serial", wl.with_serial), ("fork floor", wl.with_floor))
                             if wanted]
+        before = cpu_ticks()
         results.append((wl, run_workload(wl, pools, args.repeat)))
+        steal[wl.name] = steal_share(before, cpu_ticks())
+        if steal[wl.name] is not None:
+            log(f"    CPU steal {steal[wl.name]:.1f}%")
+    steal["all"] = steal_share(start, cpu_ticks())
 
     header = ["workload", "unit", *(COLUMN_TITLES.get(n, n) for n in pool_names), "mp/cpool"]
     rows = build_rows(results, pool_names)
     print(render_text(header, rows))
 
     if args.markdown:
-        write_markdown(args.markdown, header, rows, pool_names, skipped, args.repeat)
+        write_markdown(args.markdown, header, rows, pool_names, skipped, args.repeat,
+                       steal)
         log(f"wrote {args.markdown}")
     if args.chart and write_chart(args.chart, results, pool_names):
         log(f"wrote {args.chart}")

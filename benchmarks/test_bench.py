@@ -45,3 +45,15 @@ def test_records_script():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.endswith("x |")]
     assert len(rows) == 5, out.stdout
+
+
+def test_steal_share():
+    """The CPU steal the results page reports: a share of ticks between two
+    /proc/stat readings, or nothing where there is no reading."""
+    import run as R
+    assert R.steal_share((10, 1000), (20, 1100)) == 10.0
+    assert R.steal_share((10, 1000), (10, 1000)) is None
+    assert R.steal_share(None, (20, 1100)) is None
+    ticks = R.cpu_ticks()
+    if os.path.exists("/proc/stat"):
+        assert ticks is not None and 0 <= ticks[0] <= ticks[1]
