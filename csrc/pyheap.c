@@ -59,14 +59,13 @@ static struct {
     pthread_mutex_t lock;
     PyObjectArenaAllocator prev;  /* the allocator this one replaced */
     int installed;              /* ours is set (or under one set since) */
-    int active;                 /* keeping arenas (keep > 0) */
     int atfork;                 /* the fork handlers are registered */
     int free_works;             /* MADV_FREE known to work, until it fails */
     size_t keep, kept;          /* bytes: at most, now (written under the
                                    lock, also read without it) */
     int n;
     struct { void *p; size_t size; } a[MAX_KEPT];
-} heap = {PTHREAD_MUTEX_INITIALIZER, {NULL, NULL, NULL}, 0, 0, 0, 1, 0, 0, 0,
+} heap = {PTHREAD_MUTEX_INITIALIZER, {NULL, NULL, NULL}, 0, 0, 1, 0, 0, 0,
           {{NULL, 0}}};
 
 static void *
@@ -98,8 +97,7 @@ arena_free(void *ctx, void *p, size_t size)
     (void)ctx;
     /* A look without the lock, to spare madvise() when the cache is full
      * or off; checked again under it. */
-    if (cp_load_relaxed(&heap.active) &&
-        cp_load_relaxed(&heap.kept) + size <= cp_load_relaxed(&heap.keep)) {
+    if (cp_load_relaxed(&heap.kept) + size <= cp_load_relaxed(&heap.keep)) {
         /* Before the arena is in the cache, where another thread could
          * take it and fill it. */
         if (cp_load_relaxed(&heap.free_works) &&
@@ -108,8 +106,7 @@ arena_free(void *ctx, void *p, size_t size)
         /* (if this fails, a child shares the pages: slower, not wrong) */
         (void)madvise(p, size, MADV_DONTFORK);
         pthread_mutex_lock(&heap.lock);
-        int kept = heap.active && heap.kept + size <= heap.keep &&
-                   heap.n < MAX_KEPT;
+        int kept = heap.kept + size <= heap.keep && heap.n < MAX_KEPT;
         if (kept) {
             heap.a[heap.n].p = p;
             heap.a[heap.n++].size = size;
@@ -130,7 +127,7 @@ static void
 child_after_fork(void)
 {
     heap.n = 0;
-    heap.kept = 0;
+    cp_store_relaxed(&heap.kept, 0);
     pthread_mutex_unlock(&heap.lock);
 }
 
@@ -147,7 +144,8 @@ keep_setting(void)
 void
 cp_pyheap_install(void)
 {
-    if (heap.installed || keep_setting() == 0)
+    size_t keep = heap.installed ? 0 : keep_setting();
+    if (keep == 0)
         return;
     if (!heap.atfork) {
         if (pthread_atfork(lock_for_fork, unlock_after_fork,
@@ -160,8 +158,7 @@ cp_pyheap_install(void)
     PyObject_SetArenaAllocator(&ours);
     heap.installed = 1;
     pthread_mutex_lock(&heap.lock);
-    cp_store_relaxed(&heap.keep, keep_setting());
-    cp_store_relaxed(&heap.active, 1);
+    cp_store_relaxed(&heap.keep, keep);
     pthread_mutex_unlock(&heap.lock);
 }
 
@@ -186,13 +183,12 @@ cp_pyheap_info(PyObject *self, PyObject *noargs)
     PyObjectArenaAllocator cur;
     PyObject_GetArenaAllocator(&cur);
     pthread_mutex_lock(&heap.lock);
-    int active = heap.active;
-    size_t keep = heap.active ? heap.keep : 0, kept = heap.kept;
+    size_t keep = heap.keep, kept = heap.kept;
     int n = heap.n;
     pthread_mutex_unlock(&heap.lock);
     return Py_BuildValue("{s:O,s:O,s:n,s:n,s:i}", "installed",
                          cur.alloc == arena_alloc ? Py_True : Py_False,
-                         "active", active ? Py_True : Py_False,
+                         "active", keep > 0 ? Py_True : Py_False,
                          "keep", (Py_ssize_t)keep, "kept", (Py_ssize_t)kept,
                          "arenas", n);
 }
